@@ -1,0 +1,222 @@
+"""Admission: validates ``spotserve.v1.generate`` requests and persists them durably.
+
+A request is answered here only when it is refused (a nats.micro error). An accepted request is
+written to the REQUESTS stream (JetStream acknowledges it: it is durable) and from then on the
+scheduler streams the answer to the request's reply subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+from nats.micro.request import Request
+from pydantic import ValidationError
+
+from shared.codec import DecodeError, content_type_header, decode, encode, encoding_from_headers
+from shared.messages import AcceptedRequest, ErrorCode, ErrorDetail, ErrorReply, GenerateRequest
+from shared.model.tokenizer import TextTokenizer
+from shared.runtime import ServiceContext, resolve_model_dir
+from shared.subjects import GENERATE, REQUESTS_SUBJECT
+
+# Prompts longer than this many characters are tokenized in a worker thread.
+INLINE_TOKENIZE_CHARS = 2_000
+MAX_CONCURRENT_REQUESTS = 256
+
+
+class RequestRefused(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per problem, e.g. ``max_tokens: Input should be >= 1``."""
+    problems = []
+    for item in error.errors(include_url=False):
+        location = ".".join(str(part) for part in item["loc"]) or "body"
+        problems.append(f"{location}: {item['msg']}")
+    return "invalid request: " + "; ".join(problems)
+
+
+class Admission:
+    def __init__(self, context: ServiceContext, tokenizer: TextTokenizer) -> None:
+        self.context = context
+        self.settings = context.settings.admission
+        self.tokenizer = tokenizer
+        self.log = context.log
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def on_generate(self, request: Request) -> None:
+        """nats.micro handler: hand the request to its own task (bounded) and return."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _handle(self, request: Request) -> None:
+        encoding = encoding_from_headers(request.headers)
+        request_id = uuid.uuid4().hex
+        log = self.log.bind(request_id=request_id)
+        try:
+            accepted = await self._accept(request, request_id, encoding)
+            await self._persist(accepted)
+            log.info(
+                "generate.accepted",
+                prompt_tokens=len(accepted.prompt_token_ids),
+                max_tokens=accepted.max_tokens,
+                stream=accepted.stream,
+            )
+        except RequestRefused as refused:
+            log.info("generate.refused", code=str(refused.code), reason=refused.message)
+            await self._respond_error(request, refused.code, refused.message, request_id)
+        except Exception as exc:  # a bug must not take the service down
+            log.exception("generate.internal_error")
+            await self._respond_error(
+                request, ErrorCode.INTERNAL, f"internal error: {exc!r}", request_id
+            )
+
+    async def _accept(self, request: Request, request_id: str, encoding: str) -> AcceptedRequest:
+        if len(request.data) > self.settings.max_request_bytes:
+            raise RequestRefused(
+                ErrorCode.TOO_LARGE,
+                f"request body is {len(request.data)} bytes; the limit is"
+                f" {self.settings.max_request_bytes}",
+            )
+        if not request._msg.reply:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, "request has no reply subject")
+        body = self._parse(request.data, encoding)
+        prompt_token_ids = await self._prompt_tokens(body)
+        self._check_context(len(prompt_token_ids), body.max_tokens)
+        return AcceptedRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            # A drawn seed is persisted, so a resumed request samples the same tokens.
+            seed=body.seed if body.seed is not None else secrets.randbits(63),
+            stop=body.stop,
+            stream=body.stream,
+            ignore_eos=body.ignore_eos,
+            reply_subject=request._msg.reply,
+            encoding="json" if encoding == "json" else "msgpack",
+            accepted_at=time.time(),
+        )
+
+    @staticmethod
+    def _parse(data: bytes, encoding: str) -> GenerateRequest:
+        try:
+            raw = decode(data, "json" if encoding == "json" else "msgpack")
+        except DecodeError as exc:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if not isinstance(raw, dict):
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST,
+                f"body must be a map of fields, got {type(raw).__name__}",
+            )
+        try:
+            return GenerateRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, describe_validation_error(exc)) from None
+
+    async def _prompt_tokens(self, body: GenerateRequest) -> list[int]:
+        if body.prompt_token_ids is not None:
+            vocab_size = self.tokenizer.vocab_size
+            bad = [token for token in body.prompt_token_ids if token >= vocab_size]
+            if bad:
+                raise RequestRefused(
+                    ErrorCode.BAD_REQUEST,
+                    f"prompt_token_ids has ids outside the vocabulary (size {vocab_size}):"
+                    f" {bad[:5]}",
+                )
+            return list(body.prompt_token_ids)
+        assert body.prompt is not None
+        if len(body.prompt) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, body.prompt)
+        return self.tokenizer.encode(body.prompt)
+
+    def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        context = self.tokenizer.context_length
+        if prompt_tokens >= context:
+            raise RequestRefused(
+                ErrorCode.TOO_LARGE,
+                f"prompt is {prompt_tokens} tokens; the model's context is {context} tokens"
+                " (prompt plus max_tokens must fit in it)",
+            )
+        if prompt_tokens + max_tokens > context:
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST,
+                f"max_tokens {max_tokens} is too large: the prompt is {prompt_tokens} tokens and"
+                f" the model's context is {context}, so max_tokens can be at most"
+                f" {context - prompt_tokens}",
+            )
+
+    async def _persist(self, accepted: AcceptedRequest) -> None:
+        """Write to the REQUESTS stream; returns only once JetStream has stored it."""
+        payload = encode(accepted)
+        # The message id makes a retried publish idempotent (JetStream de-duplicates it).
+        headers = {"Nats-Msg-Id": accepted.request_id}
+        last_error: Exception | None = None
+        for _attempt in range(2):
+            try:
+                await self.context.js.publish(
+                    REQUESTS_SUBJECT,
+                    payload,
+                    timeout=self.settings.publish_timeout_s,
+                    headers=headers,
+                )
+                return
+            except (TimeoutError, NatsError, JetStreamError) as exc:
+                last_error = exc
+        raise RequestRefused(
+            ErrorCode.UNAVAILABLE,
+            f"could not store the request durably ({last_error!r}); nothing was accepted,"
+            " retry later",
+        )
+
+    async def _respond_error(
+        self, request: Request, code: ErrorCode, message: str, request_id: str
+    ) -> None:
+        if not request._msg.reply:
+            return
+        encoding = encoding_from_headers(request.headers)
+        body = ErrorReply(error=ErrorDetail(code=str(code), message=message, request_id=request_id))
+        try:
+            await request.respond_error(
+                str(code),
+                message,
+                data=encode(body, encoding),
+                headers=content_type_header(encoding),
+            )
+        except NatsError as exc:
+            self.log.warning("generate.error_reply_failed", error=repr(exc))
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10.0)
+
+
+async def serve(context: ServiceContext) -> None:
+    model_dir = resolve_model_dir(context.settings.model)
+    tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
+    admission = Admission(context, tokenizer)
+    service = await context.add_micro_service(
+        "Validates generate requests and persists them to JetStream",
+        metadata={"model": str(model_dir), "context_length": str(tokenizer.context_length)},
+    )
+    await service.add_endpoint(name="generate", subject=GENERATE, handler=admission.on_generate)
+    context.log.info("admission.ready", subject=GENERATE, model=str(model_dir))
+    await context.stop.wait()
+    await service.stop()
+    await admission.drain()

@@ -1,0 +1,126 @@
+"""Executor: owns one instance's model and KV cache; runs one decoding iteration per command.
+
+Endpoints (nats.micro, one group per instance): ``spotserve.v1.executor.<id>.step`` runs a
+ragged batch and replies with the sampled token of each sequence; ``….release`` frees KV slots.
+The forward pass runs in a dedicated thread so the event loop keeps answering pings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from nats.micro.request import Request
+from pydantic import ValidationError
+
+from shared.codec import DecodeError, decode, encode
+from shared.messages import ErrorCode, ReleaseCommand, StepCommand, StepResult
+from shared.model.engine import Engine, EngineError, SequenceStep
+from shared.runtime import ServiceContext, resolve_model_dir
+from shared.subjects import executor_release_subject, executor_step_subject
+
+
+class Executor:
+    def __init__(self, context: ServiceContext, engine: Engine, instance_id: str) -> None:
+        self.context = context
+        self.engine = engine
+        self.instance_id = instance_id
+        self.log = context.log.bind(instance_id=instance_id)
+        # One thread: the engine and its KV cache are not thread-safe, and steps are ordered.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+
+    async def on_step(self, request: Request) -> None:
+        try:
+            command = StepCommand.model_validate(decode(request.data))
+        except (DecodeError, ValidationError) as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad step command: {exc}")
+            return
+        steps = [
+            SequenceStep(
+                request_id=sequence.request_id,
+                token_ids=sequence.token_ids,
+                temperature=sequence.temperature,
+                top_p=sequence.top_p,
+                seed=sequence.seed,
+                sample_index=sequence.sample_index,
+            )
+            for sequence in command.sequences
+        ]
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            tokens = await loop.run_in_executor(
+                self._compute, self._run_step, command.release, steps
+            )
+        except EngineError as exc:
+            self.log.warning("step.refused", error=str(exc))
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
+            return
+        except Exception as exc:
+            self.log.exception("step.failed")
+            await request.respond_error(str(ErrorCode.INTERNAL), f"step failed: {exc!r}")
+            return
+        result = StepResult(tokens=tokens, compute_s=time.perf_counter() - started)
+        await request.respond(encode(result))
+
+    def _run_step(self, release: list[str], steps: list[SequenceStep]) -> dict[str, int]:
+        if release:
+            self.engine.release(release)
+        return self.engine.step(steps) if steps else {}
+
+    async def on_release(self, request: Request) -> None:
+        try:
+            command = ReleaseCommand.model_validate(decode(request.data))
+        except (DecodeError, ValidationError) as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad release command: {exc}")
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._compute, self.engine.release, command.request_ids)
+        await request.respond(encode({"released": len(command.request_ids)}))
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=True)
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:8]}"
+
+
+async def serve(context: ServiceContext) -> None:
+    settings = context.settings.executor
+    instance_id = settings.instance_id or default_instance_id()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    model_dir = resolve_model_dir(context.settings.model)
+    engine = await asyncio.to_thread(
+        Engine,
+        model_dir,
+        device=settings.device,
+        max_slots=settings.max_slots,
+        max_seq_len=settings.max_seq_len,
+    )
+    executor = Executor(context, engine, instance_id)
+    service = await context.add_micro_service(
+        "Runs decoding iterations of one instance's model",
+        metadata={
+            "instance_id": instance_id,
+            "max_slots": str(settings.max_slots),
+            "device": str(engine.device),
+            "model": str(model_dir),
+        },
+    )
+    # Each instance has its own subjects (the scheduler addresses the instance holding the KV).
+    await service.add_endpoint(
+        name="step", subject=executor_step_subject(instance_id), handler=executor.on_step
+    )
+    await service.add_endpoint(
+        name="release", subject=executor_release_subject(instance_id), handler=executor.on_release
+    )
+    executor.log.info("executor.ready", device=str(engine.device), model=str(model_dir))
+    await context.stop.wait()
+    await service.stop()
+    executor.close()

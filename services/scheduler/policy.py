@@ -1,0 +1,115 @@
+"""Scheduling policies behind one small interface (in the spirit of vLLM's SchedulerInterface).
+
+The service owns the NATS side (consuming requests, talking to executors, committing tokens);
+a policy only decides which sequences run in the next iteration of each executor. A new
+policy is one class implementing :class:`SchedulerPolicy`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+
+from services.scheduler.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class ExecutorView:
+    """What a policy may know of one executor instance."""
+
+    instance_id: str
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one iteration produced, for the policy's accounting."""
+
+    instance_id: str
+    batch: list[Sequence]
+    compute_s: float
+
+
+class SchedulerPolicy(ABC):
+    @abstractmethod
+    def add_request(self, sequence: Sequence) -> None:
+        """A new (or resumed) request is waiting to run."""
+
+    @abstractmethod
+    def schedule(self, executor: ExecutorView) -> list[Sequence]:
+        """The batch of the next iteration on ``executor``.
+
+        Sequences without an executor that are put in the batch are bound to it (their KV
+        cache will live there); a sequence bound elsewhere must never be returned.
+        """
+
+    @abstractmethod
+    def update_from_output(self, output: StepOutput) -> None:
+        """Account for a finished iteration; finished sequences leave the policy."""
+
+    @abstractmethod
+    def requeue_executor(self, instance_id: str) -> list[Sequence]:
+        """The executor is gone: its sequences wait again (they will recompute their cache)."""
+
+    @abstractmethod
+    def remove(self, sequence: Sequence) -> None:
+        """Drop a sequence (failed or aborted) wherever it is."""
+
+    @abstractmethod
+    def num_unfinished(self) -> int:
+        """Sequences waiting or running."""
+
+
+class FcfsPolicy(SchedulerPolicy):
+    """First come, first served with continuous batching (Orca-style): running sequences stay
+    in the batch until they finish; free batch places go to the oldest waiting requests."""
+
+    def __init__(self) -> None:
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[str, list[Sequence]] = {}
+
+    def add_request(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    def schedule(self, executor: ExecutorView) -> list[Sequence]:
+        running = self.running.setdefault(executor.instance_id, [])
+        while len(running) < executor.max_batch_size and self.waiting:
+            sequence = self.waiting.popleft()
+            sequence.executor = executor.instance_id
+            running.append(sequence)
+        return list(running[: executor.max_batch_size])
+
+    def update_from_output(self, output: StepOutput) -> None:
+        running = self.running.get(output.instance_id, [])
+        running[:] = [sequence for sequence in running if not sequence.finished]
+
+    def requeue_executor(self, instance_id: str) -> list[Sequence]:
+        lost = self.running.pop(instance_id, [])
+        # Back to the front, in their original order: they were first.
+        for sequence in reversed(lost):
+            sequence.lose_cache()
+            self.waiting.appendleft(sequence)
+        return lost
+
+    def remove(self, sequence: Sequence) -> None:
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        for running in self.running.values():
+            if sequence in running:
+                running.remove(sequence)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + sum(len(running) for running in self.running.values())
+
+
+POLICIES: dict[str, type[SchedulerPolicy]] = {"fcfs": FcfsPolicy}
+
+
+def make_policy(name: str) -> SchedulerPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown scheduling policy {name!r}; choose from {sorted(POLICIES)}"
+        ) from None

@@ -1,0 +1,118 @@
+"""The scheduler's state of one request: its tokens, its text, where its KV cache lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from shared.messages import (
+    AcceptedRequest,
+    FinishReason,
+    GenerateResult,
+    StepSequence,
+    TokenChunk,
+    Usage,
+)
+from shared.model.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: AcceptedRequest
+    message: Msg
+    detokenizer: IncrementalDetokenizer
+    generated: list[int] = field(default_factory=list)
+    # Instance whose KV cache holds this sequence, and how many of its tokens it holds.
+    executor: str | None = None
+    cached_tokens: int = 0
+    next_chunk_index: int = 0
+    finish_reason: FinishReason | None = None
+    failed_steps: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        request: AcceptedRequest,
+        message: Msg,
+        tokenizer: TextTokenizer,
+        committed: list[TokenChunk],
+    ) -> Sequence:
+        """A new sequence, or one resumed from the chunks an earlier scheduler committed."""
+        sequence = cls(request, message, IncrementalDetokenizer(tokenizer, request.stop))
+        for chunk in committed:
+            sequence.generated.extend(chunk.token_ids)
+            # Re-feeding the committed tokens rebuilds the same held-back text state.
+            sequence.detokenizer.add(chunk.token_ids)
+            sequence.next_chunk_index = chunk.index + 1
+            sequence.finish_reason = chunk.finish_reason
+        return sequence
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def step_input(self) -> StepSequence:
+        """What the executor must feed: everything not yet in its cache (prompt on a prefill,
+        prompt + committed tokens on a recompute, the last sampled token on a decode)."""
+        tokens = self.request.prompt_token_ids + self.generated
+        return StepSequence(
+            request_id=self.request_id,
+            token_ids=tokens[self.cached_tokens :],
+            temperature=self.request.temperature,
+            top_p=self.request.top_p,
+            seed=self.request.seed,
+            sample_index=len(self.generated),
+        )
+
+    def lose_cache(self) -> None:
+        """Its executor is gone or failed: the next step recomputes the prefill elsewhere."""
+        self.executor = None
+        self.cached_tokens = 0
+
+    def append(self, token_id: int, eos_token_ids: frozenset[int]) -> TokenChunk:
+        """Take one sampled token; returns the chunk to commit and forward."""
+        self.cached_tokens = len(self.request.prompt_token_ids) + len(self.generated)
+        if token_id in eos_token_ids and not self.request.ignore_eos:
+            # The EOS itself is not part of the output (neither token_ids nor text).
+            return self._chunk([], self.detokenizer.flush(), "stop")
+        self.generated.append(token_id)
+        text = self.detokenizer.add([token_id])
+        if self.detokenizer.stopped:
+            return self._chunk([token_id], text, "stop")
+        if len(self.generated) >= self.request.max_tokens:
+            return self._chunk([token_id], text + self.detokenizer.flush(), "length")
+        return self._chunk([token_id], text, None)
+
+    def _chunk(self, token_ids: list[int], text: str, finish: FinishReason | None) -> TokenChunk:
+        self.finish_reason = finish
+        chunk = TokenChunk(
+            request_id=self.request_id,
+            index=self.next_chunk_index,
+            token_ids=token_ids,
+            text=text,
+            finish_reason=finish,
+            usage=self.usage() if finish else None,
+        )
+        self.next_chunk_index += 1
+        return chunk
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=len(self.generated),
+        )
+
+    def result(self) -> GenerateResult:
+        assert self.finish_reason is not None
+        return GenerateResult(
+            request_id=self.request_id,
+            token_ids=list(self.generated),
+            text=self.detokenizer.text,
+            finish_reason=self.finish_reason,
+            usage=self.usage(),
+        )

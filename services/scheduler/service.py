@@ -1,0 +1,462 @@
+"""Scheduler: consumes accepted requests, runs iteration-level batches on the executors,
+commits every token to JetStream and only then forwards it to the client.
+
+Loops, all bounded:
+- consume: pulls from the REQUESTS stream while fewer than ``max_inflight_requests`` are held
+  (a request is acked only when it has finished, so a crash loses nothing);
+- one loop per executor instance: schedule -> step request -> tokens;
+- publish: commits each iteration's chunks (JetStream), then forwards them — overlapped with
+  the executor's next iteration;
+- keepalive: in-progress acks for the requests held; discovery: finds executors via $SRV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NotFoundError
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from pydantic import ValidationError
+
+from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput, make_policy
+from services.scheduler.sequence import Sequence
+from shared.codec import DecodeError, content_type_header, decode, encode
+from shared.messages import (
+    AcceptedRequest,
+    ErrorCode,
+    ErrorDetail,
+    ErrorReply,
+    ReleaseCommand,
+    StepCommand,
+    StepResult,
+    TokenChunk,
+)
+from shared.model.tokenizer import TextTokenizer
+from shared.runtime import ServiceContext, discover, resolve_model_dir
+from shared.subjects import (
+    REQUESTS_STREAM,
+    REQUESTS_SUBJECT,
+    SCHEDULER_CONSUMER,
+    SERVICE_EXECUTOR,
+    TOKENS_STREAM,
+    executor_release_subject,
+    executor_step_subject,
+    scheduler_consumer_config,
+    tokens_subject,
+)
+
+OUTBOX_ITERATIONS = 4
+# An executor missing from this many discoveries in a row is considered gone.
+MISSED_DISCOVERIES_LIMIT = 3
+
+
+class StepFailedError(Exception):
+    def __init__(self, message: str, executor_lost: bool) -> None:
+        super().__init__(message)
+        self.executor_lost = executor_lost
+
+
+@dataclass
+class ExecutorHandle:
+    view: ExecutorView
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pending_release: list[str] = field(default_factory=list)
+    missed_discoveries: int = 0
+    alive: bool = True
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class IterationOutput:
+    chunks: list[tuple[Sequence, TokenChunk]]
+
+
+class Scheduler:
+    def __init__(
+        self, context: ServiceContext, tokenizer: TextTokenizer, policy: SchedulerPolicy
+    ) -> None:
+        self.context = context
+        self.settings = context.settings.scheduler
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tokenizer.eos_token_ids
+        self.policy = policy
+        self.log = context.log
+        self.held: dict[str, Sequence] = {}
+        self.executors: dict[str, ExecutorHandle] = {}
+        self.outbox: asyncio.Queue[IterationOutput] = asyncio.Queue(maxsize=OUTBOX_ITERATIONS)
+        self.capacity = asyncio.Event()
+
+    # ---- consuming accepted requests ----
+
+    async def consume(self) -> None:
+        subscription = await self.context.js.pull_subscribe(
+            REQUESTS_SUBJECT,
+            durable=SCHEDULER_CONSUMER,
+            stream=REQUESTS_STREAM,
+            config=scheduler_consumer_config(
+                self.settings.ack_wait_s, self.settings.max_inflight_requests
+            ),
+        )
+        while not self.context.stop.is_set():
+            room = self.settings.max_inflight_requests - len(self.held)
+            if room <= 0:
+                self.capacity.clear()
+                await wait_event(self.capacity, 1.0)
+                continue
+            try:
+                messages = await subscription.fetch(
+                    batch=min(room, 32), timeout=self.settings.fetch_timeout_s
+                )
+            except TimeoutError:
+                continue
+            except (NatsError, JetStreamError) as exc:
+                self.log.warning("consume.fetch_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                await self._take(message)
+
+    async def _take(self, message: Msg) -> None:
+        try:
+            request = AcceptedRequest.model_validate(decode(message.data))
+        except (DecodeError, ValidationError) as exc:
+            # Admission validated it; an unreadable record will never become readable.
+            self.log.error("consume.bad_record", error=str(exc))
+            await message.term()
+            return
+        if request.request_id in self.held:
+            return  # a redelivery of a request we are already running
+        committed = []
+        if message.metadata.num_delivered > 1:
+            committed = await self._read_committed(request.request_id)
+        sequence = Sequence.create(request, message, self.tokenizer, committed)
+        log = self.log.bind(request_id=request.request_id)
+        if sequence.finished:
+            log.info("request.already_finished")
+            await message.ack()
+            return
+        log.info("request.scheduled", resumed_tokens=len(sequence.generated))
+        self.held[request.request_id] = sequence
+        self.policy.add_request(sequence)
+        for executor in self.executors.values():
+            executor.wake.set()
+
+    async def _read_committed(self, request_id: str) -> list[TokenChunk]:
+        """The chunks an earlier scheduler committed for this request, in order."""
+        subject = tokens_subject(request_id)
+        try:
+            last = await self.context.js.get_last_msg(TOKENS_STREAM, subject)
+        except NotFoundError:
+            return []
+        count = TokenChunk.model_validate(decode(last.data)).index + 1
+        subscription = await self.context.js.subscribe(
+            subject,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        chunks: list[TokenChunk] = []
+        try:
+            while len(chunks) < count:
+                message = await subscription.next_msg(timeout=self.settings.step_timeout_s)
+                chunk = TokenChunk.model_validate(decode(message.data))
+                if chunk.index == len(chunks):
+                    chunks.append(chunk)
+        finally:
+            await subscription.unsubscribe()
+        return chunks
+
+    # ---- executors ----
+
+    async def discover_executors(self) -> None:
+        while not self.context.stop.is_set():
+            try:
+                infos = await discover(self.context.nc, SERVICE_EXECUTOR)
+            except NatsError as exc:
+                self.log.warning("discovery.failed", error=repr(exc))
+                infos = []
+            seen = set()
+            for info in infos:
+                metadata = info.get("metadata") or {}
+                instance_id = metadata.get("instance_id")
+                if not instance_id:
+                    continue
+                seen.add(instance_id)
+                if instance_id not in self.executors:
+                    self._add_executor(instance_id, int(metadata.get("max_slots", 1)))
+                self.executors[instance_id].missed_discoveries = 0
+            for instance_id, handle in list(self.executors.items()):
+                if instance_id not in seen:
+                    handle.missed_discoveries += 1
+                    if handle.missed_discoveries >= MISSED_DISCOVERIES_LIMIT:
+                        self._drop_executor(instance_id, "missing from discovery")
+            await wait_event(self.context.stop, self.settings.discovery_interval_s)
+
+    def _add_executor(self, instance_id: str, max_slots: int) -> None:
+        view = ExecutorView(
+            instance_id=instance_id,
+            max_batch_size=max(1, min(self.settings.max_batch_size, max_slots)),
+        )
+        handle = ExecutorHandle(view=view)
+        handle.task = asyncio.create_task(self._executor_loop(handle))
+        self.executors[instance_id] = handle
+        handle.wake.set()
+        self.log.info("executor.joined", instance_id=instance_id, max_batch=view.max_batch_size)
+
+    def _drop_executor(self, instance_id: str, reason: str) -> None:
+        handle = self.executors.pop(instance_id, None)
+        if handle is None:
+            return
+        handle.alive = False
+        handle.wake.set()
+        lost = self.policy.requeue_executor(instance_id)
+        self.log.warning(
+            "executor.lost", instance_id=instance_id, reason=reason, requeued=len(lost)
+        )
+        for other in self.executors.values():
+            other.wake.set()
+
+    async def _executor_loop(self, handle: ExecutorHandle) -> None:
+        instance_id = handle.view.instance_id
+        while handle.alive and not self.context.stop.is_set():
+            batch = self.policy.schedule(handle.view)
+            if not batch:
+                if handle.pending_release:
+                    await self._release(handle)
+                handle.wake.clear()
+                await wait_event(handle.wake, 1.0)
+                continue
+            command = StepCommand(
+                sequences=[sequence.step_input() for sequence in batch],
+                release=handle.pending_release,
+            )
+            handle.pending_release = []
+            try:
+                result = await self._step(instance_id, command)
+            except StepFailedError as exc:
+                await self._on_step_failed(handle, batch, exc)
+                continue
+            await self._apply(handle, batch, result)
+
+    async def _step(self, instance_id: str, command: StepCommand) -> StepResult:
+        try:
+            reply = await self.context.nc.request(
+                executor_step_subject(instance_id),
+                encode(command),
+                timeout=self.settings.step_timeout_s,
+            )
+        except NoRespondersError:
+            raise StepFailedError("executor has no responders", executor_lost=True) from None
+        except TimeoutError:
+            raise StepFailedError("step timed out", executor_lost=True) from None
+        except NatsError as exc:
+            raise StepFailedError(f"step request failed: {exc!r}", executor_lost=False) from None
+        headers = reply.headers or {}
+        if ERROR_CODE_HEADER in headers:
+            raise StepFailedError(
+                f"executor error {headers[ERROR_CODE_HEADER]}: {headers.get(ERROR_HEADER)}",
+                executor_lost=False,
+            )
+        try:
+            return StepResult.model_validate(decode(reply.data))
+        except (DecodeError, ValidationError) as exc:
+            raise StepFailedError(f"bad step reply: {exc}", executor_lost=False) from None
+
+    async def _on_step_failed(
+        self, handle: ExecutorHandle, batch: list[Sequence], exc: StepFailedError
+    ) -> None:
+        instance_id = handle.view.instance_id
+        self.log.warning("step.failed", instance_id=instance_id, error=str(exc))
+        # Whatever the executor holds of these sequences is suspect: free it and recompute.
+        handle.pending_release.extend(sequence.request_id for sequence in batch)
+        for sequence in batch:
+            sequence.failed_steps += 1
+            if sequence.failed_steps > self.settings.max_step_retries:
+                self.policy.remove(sequence)
+                await self._fail(sequence, f"generation failed after repeated errors: {exc}")
+        if exc.executor_lost:
+            self._drop_executor(instance_id, str(exc))
+            return
+        for sequence in self.policy.requeue_executor(instance_id):
+            sequence.lose_cache()
+        await asyncio.sleep(0.2)
+
+    async def _apply(
+        self, handle: ExecutorHandle, batch: list[Sequence], result: StepResult
+    ) -> None:
+        chunks: list[tuple[Sequence, TokenChunk]] = []
+        for sequence in batch:
+            token_id = result.tokens.get(sequence.request_id)
+            if token_id is None:
+                self.log.error("step.missing_token", request_id=sequence.request_id)
+                continue
+            chunks.append((sequence, sequence.append(token_id, self.eos_token_ids)))
+            if sequence.finished:
+                handle.pending_release.append(sequence.request_id)
+        self.policy.update_from_output(
+            StepOutput(instance_id=handle.view.instance_id, batch=batch, compute_s=result.compute_s)
+        )
+        # Bounded: if committing falls behind, the executor loops wait here.
+        await self.outbox.put(IterationOutput(chunks=chunks))
+
+    async def _release(self, handle: ExecutorHandle) -> None:
+        request_ids, handle.pending_release = handle.pending_release, []
+        try:
+            await self.context.nc.request(
+                executor_release_subject(handle.view.instance_id),
+                encode(ReleaseCommand(request_ids=request_ids)),
+                timeout=self.settings.step_timeout_s,
+            )
+        except (NatsError, TimeoutError) as exc:
+            self.log.warning("release.failed", error=repr(exc))
+
+    # ---- committing and forwarding ----
+
+    async def publish(self) -> None:
+        """Commit each iteration's chunks, then forward them; in iteration order."""
+        while True:
+            output = await self.outbox.get()
+            await self._commit(output)
+            for sequence, chunk in output.chunks:
+                await self._forward(sequence, chunk)
+            self.outbox.task_done()
+
+    async def _commit(self, output: IterationOutput) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.gather(
+                    *(
+                        self.context.js.publish(
+                            tokens_subject(chunk.request_id),
+                            encode(chunk),
+                            # Idempotent on retry: JetStream drops the duplicate.
+                            headers={"Nats-Msg-Id": f"{chunk.request_id}.{chunk.index}"},
+                            timeout=self.context.settings.nats.request_timeout_s,
+                        )
+                        for _, chunk in output.chunks
+                    )
+                )
+                return
+            except (TimeoutError, NatsError, JetStreamError) as exc:
+                # Never forward a token that is not durable: wait for JetStream to come back.
+                self.log.warning("commit.retry", error=repr(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _forward(self, sequence: Sequence, chunk: TokenChunk) -> None:
+        request = sequence.request
+        try:
+            if request.reply_subject and request.stream:
+                await self._send(request.reply_subject, chunk, request.encoding)
+            if chunk.finish_reason is not None:
+                if request.reply_subject and not request.stream:
+                    await self._send(request.reply_subject, sequence.result(), request.encoding)
+                await self._finish(sequence)
+        except NatsError as exc:
+            # The token is committed; a client that missed it can read the TOKENS stream.
+            self.log.warning("forward.failed", request_id=request.request_id, error=repr(exc))
+
+    async def _send(self, subject: str, body: object, encoding: str) -> None:
+        enc = "json" if encoding == "json" else "msgpack"
+        await self.context.nc.publish(subject, encode(body, enc), headers=content_type_header(enc))
+
+    async def _finish(self, sequence: Sequence) -> None:
+        await sequence.message.ack()
+        self.held.pop(sequence.request_id, None)
+        self.capacity.set()
+        self.context.log.info(
+            "request.finished",
+            request_id=sequence.request_id,
+            finish_reason=sequence.finish_reason,
+            completion_tokens=len(sequence.generated),
+        )
+
+    async def _fail(self, sequence: Sequence, message: str) -> None:
+        request = sequence.request
+        self.log.error("request.failed", request_id=request.request_id, reason=message)
+        if request.reply_subject:
+            enc = "json" if request.encoding == "json" else "msgpack"
+            body = ErrorReply(
+                error=ErrorDetail(
+                    code=str(ErrorCode.INTERNAL), message=message, request_id=request.request_id
+                )
+            )
+            headers = content_type_header(enc) | {
+                ERROR_CODE_HEADER: str(ErrorCode.INTERNAL),
+                ERROR_HEADER: message,
+            }
+            await self.context.nc.publish(request.reply_subject, encode(body, enc), headers=headers)
+        # Terminal: the request will not be retried by JetStream either.
+        await sequence.message.term()
+        self.held.pop(request.request_id, None)
+        self.capacity.set()
+
+    # ---- keeping held requests alive ----
+
+    async def keepalive(self) -> None:
+        interval = self.settings.ack_wait_s / 3
+        while not self.context.stop.is_set():
+            await wait_event(self.context.stop, interval)
+            for sequence in list(self.held.values()):
+                try:
+                    await sequence.message.in_progress()
+                except NatsError as exc:
+                    self.log.warning("keepalive.failed", error=repr(exc))
+
+    async def release_held(self) -> None:
+        """On shutdown: hand unfinished requests back to JetStream for the next scheduler."""
+        for sequence in list(self.held.values()):
+            try:
+                await sequence.message.nak()
+            except NatsError:
+                pass
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout=timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def serve(context: ServiceContext) -> None:
+    model_dir = resolve_model_dir(context.settings.model)
+    tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
+    scheduler = Scheduler(context, tokenizer, make_policy(context.settings.scheduler.policy))
+    service = await context.add_micro_service(
+        "Batches accepted requests at iteration level and streams their tokens",
+        metadata={"policy": context.settings.scheduler.policy},
+    )
+    loops = [
+        asyncio.create_task(scheduler.consume(), name="consume"),
+        asyncio.create_task(scheduler.discover_executors(), name="discover"),
+        asyncio.create_task(scheduler.keepalive(), name="keepalive"),
+    ]
+    publisher = asyncio.create_task(scheduler.publish(), name="publish")
+    context.log.info("scheduler.ready", policy=context.settings.scheduler.policy)
+    started = time.monotonic()
+    await context.stop.wait()
+    context.log.info("scheduler.stopping", uptime_s=round(time.monotonic() - started, 1))
+    for handle in scheduler.executors.values():
+        handle.alive = False
+        handle.wake.set()
+    executor_tasks = [h.task for h in scheduler.executors.values() if h.task is not None]
+    await asyncio.wait(loops + executor_tasks, timeout=10.0)
+    # Commit and forward what was computed before letting go of the requests.
+    try:
+        await asyncio.wait_for(scheduler.outbox.join(), timeout=10.0)
+    except TimeoutError:
+        context.log.warning("scheduler.outbox_not_drained")
+    publisher.cancel()
+    for task in loops + executor_tasks:
+        task.cancel()
+    await scheduler.release_held()
+    await service.stop()

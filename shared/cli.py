@@ -1,0 +1,241 @@
+"""The ``spotserve`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shared.bus import clear_cluster_record, connect, resolve_nats_url, write_cluster_record
+from shared.config import Settings, spotserve_home
+
+app = typer.Typer(help="spotserve: LLM serving on spot instances over NATS.", no_args_is_help=True)
+model_app = typer.Typer(help="Create and inspect models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+NatsUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--nats-url",
+        help="NATS server URL (default: SPOTSERVE_NATS__URL, else the running `spotserve up`).",
+    ),
+]
+
+
+def _echo_error(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+@model_app.command("init")
+def model_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the HF model directory.")],
+    size: Annotated[str, typer.Option(help="tiny (tests) or small (~100M, benchmarks).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing model.")] = False,
+) -> None:
+    """Write the embedded default model: a Llama HF directory with seeded random weights."""
+    from shared.model.checkpoint import MODEL_SIZES, init_model
+
+    if size not in MODEL_SIZES:
+        _echo_error(f"unknown size {size!r}; choose from {sorted(MODEL_SIZES)}")
+        raise typer.Exit(2)
+    try:
+        path = init_model(directory, size=size, seed=seed, overwrite=force)  # type: ignore[arg-type]
+    except FileExistsError as exc:
+        _echo_error(f"{exc} (use --force to overwrite)")
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {size} model (seed {seed}) to {path}")
+
+
+def _default_state_dir() -> Path:
+    return spotserve_home() / "cluster"
+
+
+@app.command()
+def up(
+    instances: Annotated[int, typer.Option(min=1, help="Executor instances to start.")] = 1,
+    model: Annotated[Path | None, typer.Option(help="HF Llama-family model directory.")] = None,
+    nats_url: Annotated[
+        str | None, typer.Option("--nats-url", help="Use this NATS server instead of starting one.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="JetStream store and logs (default ~/.cache/spotserve).")
+    ] = None,
+) -> None:
+    """Start the cluster (embedded NATS unless --nats-url) and serve until Ctrl-C."""
+    from shared.cluster import ClusterError, LocalCluster
+
+    cluster = LocalCluster(
+        state_dir or _default_state_dir(), instances=instances, model_dir=model, nats_url=nats_url
+    )
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    typer.echo(f"starting spotserve ({instances} executor instance(s)); logs in {cluster.log_dir}")
+    try:
+        cluster.start()
+    except (ClusterError, KeyboardInterrupt) as exc:
+        _echo_error(str(exc) or "interrupted during start")
+        raise typer.Exit(1) from None
+    write_cluster_record(cluster.nats_url)
+    typer.echo(f"spotserve is up: nats {cluster.nats_url}; Ctrl-C stops it")
+    try:
+        while not stop_requested:
+            for service in cluster.dead_services():
+                _echo_error(f"{service.name} exited; see {service.log_path}")
+                stop_requested = True
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    typer.echo("stopping spotserve ...")
+    cluster.stop()
+    clear_cluster_record()
+    typer.echo("stopped")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt text.")],
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    no_stream: Annotated[
+        bool, typer.Option("--no-stream", help="Wait for the whole reply.")
+    ] = False,
+    ignore_eos: Annotated[bool, typer.Option(help="Generate exactly max_tokens.")] = False,
+    nats_url: NatsUrlOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the first token.")] = 300.0,
+) -> None:
+    """Send one request and print the text as it is generated."""
+    options = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": stop or None,
+        "ignore_eos": ignore_eos or None,
+    }
+    try:
+        asyncio.run(_generate(prompt, options, not no_stream, nats_url, timeout))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _generate(
+    prompt: str,
+    options: dict[str, object],
+    stream: bool,
+    nats_url: str | None,
+    first_token_timeout_s: float,
+) -> None:
+    from shared.bus import NatsUnavailableError
+    from shared.client import GenerateError, SpotserveClient
+
+    settings = Settings()
+    url = resolve_nats_url(settings.nats, nats_url)
+    try:
+        nc = await connect(url, settings.nats, name="spotserve-cli", deadline_s=5.0)
+    except NatsUnavailableError as exc:
+        _echo_error(f"{exc}; is `spotserve up` running? (or pass --nats-url)")
+        raise typer.Exit(2) from None
+    client = SpotserveClient(nc, first_chunk_timeout_s=first_token_timeout_s)
+    started = time.perf_counter()
+    try:
+        if stream:
+            usage = None
+            async for chunk in client.stream(prompt, **options):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                usage, finish = chunk.usage, chunk.finish_reason
+            sys.stdout.write("\n")
+        else:
+            result = await client.complete(prompt, **options)
+            typer.echo(result.text)
+            usage, finish = result.usage, result.finish_reason
+    except GenerateError as exc:
+        _echo_error(str(exc))
+        raise typer.Exit(1) from None
+    except TimeoutError:
+        _echo_error(f"no answer within {first_token_timeout_s:.0f} s")
+        raise typer.Exit(1) from None
+    finally:
+        await nc.close()
+    elapsed = time.perf_counter() - started
+    if usage is not None:
+        typer.secho(
+            f"[{finish}; {usage.prompt_tokens} prompt + {usage.completion_tokens} completion"
+            f" tokens; {elapsed:.2f} s]",
+            err=True,
+            dim=True,
+        )
+
+
+DEMO_PROMPTS = (
+    "The spot instance was preempted, so",
+    "Once upon a time",
+    "NATS subjects are",
+    "Serving large language models cheaply means",
+)
+
+
+@app.command()
+def demo(
+    instances: Annotated[int, typer.Option(min=1, help="Executor instances.")] = 1,
+    model: Annotated[
+        Path | None, typer.Option(help="HF model dir (default: embedded tiny).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 32,
+) -> None:
+    """Start a throwaway cluster, send a few requests, print text and latency, stop."""
+    from shared.cluster import LocalCluster
+
+    with tempfile.TemporaryDirectory(prefix="spotserve-demo-") as state:
+        typer.echo(f"starting a local cluster ({instances} executor instance(s)) ...")
+        started = time.perf_counter()
+        with LocalCluster(Path(state), instances=instances, model_dir=model) as cluster:
+            typer.echo(
+                f"cluster ready in {time.perf_counter() - started:.1f} s ({cluster.nats_url})"
+            )
+            asyncio.run(_demo_requests(cluster.nats_url, max_tokens))
+            typer.echo("stopping the cluster ...")
+    typer.echo("done")
+
+
+async def _demo_requests(nats_url: str, max_tokens: int) -> None:
+    from shared.client import SpotserveClient
+
+    nc = await connect(nats_url, Settings().nats, name="spotserve-demo")
+    client = SpotserveClient(nc)
+    try:
+        completions = await asyncio.gather(
+            *(
+                client.generate(prompt, max_tokens=max_tokens, temperature=0.8, seed=index)
+                for index, prompt in enumerate(DEMO_PROMPTS)
+            )
+        )
+    finally:
+        await nc.close()
+    for prompt, completion in zip(DEMO_PROMPTS, completions, strict=True):
+        typer.echo(f"\n> {prompt}")
+        typer.echo(f"{completion.text!r}")
+        ttft = completion.ttft_s or 0.0
+        typer.echo(
+            f"  [{completion.finish_reason}; {completion.completion_tokens} tokens;"
+            f" first token {ttft * 1000:.0f} ms; total {completion.latency_s * 1000:.0f} ms]"
+        )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,133 @@
+"""A small async client of the spotserve NATS API (used by the CLI, loadgen, tests, benches).
+
+Any NATS client works the same way: publish a msgpack (or JSON) body to
+``spotserve.v1.generate`` with a reply subject and read the chunks that arrive there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+from shared.codec import decode, encode
+from shared.messages import GenerateResult, TokenChunk
+from shared.subjects import GENERATE
+
+
+class GenerateError(Exception):
+    """The service refused or failed the request (``code`` is the nats.micro error code)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Completion:
+    """A finished generation with its client-side timings."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    sent_at: float
+    first_token_at: float | None = None
+    finished_at: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished_at - self.sent_at
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.sent_at
+
+
+def _raise_if_error(headers: dict[str, str] | None) -> None:
+    if headers and ERROR_CODE_HEADER in headers:
+        raise GenerateError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
+
+
+class SpotserveClient:
+    def __init__(
+        self, nc: Client, first_chunk_timeout_s: float = 300.0, chunk_timeout_s: float = 120.0
+    ):
+        self.nc = nc
+        # The first chunk waits for the queue and the prefill; later ones for one iteration.
+        self.first_chunk_timeout_s = first_chunk_timeout_s
+        self.chunk_timeout_s = chunk_timeout_s
+
+    async def stream(self, prompt: str | list[int], **options: Any) -> AsyncIterator[TokenChunk]:
+        """Yield the chunks of one request as they arrive (``stream: true``)."""
+        body = _body(prompt, options, stream=True)
+        inbox = self.nc.new_inbox()
+        subscription = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(GENERATE, encode(body), reply=inbox)
+            timeout = self.first_chunk_timeout_s
+            while True:
+                message = await subscription.next_msg(timeout=timeout)
+                _raise_if_error(message.headers)
+                chunk = TokenChunk.model_validate(decode(message.data))
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+                timeout = self.chunk_timeout_s
+        finally:
+            await subscription.unsubscribe()
+
+    async def generate(self, prompt: str | list[int], **options: Any) -> Completion:
+        """Stream one request to its end and collect it, with timings."""
+        sent_at = time.perf_counter()
+        token_ids: list[int] = []
+        texts: list[str] = []
+        chunk_times: list[float] = []
+        first_token_at = None
+        last: TokenChunk | None = None
+        async for chunk in self.stream(prompt, **options):
+            now = time.perf_counter()
+            chunk_times.append(now)
+            if first_token_at is None and chunk.token_ids:
+                first_token_at = now
+            token_ids.extend(chunk.token_ids)
+            texts.append(chunk.text)
+            last = chunk
+        assert last is not None and last.finish_reason is not None and last.usage is not None
+        return Completion(
+            request_id=last.request_id,
+            token_ids=token_ids,
+            text="".join(texts),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.usage.prompt_tokens,
+            completion_tokens=last.usage.completion_tokens,
+            sent_at=sent_at,
+            first_token_at=first_token_at,
+            finished_at=time.perf_counter(),
+            chunk_times=chunk_times,
+        )
+
+    async def complete(self, prompt: str | list[int], **options: Any) -> GenerateResult:
+        """One request, one reply (``stream: false``)."""
+        body = _body(prompt, options, stream=False)
+        message = await self.nc.request(GENERATE, encode(body), timeout=self.first_chunk_timeout_s)
+        _raise_if_error(message.headers)
+        return GenerateResult.model_validate(decode(message.data))
+
+
+def _body(prompt: str | list[int], options: dict[str, Any], stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {key: value for key, value in options.items() if value is not None}
+    body["stream"] = stream
+    if isinstance(prompt, str):
+        body["prompt"] = prompt
+    else:
+        body["prompt_token_ids"] = list(prompt)
+    return body

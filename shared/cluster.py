@@ -1,0 +1,234 @@
+"""A local cluster: an embedded nats-server (unless one is given) and every service as its own
+process. Used by ``spotserve up``, the demo, the benchmarks and the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from shared.bus import connect
+from shared.config import NatsSettings
+from shared.natsserver import EmbeddedNatsServer
+from shared.runtime import discover
+from shared.subjects import (
+    SERVICE_ADMISSION,
+    SERVICE_EXECUTOR,
+    SERVICE_LOADER,
+    SERVICE_MONITOR,
+    SERVICE_PLANNER,
+    SERVICE_SCHEDULER,
+)
+
+log = structlog.get_logger()
+
+# Module of each service, in start order (executors last: they take longest to be ready).
+SERVICE_MODULES = {
+    SERVICE_PLANNER: "services.planner",
+    SERVICE_MONITOR: "services.monitor",
+    SERVICE_LOADER: "services.loader",
+    SERVICE_ADMISSION: "services.admission",
+    SERVICE_SCHEDULER: "services.scheduler",
+}
+# Stop order: stop taking requests first, then the scheduler (it hands back what it holds).
+STOP_ORDER = (SERVICE_ADMISSION, SERVICE_SCHEDULER, SERVICE_EXECUTOR)
+PR_SET_PDEATHSIG = 1
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the supervisor dies, so no service outlives it (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Own session: Ctrl-C reaches the supervisor only, which stops us in order.
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive:
+            assert self.process is not None
+            self.process.terminate()
+
+    def wait(self, timeout_s: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("cluster.kill", service=self.name, pid=self.process.pid)
+            self.process.kill()
+            self.process.wait()
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        state_dir: Path,
+        instances: int = 1,
+        model_dir: Path | None = None,
+        nats_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if instances < 1:
+            raise ValueError("a cluster needs at least one executor instance")
+        self.state_dir = state_dir
+        self.instances = instances
+        self.model_dir = model_dir
+        self.external_nats_url = nats_url
+        self.extra_env = env or {}
+        self.nats: EmbeddedNatsServer | None = None
+        self.services: list[ServiceProcess] = []
+
+    @property
+    def nats_url(self) -> str:
+        if self.external_nats_url:
+            return self.external_nats_url
+        assert self.nats is not None, "cluster not started"
+        return self.nats.url
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def start(self, ready_timeout_s: float = 180.0) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.external_nats_url:
+            self.nats = EmbeddedNatsServer(
+                self.state_dir / "jetstream", log_file=self.log_dir / "nats-server.log"
+            )
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.nats.start()
+        for name, module in SERVICE_MODULES.items():
+            self._spawn(name, module, {})
+        for index in range(self.instances):
+            self._spawn(
+                SERVICE_EXECUTOR,
+                "services.executor",
+                {"SPOTSERVE_EXECUTOR__INSTANCE_ID": f"instance-{index}"},
+                log_name=f"executor-{index}",
+            )
+        try:
+            asyncio.run(self._wait_ready(ready_timeout_s))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _service_env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SPOTSERVE_NATS__URL"] = self.nats_url
+        if self.model_dir is not None:
+            env["SPOTSERVE_MODEL__PATH"] = str(self.model_dir)
+        if "SPOTSERVE_EXECUTOR__TORCH_THREADS" not in env:
+            # Executors share the machine's cores instead of each claiming all of them.
+            threads = max(1, (os.cpu_count() or 1) // self.instances)
+            env["SPOTSERVE_EXECUTOR__TORCH_THREADS"] = str(threads)
+        env.setdefault("SPOTSERVE_LOG__JSON_OUTPUT", "true")
+        env.update(self.extra_env)
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, module: str, extra: dict[str, str], log_name: str = "") -> None:
+        service = ServiceProcess(
+            name=name,
+            command=[sys.executable, "-m", module],
+            env=self._service_env(extra),
+            log_path=self.log_dir / f"{log_name or name.removeprefix('spotserve-')}.log",
+        )
+        service.start()
+        self.services.append(service)
+
+    def expected_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(SERVICE_MODULES, 1)
+        counts[SERVICE_EXECUTOR] = self.instances
+        return counts
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        """Until every service answers a $SRV ping (executors once their model is loaded)."""
+        nc = await connect(self.nats_url, NatsSettings(), name="spotserve-supervisor")
+        deadline = time.monotonic() + timeout_s
+        try:
+            missing: dict[str, int] = {}
+            while time.monotonic() < deadline:
+                self._check_alive()
+                missing = {}
+                for name, expected in self.expected_counts().items():
+                    found = len(await discover(nc, name, verb="PING", window_s=0.2))
+                    if found < expected:
+                        missing[name] = expected - found
+                if not missing:
+                    return
+                await asyncio.sleep(0.3)
+            raise ClusterError(
+                f"services not ready after {timeout_s:.0f} s: {missing}; logs in {self.log_dir}"
+            )
+        finally:
+            await nc.close()
+
+    def _check_alive(self) -> None:
+        for service in self.services:
+            if not service.alive:
+                code = service.process.returncode if service.process else None
+                raise ClusterError(
+                    f"{service.name} exited with code {code} during start; see {service.log_path}"
+                )
+
+    def dead_services(self) -> list[ServiceProcess]:
+        return [service for service in self.services if not service.alive]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        for name in STOP_ORDER:
+            group = [service for service in self.services if service.name == name]
+            for service in group:
+                service.terminate()
+            for service in group:
+                service.wait(timeout_s)
+        for service in self.services:
+            service.terminate()
+        for service in self.services:
+            service.wait(timeout_s)
+        if self.nats is not None:
+            self.nats.stop()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

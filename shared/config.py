@@ -1,0 +1,88 @@
+"""Settings for every spotserve process: pydantic-settings, env prefix ``SPOTSERVE_``.
+
+Nested fields use ``__``: ``SPOTSERVE_NATS__URL=nats://host:4222``,
+``SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE=16``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def spotserve_home() -> Path:
+    """Where spotserve keeps models and local state (``$SPOTSERVE_HOME``, ~/.cache/spotserve)."""
+    return Path(os.environ.get("SPOTSERVE_HOME", Path.home() / ".cache" / "spotserve"))
+
+
+class NatsSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="NATS server URL; None means: the cluster recorded by `spotserve up`.",
+    )
+    connect_timeout_s: float = 5.0
+    # How long a service keeps retrying the first connection before giving up.
+    connect_deadline_s: float = 60.0
+    # Default timeout of request/reply calls between services.
+    request_timeout_s: float = 10.0
+    user: str | None = None
+    password: str | None = None
+
+
+class ModelSettings(BaseModel):
+    path: Path | None = Field(
+        default=None, description="HF Llama-family directory; None: the embedded default model."
+    )
+    size: Literal["tiny", "small"] = "tiny"
+    seed: int = 0
+
+
+class AdmissionSettings(BaseModel):
+    # Max bytes of a request body; larger bodies are refused before parsing.
+    max_request_bytes: int = 1_000_000
+    publish_timeout_s: float = 5.0
+
+
+class SchedulerSettings(BaseModel):
+    policy: Literal["fcfs"] = "fcfs"
+    max_batch_size: int = Field(default=8, ge=1)
+    # Requests held by the scheduler at once (un-acked JetStream messages); the rest wait durably.
+    max_inflight_requests: int = Field(default=64, ge=1)
+    step_timeout_s: float = Field(default=120.0, gt=0)
+    # JetStream ack wait for accepted requests; running ones are kept alive with in-progress acks.
+    ack_wait_s: float = Field(default=60.0, gt=0)
+    fetch_timeout_s: float = Field(default=0.5, gt=0)
+    # How often the scheduler re-discovers executors through $SRV.
+    discovery_interval_s: float = Field(default=2.0, gt=0)
+    # A step fails over this many times before the request gets an error reply.
+    max_step_retries: int = Field(default=3, ge=0)
+
+
+class ExecutorSettings(BaseModel):
+    instance_id: str | None = None
+    device: str | None = Field(default=None, description="cpu, cuda, cuda:1; None: auto.")
+    max_slots: int = Field(default=16, ge=1)
+    max_seq_len: int | None = None
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class LogSettings(BaseModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_output: bool | None = Field(default=None, description="None: JSON when not a TTY.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SPOTSERVE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    nats: NatsSettings = NatsSettings()
+    model: ModelSettings = ModelSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    executor: ExecutorSettings = ExecutorSettings()
+    log: LogSettings = LogSettings()

@@ -1,0 +1,162 @@
+"""Every message spotserve sends, as versioned pydantic models (the service boundary).
+
+Public API models forbid unknown fields and use strict types, so a typo or a wrong type is a
+clear 400 instead of a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+class ErrorCode(StrEnum):
+    """nats.micro error codes (header ``Nats-Service-Error-Code``), HTTP-like on purpose."""
+
+    BAD_REQUEST = "400"
+    TOO_LARGE = "413"
+    INTERNAL = "500"
+    UNAVAILABLE = "503"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InternalModel(BaseModel):
+    # Between our own services: unknown fields are ignored so a newer sender does not break
+    # an older receiver during a rolling upgrade.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+
+class GenerateRequest(StrictModel):
+    """Body of a request to ``spotserve.v1.generate`` (msgpack, or JSON with the header)."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[TokenId] | None = None
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stream: bool = False
+    # Generate exactly max_tokens (benchmarks, trace replay with forced output lengths).
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'prompt_token_ids'")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("'prompt' is empty")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValueError("'prompt_token_ids' is empty")
+        return self
+
+
+Encoding = Literal["msgpack", "json"]
+
+
+class AcceptedRequest(InternalModel):
+    """A validated request as persisted in the REQUESTS stream (admission -> scheduler)."""
+
+    v: int = SCHEMA_VERSION
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: list[str]
+    stream: bool
+    ignore_eos: bool
+    reply_subject: str | None
+    encoding: Encoding
+    accepted_at: float
+
+
+class Usage(InternalModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class TokenChunk(InternalModel):
+    """One piece of a token stream; also the record committed to the TOKENS stream.
+
+    ``index`` counts chunks from 0 so a client can see a gap. ``token_ids`` are the new tokens;
+    the EOS that ends a "stop" is left out, as it is from ``text``.
+    """
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class GenerateResult(InternalModel):
+    """The single reply of a request with ``stream: false``."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class ErrorDetail(InternalModel):
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorReply(InternalModel):
+    """Body of an error reply; the same code and message are in the nats.micro headers."""
+
+    error: ErrorDetail
+
+
+class StepSequence(InternalModel):
+    """One sequence of a ragged batch: its new input tokens and how to sample its next one."""
+
+    request_id: str
+    token_ids: list[int]
+    temperature: float
+    top_p: float
+    seed: int
+    sample_index: int
+
+
+class StepCommand(InternalModel):
+    """scheduler -> executor: run one decoding iteration."""
+
+    v: int = SCHEMA_VERSION
+    sequences: list[StepSequence]
+    # Sequences to free before this step (finished or moved elsewhere).
+    release: list[str] = Field(default_factory=list)
+
+
+class StepResult(InternalModel):
+    """executor -> scheduler: the sampled token of each sequence."""
+
+    tokens: dict[str, int]
+    compute_s: float
+
+
+class ReleaseCommand(InternalModel):
+    request_ids: list[str]

@@ -1,0 +1,494 @@
+"""A compact Llama-family forward pass (gpt-fast style) with a slotted, preallocated KV cache.
+
+Covers Llama, Mistral and Qwen2 checkpoints in the Hugging Face layout. Module names mirror HF's
+(``layers.{i}.self_attn.q_proj`` …) so a checkpoint loads by stripping the ``model.`` prefix, and
+the projections stay separate matrices so they can later be sharded one by one. The layers are a
+plain ``ModuleList`` driven by ``run_layers``: a pipeline stage can run a slice of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# model_type -> the causal-LM architecture of that family.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1-style frequency scaling ("llama3" rope type)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        """Read an HF ``config.json`` of the Llama / Mistral / Qwen2 family."""
+        model_type = _check_architecture(config)
+        dim = int(config["hidden_size"])
+        n_heads = int(config["num_attention_heads"])
+        theta, scaling = _rope_settings(config)
+        attention_bias = bool(config.get("attention_bias", False))
+        return cls(
+            vocab_size=int(config["vocab_size"]),
+            dim=dim,
+            n_layers=int(config["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+            head_dim=int(config.get("head_dim") or dim // n_heads),
+            intermediate_size=int(config["intermediate_size"]),
+            max_position_embeddings=_context_length(config),
+            norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            # Qwen2 always has q/k/v biases (and no o_proj bias); Llama has attention_bias.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+
+def _check_architecture(config: dict[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    architectures = config.get("architectures") or [SUPPORTED_MODEL_TYPES[model_type]]
+    if architectures[0] not in SUPPORTED_MODEL_TYPES.values():
+        raise ValueError(
+            f"unsupported architecture {architectures[0]!r}; only causal LMs are supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES.values())}"
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}; expected 'silu'")
+    return str(model_type)
+
+
+def _context_length(config: dict[str, Any]) -> int:
+    length = int(config.get("max_position_embeddings", 2048))
+    # Without sliding-window attention the outputs are exact only inside the window: cap there.
+    window = config.get("sliding_window")
+    if window and config.get("use_sliding_window", config.get("model_type") == "mistral"):
+        length = min(length, int(window))
+    return length
+
+
+def _rope_settings(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    # transformers >= 5 writes "rope_parameters"; older configs use rope_theta + rope_scaling.
+    params: dict[str, Any] = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"unsupported rope type {rope_type!r}; supported: 'default', 'llama3'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings (HF's rotate_half convention, so results match transformers)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    if args.rope_scaling is not None:
+        inv_freq = _llama3_scale(inv_freq, args.rope_scaling)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: Tensor, s: RopeScaling) -> Tensor:
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(args: ModelArgs, max_seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """float32 cos/sin of shape [max_seq_len, head_dim]; cast to the activations' dtype at use."""
+    positions = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+    freqs = positions[:, None] * rope_inv_freq(args).to(device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCacheFullError(RuntimeError):
+    """Every slot of the KV cache is taken."""
+
+
+class KVCache:
+    """Preallocated K/V per layer, [num_slots, n_kv_heads, max_seq_len, head_dim]; a sequence owns
+    one slot for its lifetime."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        num_slots: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_slots, n_kv_heads, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        # Free list kept sorted descending, so pop() hands out the lowest slot: deterministic.
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise KVCacheFullError(f"all {self.num_slots} KV cache slots are in use")
+        return self._free.pop()
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"KV cache slot {slot} is not allocated")
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+
+class CacheView(Protocol):
+    """How one forward pass reads and writes the cache (prefill of one slot, or ragged decode)."""
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k/v [B, n_kv, T, D]; return the keys/values to attend over."""
+        ...
+
+    @property
+    def attn_mask(self) -> Tensor | None: ...
+
+    @property
+    def is_causal(self) -> bool: ...
+
+
+class PrefillView:
+    """T new tokens of one slot at positions start_pos .. start_pos+T-1."""
+
+    def __init__(self, cache: KVCache, slot: int, start_pos: int, length: int) -> None:
+        self.cache, self.slot, self.start, self.end = cache, slot, start_pos, start_pos + length
+        # From position 0 the plain causal mask is right; a continuation also sees the prefix.
+        self.is_causal = start_pos == 0
+        self.attn_mask: Tensor | None = None
+        if not self.is_causal:
+            device = cache.k[0].device
+            ones = torch.ones(length, self.end, dtype=torch.bool, device=device)
+            self.attn_mask = ones.tril(diagonal=start_pos)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[self.slot, :, self.start : self.end] = k[0]
+        v_cache[self.slot, :, self.start : self.end] = v[0]
+        s = slice(self.slot, self.slot + 1)
+        return k_cache[s, :, : self.end], v_cache[s, :, : self.end]
+
+
+class DecodeView:
+    """One new token per row; each row has its own slot and position (a ragged batch)."""
+
+    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, max_len: int) -> None:
+        self.cache, self.slots, self.positions, self.max_len = cache, slots, positions, max_len
+        self.is_causal = False
+        # Attend to the cache only up to the batch's longest row; mask each row past its own end.
+        keys = torch.arange(max_len, device=positions.device)
+        self.attn_mask: Tensor | None = (keys[None, :] <= positions[:, None])[:, None, None, :]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[self.slots, :, self.positions] = k[:, :, 0]
+        v_cache[self.slots, :, self.positions] = v[:, :, 0]
+        return k_cache[self.slots, :, : self.max_len], v_cache[self.slots, :, : self.max_len]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and scale after casting back, exactly like HF's LlamaRMSNorm.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.dim, q_out, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_out, args.dim, bias=args.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, view: CacheView) -> Tensor:
+        batch, length, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_heads)
+        k = self._heads(self.k_proj(x), self.n_kv_heads)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = view.update(self.layer_idx, k, v)
+        # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads (HF's repeat_kv).
+        repeats = self.n_heads // self.n_kv_heads
+        keys = keys.repeat_interleave(repeats, dim=1)
+        values = values.repeat_interleave(repeats, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=view.attn_mask, is_causal=view.is_causal
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _heads(self, x: Tensor, n_heads: int) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, n_heads, self.head_dim).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, view: CacheView) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, view)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.kv_cache: KVCache | None = None
+        # float32 rope tables, made with the cache (not buffers, so .to(bf16) cannot round them).
+        self._cos: Tensor | None = None
+        self._sin: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def setup_caches(self, num_slots: int, max_seq_len: int) -> KVCache:
+        """Allocate the KV cache and the rope tables (replacing any previous cache)."""
+        if not 0 < max_seq_len <= self.args.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len must be in 1..{self.args.max_position_embeddings}, "
+                f"got {max_seq_len}"
+            )
+        a = self.args
+        self.kv_cache = KVCache(
+            a.n_layers, num_slots, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, self.device
+        )
+        self._cos, self._sin = rope_tables(a, max_seq_len, self.device)
+        return self.kv_cache
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: Tensor, slot: int, start_pos: int = 0) -> Tensor:
+        """Run T tokens of one sequence at positions start_pos.. into ``slot``; float32 logits
+        [vocab] of the last position."""
+        cache, cos, sin = self._cache()
+        length = int(token_ids.shape[0])
+        if length == 0 or start_pos < 0 or start_pos + length > cache.max_seq_len:
+            raise ValueError(
+                f"prefill of {length} tokens at position {start_pos} does not fit "
+                f"1..{cache.max_seq_len} positions"
+            )
+        view = PrefillView(cache, slot, start_pos, length)
+        span = slice(start_pos, start_pos + length)
+        h = self.embed_tokens(token_ids.to(self.device)[None, :])
+        h = self.run_layers(h, cos[span], sin[span], view)
+        return self.head(h[:, -1])[0]
+
+    @torch.inference_mode()
+    def decode_one_token(
+        self, token_ids: Tensor, slots: Tensor, positions: Tensor, max_len: int | None = None
+    ) -> Tensor:
+        """One token per row at its own slot and position; float32 logits [B, vocab].
+
+        ``max_len`` (max(positions) + 1) may be given to skip a device sync; slots must be
+        distinct.
+        """
+        cache, cos, sin = self._cache()
+        positions = positions.to(self.device)
+        if max_len is None:
+            max_len = int(positions.max().item()) + 1
+        view = DecodeView(cache, slots.to(self.device), positions, max_len)
+        # [B, D] -> [B, 1, 1, D]: broadcasts over heads and the single query position.
+        cos_b, sin_b = cos[positions][:, None, None, :], sin[positions][:, None, None, :]
+        h = self.embed_tokens(token_ids.to(self.device)[:, None])
+        h = self.run_layers(h, cos_b, sin_b, view)
+        return self.head(h[:, -1])
+
+    def run_layers(self, h: Tensor, cos: Tensor, sin: Tensor, view: CacheView) -> Tensor:
+        """Apply the decoder layers (a pipeline stage would own a slice of ``self.layers``)."""
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, view)
+        return h
+
+    def head(self, h: Tensor) -> Tensor:
+        """Final norm and LM head; logits always float32."""
+        return self.lm_head(self.norm(h)).float()
+
+    def _cache(self) -> tuple[KVCache, Tensor, Tensor]:
+        if self.kv_cache is None or self._cos is None or self._sin is None:
+            raise RuntimeError("call setup_caches() before running the model")
+        return self.kv_cache, self._cos, self._sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 halves memory and bandwidth on GPUs; CPUs are exact and fast enough in float32.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_transformer(
+    model_dir: Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """Build a Transformer from an HF directory (config.json + safetensors, sharded or not)."""
+    model_dir = Path(model_dir)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    args = ModelArgs.from_hf_config(config)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = _read_state_dict(model_dir, device, dtype)
+    if args.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = sorted(set(model.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint in {model_dir} does not match its config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(state, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def _read_state_dict(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    state: dict[str, Tensor] = {}
+    for path in _safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            for name in handle.keys():
+                # Old checkpoints store rope frequencies; they are recomputed here.
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                key = name.removeprefix("model.")
+                state[key] = handle.get_tensor(name).to(dtype)
+    return state
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")

@@ -1,0 +1,135 @@
+"""What every service process shares: settings, logging, the NATS connection, a nats.micro
+registration, signal handling and a clean drain on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.micro import add_service
+from nats.micro.service import Service, ServiceConfig
+
+from shared import __version__
+from shared.bus import NatsUnavailableError, connect, connect_jetstream, resolve_nats_url
+from shared.config import ModelSettings, Settings
+from shared.logging import configure_logging
+from shared.subjects import srv_subject
+
+
+@dataclass
+class ServiceContext:
+    """Handed to a service's body: its settings, connections and the stop signal."""
+
+    name: str
+    settings: Settings
+    nc: Client
+    js: JetStreamContext
+    log: structlog.stdlib.BoundLogger
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def add_micro_service(
+        self, description: str, metadata: dict[str, str] | None = None
+    ) -> Service:
+        """Register as a nats.micro service: answers $SRV PING/INFO/STATS."""
+        return await add_service(
+            self.nc,
+            ServiceConfig(
+                name=self.name,
+                version=__version__,
+                description=description,
+                metadata=metadata or {},
+            ),
+        )
+
+
+ServiceBody = Callable[[ServiceContext], Awaitable[None]]
+
+
+def run_service(name: str, body: ServiceBody, settings: Settings | None = None) -> None:
+    """Entry point of ``python -m services.<name>``: run ``body`` until SIGINT/SIGTERM."""
+    settings = settings or Settings()
+    log = configure_logging(settings.log, name)
+    try:
+        asyncio.run(_serve(name, body, settings, log))
+    except NatsUnavailableError as exc:
+        log.error("service.nats_unavailable", error=str(exc))
+        raise SystemExit(2) from None
+
+
+async def _serve(
+    name: str, body: ServiceBody, settings: Settings, log: structlog.stdlib.BoundLogger
+) -> None:
+    url = resolve_nats_url(settings.nats)
+    nc = await connect(url, settings.nats, name=name)
+    js = await connect_jetstream(nc, timeout_s=settings.nats.request_timeout_s)
+    context = ServiceContext(name=name, settings=settings, nc=nc, js=js, log=log)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, context.stop.set)
+    log.info("service.started", nats_url=url)
+    try:
+        await body(context)
+    finally:
+        log.info("service.stopping")
+        try:
+            await asyncio.wait_for(nc.drain(), timeout=10.0)
+        except (TimeoutError, Exception) as exc:
+            log.warning("service.drain_failed", error=repr(exc))
+            await nc.close()
+        log.info("service.stopped")
+
+
+async def discover(
+    nc: Client, service: str, verb: str = "INFO", window_s: float = 0.3
+) -> list[dict[str, Any]]:
+    """Ask every instance of a nats.micro service; collect the replies for ``window_s``."""
+    replies: list[dict[str, Any]] = []
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox)
+    try:
+        await nc.publish(srv_subject(verb, service), b"", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + window_s
+        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                message = await subscription.next_msg(timeout=remaining)
+            except TimeoutError:
+                break
+            try:
+                replies.append(json.loads(message.data))
+            except ValueError:
+                continue
+    finally:
+        await subscription.unsubscribe()
+    return replies
+
+
+def resolve_model_dir(settings: ModelSettings) -> Path:
+    """The configured model directory, or the embedded default (created if missing)."""
+    from shared.model.checkpoint import default_model_dir, ensure_model
+
+    if settings.path is not None:
+        if not (settings.path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model directory {settings.path} has no config.json: give an HF Llama-family"
+                " directory, or create one with `spotserve model init DIR`"
+            )
+        return settings.path
+    return ensure_model(default_model_dir(settings.size), settings.size, seed=settings.seed)
+
+
+def registration_only(description: str) -> ServiceBody:
+    """A body that registers the service and waits for the stop signal (no endpoints yet)."""
+
+    async def body(context: ServiceContext) -> None:
+        await context.add_micro_service(description)
+        await context.stop.wait()
+
+    return body

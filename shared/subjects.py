@@ -1,0 +1,117 @@
+"""Every NATS subject, JetStream stream, consumer and KV bucket of spotserve, in one place.
+
+The public API is versioned (``spotserve.v1.…``). Declarations are idempotent: every service
+calls :func:`ensure_streams` at start, whichever starts first creates them.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+API_PREFIX = "spotserve.v1"
+
+# Public API (request/reply, served by admission as a nats.micro endpoint).
+GENERATE = f"{API_PREFIX}.generate"
+
+# nats.micro service names; `$SRV.PING.<name>` finds them.
+SERVICE_ADMISSION = "spotserve-admission"
+SERVICE_SCHEDULER = "spotserve-scheduler"
+SERVICE_PLANNER = "spotserve-planner"
+SERVICE_MONITOR = "spotserve-monitor"
+SERVICE_LOADER = "spotserve-loader"
+SERVICE_EXECUTOR = "spotserve-executor"
+ALL_SERVICES = (
+    SERVICE_ADMISSION,
+    SERVICE_SCHEDULER,
+    SERVICE_PLANNER,
+    SERVICE_MONITOR,
+    SERVICE_LOADER,
+    SERVICE_EXECUTOR,
+)
+
+# Accepted requests: admission publishes, the scheduler consumes (work queue).
+REQUESTS_STREAM = "SPOTSERVE_REQUESTS"
+REQUESTS_SUBJECT = f"{API_PREFIX}.requests.accepted"
+SCHEDULER_CONSUMER = "scheduler"
+
+# Committed tokens: one subject per request, written before a token reaches the client.
+TOKENS_STREAM = "SPOTSERVE_TOKENS"
+TOKENS_SUBJECT_PREFIX = f"{API_PREFIX}.tokens"
+
+
+def tokens_subject(request_id: str) -> str:
+    return f"{TOKENS_SUBJECT_PREFIX}.{request_id}"
+
+
+def executor_step_subject(instance_id: str) -> str:
+    """One decoding iteration for a ragged batch on one executor instance."""
+    return f"{API_PREFIX}.executor.{instance_id}.step"
+
+
+def executor_release_subject(instance_id: str) -> str:
+    """Free the KV cache of finished or abandoned requests on one executor instance."""
+    return f"{API_PREFIX}.executor.{instance_id}.release"
+
+
+def srv_subject(verb: str, service: str | None = None) -> str:
+    """nats.micro discovery subject, e.g. ``$SRV.PING.spotserve-executor``."""
+    return f"$SRV.{verb}" if service is None else f"$SRV.{verb}.{service}"
+
+
+def requests_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=REQUESTS_STREAM,
+        subjects=[REQUESTS_SUBJECT],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        # Refuse new work rather than silently dropping accepted requests when full.
+        discard=DiscardPolicy.NEW,
+        max_msgs=1_000_000,
+        max_msg_size=2 * 1024 * 1024,
+        duplicate_window=120.0,
+    )
+
+
+def tokens_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=TOKENS_STREAM,
+        subjects=[f"{TOKENS_SUBJECT_PREFIX}.*"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        # Results stay retrievable for a day; a client that lost its stream can re-read them.
+        max_age=24 * 3600.0,
+        discard=DiscardPolicy.OLD,
+    )
+
+
+def scheduler_consumer_config(ack_wait_s: float, max_ack_pending: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=SCHEDULER_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        # Bounds how many accepted requests the scheduler holds at once.
+        max_ack_pending=max_ack_pending,
+        max_deliver=-1,
+        filter_subject=REQUESTS_SUBJECT,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create or update every stream spotserve uses (idempotent, safe to race)."""
+    for config in (requests_stream_config(), tokens_stream_config()):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Exists with other settings (an older version): bring it to ours.
+            await js.update_stream(config)
