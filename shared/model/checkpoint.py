@@ -6,6 +6,7 @@ byte for byte the same on every run, so tests and benchmarks need no model hub.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -155,7 +156,9 @@ def _refuse_existing(directory: Path, overwrite: bool) -> None:
 def _publish(staging: Path, directory: Path, overwrite: bool) -> None:
     """Atomically move the finished model into place (replacing the old one if asked)."""
     if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()  # an empty placeholder directory is not a model
+        # An empty placeholder directory is not a model (a racing process may remove it first).
+        with contextlib.suppress(OSError):
+            directory.rmdir()
     if overwrite and directory.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
         os.rename(directory, trash / "model")
@@ -186,6 +189,10 @@ def _write_model_files(directory: Path, spec: SizeSpec, seed: int) -> None:
         str(directory / "model.safetensors"),
         metadata={"format": "pt"},
     )
+    # mkdtemp makes a private 0700 directory; a published model is readable like any cache.
+    for name in MODEL_FILES:
+        (directory / name).chmod(0o644)
+    directory.chmod(0o755)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

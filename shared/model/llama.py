@@ -57,18 +57,18 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
         """Read an HF ``config.json`` of the Llama / Mistral / Qwen2 family."""
         model_type = _check_architecture(config)
-        dim = int(config["hidden_size"])
-        n_heads = int(config["num_attention_heads"])
+        dim = _require(config, "hidden_size")
+        n_heads = _require(config, "num_attention_heads")
         theta, scaling = _rope_settings(config)
         attention_bias = bool(config.get("attention_bias", False))
         return cls(
-            vocab_size=int(config["vocab_size"]),
+            vocab_size=_require(config, "vocab_size"),
             dim=dim,
-            n_layers=int(config["num_hidden_layers"]),
+            n_layers=_require(config, "num_hidden_layers"),
             n_heads=n_heads,
             n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
             head_dim=int(config.get("head_dim") or dim // n_heads),
-            intermediate_size=int(config["intermediate_size"]),
+            intermediate_size=_require(config, "intermediate_size"),
             max_position_embeddings=_context_length(config),
             norm_eps=float(config.get("rms_norm_eps", 1e-5)),
             rope_theta=theta,
@@ -78,6 +78,12 @@ class ModelArgs:
             o_bias=model_type != "qwen2" and attention_bias,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
+
+
+def _require(config: dict[str, Any], key: str) -> int:
+    if not isinstance(config.get(key), int):
+        raise ValueError(f"config.json needs an integer {key!r}, got {config.get(key)!r}")
+    return int(config[key])
 
 
 def _check_architecture(config: dict[str, Any]) -> str:
@@ -364,8 +370,7 @@ class Transformer(nn.Module):
         """Allocate the KV cache and the rope tables (replacing any previous cache)."""
         if not 0 < max_seq_len <= self.args.max_position_embeddings:
             raise ValueError(
-                f"max_seq_len must be in 1..{self.args.max_position_embeddings}, "
-                f"got {max_seq_len}"
+                f"max_seq_len must be in 1..{self.args.max_position_embeddings}, got {max_seq_len}"
             )
         a = self.args
         self.kv_cache = KVCache(
@@ -468,7 +473,9 @@ def load_transformer(
     return model.eval().requires_grad_(False)
 
 
-def _read_state_dict(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+def _read_state_dict(
+    model_dir: Path, device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
     from safetensors import safe_open
 
     state: dict[str, Tensor] = {}

@@ -105,20 +105,20 @@ class IncrementalDetokenizer:
     stop string is held back too; once a stop string appears, the text is cut before it.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, stop: Iterable[str] = ()) -> None:
+    def __init__(self, tokenizer: TextTokenizer, stop: Iterable[str] | None = None) -> None:
         self._tokenizer = tokenizer
-        self._stop = tuple(s for s in stop if s)
+        self._stop = tuple(s for s in stop or () if s)  # an empty stop string would match at once
         self._ids: list[int] = []
         self._prefix_offset = 0  # window start: decoding from here is on a character boundary
         self._read_offset = 0  # ids before this are decoded into text already
         self._pending = ""  # decoded text not emitted yet (may start a stop string)
-        self._emitted: list[str] = []
+        self._text = ""
         self.stopped = False
 
     @property
     def text(self) -> str:
         """Everything emitted so far."""
-        return "".join(self._emitted)
+        return self._text
 
     def add(self, token_ids: Iterable[int]) -> str:
         """Feed new token ids; return the new text that is safe to emit now."""
@@ -157,8 +157,7 @@ class IncrementalDetokenizer:
         else:
             keep = 0 if final else _stop_prefix_length(text, self._stop)
             piece, self._pending = text[: len(text) - keep], text[len(text) - keep :]
-        if piece:
-            self._emitted.append(piece)
+        self._text += piece
         return piece
 
 

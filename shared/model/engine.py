@@ -1,0 +1,242 @@
+"""The in-process inference engine the executor service wraps.
+
+Synchronous and not thread-safe: the service runs every call in one dedicated thread. A step
+takes a ragged batch: new sequences are prefilled one by one (each gets a KV slot), and all
+single-token continuations run together as one decode batch with per-row positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from shared.model.llama import Transformer, load_transformer
+from shared.model.sampling import SamplingParams, sample_tokens, validate_sampling
+from shared.model.tokenizer import TextTokenizer, read_eos_token_ids
+
+
+class EngineError(Exception):
+    """A step or release the engine refuses; nothing of the step was applied."""
+
+
+class NoFreeSlotError(EngineError):
+    """More new sequences than free KV cache slots."""
+
+
+class ContextLengthError(EngineError):
+    """A sequence would grow past the engine's context length."""
+
+
+class InvalidStepError(EngineError):
+    """A malformed step: empty or out-of-vocabulary tokens, duplicate ids, bad sampling."""
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    request_id: str
+    # The whole prompt (or prompt + committed tokens, on recompute) on a sequence's first step;
+    # afterwards exactly one token: the last one sampled.
+    token_ids: list[int]
+    temperature: float
+    top_p: float
+    seed: int
+    # Tokens generated before this step; seeds the sampler so a resumed request draws the same.
+    sample_index: int
+
+
+@dataclass
+class _Sequence:
+    slot: int
+    length: int  # positions of the slot holding valid K/V
+
+
+@dataclass(frozen=True)
+class _Plan:
+    new: list[SequenceStep]  # no slot yet: prefill from position 0
+    extend: list[SequenceStep]  # known, several tokens: prefill continuing at its length
+    decode: list[SequenceStep]  # known, one token: joins the batched decode
+
+
+class Engine:
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str | None = None,
+        max_slots: int = 16,
+        max_seq_len: int | None = None,
+    ) -> None:
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if max_seq_len is not None and max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.model_dir = Path(model_dir)
+        self.model: Transformer = load_transformer(
+            self.model_dir, torch.device(device) if device else None
+        )
+        limit = self.model.args.max_position_embeddings
+        self.max_seq_len = limit if max_seq_len is None else min(max_seq_len, limit)
+        self.cache = self.model.setup_caches(max_slots, self.max_seq_len)
+        self._eos_token_ids = self._read_eos_ids()
+        self._sequences: dict[str, _Sequence] = {}
+
+    # -- properties the executor service reports -------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        """Most positions a sequence may use: max_position_embeddings, or max_seq_len if lower."""
+        return self.max_seq_len
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos_token_ids
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.cache.num_free
+
+    @property
+    def max_slots(self) -> int:
+        return self.cache.num_slots
+
+    def has_sequence(self, request_id: str) -> bool:
+        return request_id in self._sequences
+
+    def sequence_length(self, request_id: str) -> int:
+        """Positions of the sequence's slot holding K/V (0 if unknown)."""
+        sequence = self._sequences.get(request_id)
+        return sequence.length if sequence else 0
+
+    # -- the work --------------------------------------------------------------------------
+
+    def step(self, seqs: list[SequenceStep]) -> dict[str, int]:
+        """Run one iteration; return the sampled token of each sequence (request_id -> id)."""
+        if not seqs:
+            return {}
+        plan = self._plan(seqs)
+        logits: dict[str, Tensor] = {}
+        allocated: dict[str, int] = {}
+        try:
+            for seq in plan.new:
+                allocated[seq.request_id] = self.cache.allocate()
+                logits[seq.request_id] = self._prefill(seq, allocated[seq.request_id], 0)
+            for seq in plan.extend:
+                known = self._sequences[seq.request_id]
+                logits[seq.request_id] = self._prefill(seq, known.slot, known.length)
+            if plan.decode:
+                logits.update(self._decode(plan.decode))
+            tokens = self._sample(seqs, logits)
+        except BaseException:
+            # The cache positions written are past every sequence's length: harmless garbage.
+            for slot in allocated.values():
+                self.cache.free(slot)
+            raise
+        self._commit(seqs, allocated)
+        return tokens
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Free the slots of these sequences; unknown ids are ignored."""
+        for request_id in request_ids:
+            sequence = self._sequences.pop(request_id, None)
+            if sequence is not None:
+                self.cache.free(sequence.slot)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _plan(self, seqs: list[SequenceStep]) -> _Plan:
+        """Validate the whole batch before any compute, and split it by kind of work."""
+        seen: set[str] = set()
+        plan = _Plan(new=[], extend=[], decode=[])
+        for seq in seqs:
+            if seq.request_id in seen:
+                raise InvalidStepError(f"request {seq.request_id!r} appears twice in one step")
+            seen.add(seq.request_id)
+            self._check_tokens(seq)
+            self._check_sampling(seq)
+            known = self._sequences.get(seq.request_id)
+            self._check_length(seq, known.length if known else 0)
+            if known is None:
+                plan.new.append(seq)
+            elif len(seq.token_ids) == 1:
+                plan.decode.append(seq)
+            else:
+                plan.extend.append(seq)
+        if len(plan.new) > self.cache.num_free:
+            raise NoFreeSlotError(
+                f"{len(plan.new)} new sequences but only {self.cache.num_free} of "
+                f"{self.cache.num_slots} KV cache slots are free"
+            )
+        return plan
+
+    def _check_tokens(self, seq: SequenceStep) -> None:
+        if not seq.token_ids:
+            raise InvalidStepError(f"request {seq.request_id!r} has an empty token list")
+        bad = [t for t in seq.token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidStepError(
+                f"request {seq.request_id!r} has token ids outside the vocabulary "
+                f"[0, {self.vocab_size}): {bad[:5]}"
+            )
+
+    def _check_sampling(self, seq: SequenceStep) -> None:
+        try:
+            validate_sampling(seq.temperature, seq.top_p)
+        except ValueError as exc:
+            raise InvalidStepError(f"request {seq.request_id!r}: {exc}") from None
+
+    def _check_length(self, seq: SequenceStep, length: int) -> None:
+        total = length + len(seq.token_ids)
+        if total > self.max_seq_len:
+            raise ContextLengthError(
+                f"request {seq.request_id!r} would reach {total} tokens "
+                f"({length} cached + {len(seq.token_ids)} new), over the context length "
+                f"{self.max_seq_len}"
+            )
+
+    def _prefill(self, seq: SequenceStep, slot: int, start_pos: int) -> Tensor:
+        ids = torch.tensor(seq.token_ids, dtype=torch.long, device=self.device)
+        return self.model.prefill(ids, slot, start_pos)
+
+    def _decode(self, seqs: list[SequenceStep]) -> dict[str, Tensor]:
+        known = [self._sequences[seq.request_id] for seq in seqs]
+        positions = [sequence.length for sequence in known]
+        logits = self.model.decode_one_token(
+            self._long([seq.token_ids[0] for seq in seqs]),
+            self._long([sequence.slot for sequence in known]),
+            self._long(positions),
+            max_len=max(positions) + 1,  # known here: saves a device sync
+        )
+        return {seq.request_id: logits[row] for row, seq in enumerate(seqs)}
+
+    def _sample(self, seqs: list[SequenceStep], logits: dict[str, Tensor]) -> dict[str, int]:
+        stacked = torch.stack([logits[seq.request_id] for seq in seqs])
+        params = [SamplingParams(s.temperature, s.top_p, s.seed, s.sample_index) for s in seqs]
+        tokens = sample_tokens(stacked, params)
+        return {seq.request_id: token for seq, token in zip(seqs, tokens, strict=True)}
+
+    def _commit(self, seqs: list[SequenceStep], allocated: dict[str, int]) -> None:
+        for seq in seqs:
+            slot = allocated.get(seq.request_id)
+            if slot is not None:
+                self._sequences[seq.request_id] = _Sequence(slot=slot, length=0)
+            self._sequences[seq.request_id].length += len(seq.token_ids)
+
+    def _long(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _read_eos_ids(self) -> frozenset[int]:
+        try:
+            return TextTokenizer.from_model_dir(self.model_dir).eos_token_ids
+        except FileNotFoundError:  # a directory without tokenizer.json: config files only
+            return read_eos_token_ids(self.model_dir)
