@@ -59,10 +59,10 @@ def decode(data: bytes, encoding: Encoding = "msgpack") -> Any:
         return msgpack.unpackb(
             data, raw=False, ext_hook=_unpack_ext, strict_map_key=True, use_list=True
         )
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise DecodeError(f"body is not valid msgpack: {exc}") from None
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"body is not valid msgpack: {exc}") from None
+    except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
+        # Some msgpack errors have no message; the class name still says what went wrong.
+        reason = str(exc).strip() or type(exc).__name__
+        raise DecodeError(f"body is not valid msgpack: {reason}") from None
 
 
 def _pack_ext(obj: Any) -> msgpack.ExtType:

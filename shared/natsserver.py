@@ -6,12 +6,16 @@ its store in a directory of ours.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 
 
 class NatsServerError(RuntimeError):
@@ -51,17 +55,20 @@ class EmbeddedNatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def config_text(self) -> str:
+        store = json.dumps(str(self.store_dir / "jetstream"))
+        return (
+            f"listen: 127.0.0.1:{self.port}\n"
+            # Room for long prompts and tensor chunks; the default is 1 MiB.
+            f"max_payload: {MAX_PAYLOAD_BYTES}\n"
+            f"jetstream {{\n  store_dir: {store}\n}}\n"
+        )
+
     def start(self, ready_timeout_s: float = 20.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(find_nats_server()),
-            "--addr", "127.0.0.1",
-            "--port", str(self.port),
-            "--jetstream",
-            "--store_dir", str(self.store_dir),
-            # Room for prompts of long contexts and for tensor chunks.
-            "--max_payload", str(8 * 1024 * 1024),
-        ]  # fmt: skip
+        config = self.store_dir / "nats-server.conf"
+        config.write_text(self.config_text())
+        command = [str(find_nats_server()), "--config", str(config)]
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         self._wait_ready(ready_timeout_s)

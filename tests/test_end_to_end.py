@@ -78,8 +78,9 @@ async def test_stream_chunks_concatenate_to_final_text(
     assert all(chunk.finish_reason is None for chunk in chunks[:-1])
     token_ids = [token for chunk in chunks for token in chunk.token_ids]
     text = "".join(chunk.text for chunk in chunks)
+    # Sampled bytes of a random model may be invalid UTF-8; the stream then shows exactly the
+    # replacement characters a full decode shows, never extra ones from a split character.
     assert text == tokenizer.decode(token_ids)
-    assert all("\ufffd" not in chunk.text for chunk in chunks)
 
 
 async def test_seeded_sampling_is_reproducible(client: SpotserveClient) -> None:

@@ -191,6 +191,8 @@ class Admission:
         if not request._msg.reply:
             return
         encoding = encoding_from_headers(request.headers)
+        # Header values are single lines.
+        message = " ".join(message.split())
         body = ErrorReply(error=ErrorDetail(code=str(code), message=message, request_id=request_id))
         try:
             await request.respond_error(
