@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from shared.bus import clear_cluster_record, connect, resolve_nats_url, write_cluster_record
-from shared.config import Settings, spotserve_home
+from shared.config import LogSettings, Settings, spotserve_home
+from shared.logging import configure_logging
 
 app = typer.Typer(help="spotserve: LLM serving on spot instances over NATS.", no_args_is_help=True)
 model_app = typer.Typer(help="Create and inspect models.", no_args_is_help=True)
@@ -26,6 +27,14 @@ NatsUrlOption = Annotated[
         help="NATS server URL (default: SPOTSERVE_NATS__URL, else the running `spotserve up`).",
     ),
 ]
+
+
+@app.callback()
+def _configure(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log NATS events.")] = False,
+) -> None:
+    # The CLI talks to people: only problems are logged unless asked for more.
+    configure_logging(LogSettings(level="info" if verbose else "warning"), "cli")
 
 
 def _echo_error(message: str) -> None:
@@ -80,23 +89,25 @@ def up(
         nonlocal stop_requested
         stop_requested = True
 
+    # SIGINT too: a shell may start us with SIGINT ignored (background job), Ctrl-C must work.
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     typer.echo(f"starting spotserve ({instances} executor instance(s)); logs in {cluster.log_dir}")
     try:
         cluster.start()
-    except (ClusterError, KeyboardInterrupt) as exc:
-        _echo_error(str(exc) or "interrupted during start")
+    except ClusterError as exc:
+        _echo_error(str(exc))
         raise typer.Exit(1) from None
+    if stop_requested:
+        cluster.stop()
+        raise typer.Exit(130)
     write_cluster_record(cluster.nats_url)
     typer.echo(f"spotserve is up: nats {cluster.nats_url}; Ctrl-C stops it")
-    try:
-        while not stop_requested:
-            for service in cluster.dead_services():
-                _echo_error(f"{service.name} exited; see {service.log_path}")
-                stop_requested = True
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    while not stop_requested:
+        for service in cluster.dead_services():
+            _echo_error(f"{service.name} exited; see {service.log_path}")
+            stop_requested = True
+        time.sleep(0.5)
     typer.echo("stopping spotserve ...")
     cluster.stop()
     clear_cluster_record()

@@ -209,6 +209,28 @@ class LocalCluster:
                     f"{service.name} exited with code {code} during start; see {service.log_path}"
                 )
 
+    def find(self, log_name: str) -> ServiceProcess:
+        """A service by its log name: ``scheduler``, ``admission``, ``executor-0`` …"""
+        for service in self.services:
+            if service.log_path.stem == log_name:
+                return service
+        raise KeyError(f"no service {log_name!r} in this cluster")
+
+    def kill(self, log_name: str) -> None:
+        """SIGKILL one service (fault injection): no chance to clean up."""
+        service = self.find(log_name)
+        if service.alive:
+            assert service.process is not None
+            service.process.kill()
+            service.process.wait()
+
+    def restart(self, log_name: str) -> None:
+        """Start a stopped or killed service again with the same command and environment."""
+        service = self.find(log_name)
+        if service.alive:
+            raise ClusterError(f"{log_name} is still running")
+        service.start()
+
     def dead_services(self) -> list[ServiceProcess]:
         return [service for service in self.services if not service.alive]
 

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
@@ -104,6 +105,13 @@ class Scheduler:
                 self.settings.ack_wait_s, self.settings.max_inflight_requests
             ),
         )
+        try:
+            await self._consume_from(subscription)
+        finally:
+            # A pull subscription nobody reads would hold up the connection's drain.
+            await subscription.unsubscribe()
+
+    async def _consume_from(self, subscription: JetStreamContext.PullSubscription) -> None:
         while not self.context.stop.is_set():
             room = self.settings.max_inflight_requests - len(self.held)
             if room <= 0:

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 ModelSize = Literal["tiny", "small"]
 
@@ -297,18 +296,18 @@ def weight_shapes(spec: SizeSpec, vocab_size: int) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def random_weights(spec: SizeSpec, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded N(0, 0.02) matrices and all-ones norms, float32."""
-    tensors: dict[str, torch.Tensor] = {}
+def random_weights(spec: SizeSpec, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded N(0, 0.02) matrices and all-ones norms, float32 (numpy: no torch needed here)."""
+    tensors: dict[str, np.ndarray] = {}
     for index, (name, shape) in enumerate(weight_shapes(spec, vocab_size).items()):
         if len(shape) == 1:
-            tensors[name] = torch.ones(shape, dtype=torch.float32)
+            tensors[name] = np.ones(shape, dtype=np.float32)
             continue
         # One independent stream per tensor, derived from (seed, index): order-independent.
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
         values = rng.standard_normal(shape, dtype=np.float32)
         values *= np.float32(_INIT_STD)
-        tensors[name] = torch.from_numpy(values)
+        tensors[name] = values
     return tensors
 
 
