@@ -74,10 +74,14 @@ class SpotserveClient:
         try:
             await self.nc.publish(GENERATE, encode(body), reply=inbox)
             timeout = self.first_chunk_timeout_s
+            next_index = 0
             while True:
                 message = await subscription.next_msg(timeout=timeout)
                 _raise_if_error(message.headers)
                 chunk = TokenChunk.model_validate(decode(message.data))
+                if chunk.index < next_index:
+                    continue  # re-sent after a scheduler restart: already seen
+                next_index = chunk.index + 1
                 yield chunk
                 if chunk.finish_reason is not None:
                     return

@@ -149,6 +149,9 @@ class StepCommand(InternalModel):
     sequences: list[StepSequence]
     # Sequences to free before this step (finished or moved elsewhere).
     release: list[str] = Field(default_factory=list)
+    # Free every slot first: a scheduler meeting this executor for the first time does not
+    # know what an earlier scheduler left in its cache.
+    release_all: bool = False
 
 
 class StepResult(InternalModel):

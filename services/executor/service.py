@@ -53,9 +53,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            tokens = await loop.run_in_executor(
-                self._compute, self._run_step, command.release, steps
-            )
+            tokens = await loop.run_in_executor(self._compute, self._run_step, command, steps)
         except EngineError as exc:
             self.log.warning("step.refused", error=str(exc))
             await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
@@ -67,9 +65,11 @@ class Executor:
         result = StepResult(tokens=tokens, compute_s=time.perf_counter() - started)
         await request.respond(encode(result))
 
-    def _run_step(self, release: list[str], steps: list[SequenceStep]) -> dict[str, int]:
-        if release:
-            self.engine.release(release)
+    def _run_step(self, command: StepCommand, steps: list[SequenceStep]) -> dict[str, int]:
+        if command.release_all:
+            self.engine.release(self.engine.sequence_ids())
+        elif command.release:
+            self.engine.release(command.release)
         return self.engine.step(steps) if steps else {}
 
     async def on_release(self, request: Request) -> None:

@@ -69,8 +69,11 @@ class ExecutorHandle:
     view: ExecutorView
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pending_release: list[str] = field(default_factory=list)
+    # The first command to an executor frees whatever an earlier scheduler left there.
+    release_all: bool = True
     missed_discoveries: int = 0
-    alive: bool = True
+    # Set when the executor is considered dead: an in-flight step stops waiting for it.
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
 
@@ -151,6 +154,11 @@ class Scheduler:
             await message.ack()
             return
         log.info("request.scheduled", resumed_tokens=len(sequence.generated))
+        if committed and request.stream and request.reply_subject:
+            # The scheduler before us may have died between committing and forwarding: send
+            # the committed chunks again; clients drop the indices they already have.
+            for chunk in committed:
+                await self._send(request.reply_subject, chunk, request.encoding)
         self.held[request.request_id] = sequence
         self.policy.add_request(sequence)
         for executor in self.executors.values():
@@ -221,7 +229,7 @@ class Scheduler:
         handle = self.executors.pop(instance_id, None)
         if handle is None:
             return
-        handle.alive = False
+        handle.gone.set()
         handle.wake.set()
         lost = self.policy.requeue_executor(instance_id)
         self.log.warning(
@@ -231,8 +239,7 @@ class Scheduler:
             other.wake.set()
 
     async def _executor_loop(self, handle: ExecutorHandle) -> None:
-        instance_id = handle.view.instance_id
-        while handle.alive and not self.context.stop.is_set():
+        while not handle.gone.is_set() and not self.context.stop.is_set():
             batch = self.policy.schedule(handle.view)
             if not batch:
                 if handle.pending_release:
@@ -243,14 +250,30 @@ class Scheduler:
             command = StepCommand(
                 sequences=[sequence.step_input() for sequence in batch],
                 release=handle.pending_release,
+                release_all=handle.release_all,
             )
             handle.pending_release = []
+            handle.release_all = False
             try:
-                result = await self._step(instance_id, command)
+                result = await self._step_unless_gone(handle, command)
             except StepFailedError as exc:
                 await self._on_step_failed(handle, batch, exc)
                 continue
             await self._apply(handle, batch, result)
+
+    async def _step_unless_gone(self, handle: ExecutorHandle, command: StepCommand) -> StepResult:
+        """The step's reply, or StepFailedError as soon as discovery declares the executor dead
+        (a request to a killed process would otherwise wait for the whole step timeout)."""
+        step = asyncio.create_task(self._step(handle.view.instance_id, command))
+        gone = asyncio.create_task(handle.gone.wait())
+        try:
+            await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not step.done():
+            step.cancel()
+            raise StepFailedError("executor gone during the step", executor_lost=True)
+        return step.result()
 
     async def _step(self, instance_id: str, command: StepCommand) -> StepResult:
         try:
@@ -454,7 +477,6 @@ async def serve(context: ServiceContext) -> None:
     await context.stop.wait()
     context.log.info("scheduler.stopping", uptime_s=round(time.monotonic() - started, 1))
     for handle in scheduler.executors.values():
-        handle.alive = False
         handle.wake.set()
     executor_tasks = [h.task for h in scheduler.executors.values() if h.task is not None]
     await asyncio.wait(loops + executor_tasks, timeout=10.0)

@@ -113,6 +113,10 @@ class Engine:
     def has_sequence(self, request_id: str) -> bool:
         return request_id in self._sequences
 
+    def sequence_ids(self) -> list[str]:
+        """Every sequence that holds a KV slot."""
+        return list(self._sequences)
+
     def sequence_length(self, request_id: str) -> int:
         """Positions of the sequence's slot holding K/V (0 if unknown)."""
         sequence = self._sequences.get(request_id)
