@@ -57,7 +57,7 @@ def model_init(
     try:
         path = init_model(directory, size=size, seed=seed, overwrite=force)  # type: ignore[arg-type]
     except FileExistsError as exc:
-        _echo_error(f"{exc} (use --force to overwrite)")
+        _echo_error(str(exc))
         raise typer.Exit(1) from None
     typer.echo(f"wrote {size} model (seed {seed}) to {path}")
 
@@ -159,7 +159,8 @@ async def _generate(
     try:
         nc = await connect(url, settings.nats, name="spotserve-cli", deadline_s=5.0)
     except NatsUnavailableError as exc:
-        _echo_error(f"{exc}; is `spotserve up` running? (or pass --nats-url)")
+        hint = "" if nats_url else "; is `spotserve up` running? (or pass --nats-url)"
+        _echo_error(f"{exc}{hint}")
         raise typer.Exit(2) from None
     client = SpotserveClient(nc, first_chunk_timeout_s=first_token_timeout_s)
     started = time.perf_counter()

@@ -53,7 +53,8 @@ def decode(data: bytes, encoding: Encoding = "msgpack") -> Any:
     if encoding == "json":
         try:
             return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # ValueError covers integers longer than Python's int-parsing limit.
+        except (ValueError, RecursionError) as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from None
     try:
         return msgpack.unpackb(
@@ -107,6 +108,12 @@ def unpack_tensor(data: bytes) -> torch.Tensor:
         raise DecodeError(f"malformed tensor payload: {exc}") from None
     if not isinstance(dtype, torch.dtype):
         raise DecodeError(f"unknown tensor dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
+    ):
+        raise DecodeError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(raw, bytes):
+        raise DecodeError("tensor data must be bytes")
     expected = dtype.itemsize
     for dim in shape:
         expected *= dim

@@ -68,8 +68,12 @@ class FcfsPolicy(SchedulerPolicy):
     def __init__(self) -> None:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, list[Sequence]] = {}
+        self._arrival: dict[Sequence, int] = {}
+        self._arrivals = 0
 
     def add_request(self, sequence: Sequence) -> None:
+        self._arrival[sequence] = self._arrivals
+        self._arrivals += 1
         self.waiting.append(sequence)
 
     def schedule(self, executor: ExecutorView) -> list[Sequence]:
@@ -82,17 +86,21 @@ class FcfsPolicy(SchedulerPolicy):
 
     def update_from_output(self, output: StepOutput) -> None:
         running = self.running.get(output.instance_id, [])
+        for sequence in running:
+            if sequence.finished:
+                self._arrival.pop(sequence, None)
         running[:] = [sequence for sequence in running if not sequence.finished]
 
     def requeue_executor(self, instance_id: str) -> list[Sequence]:
         lost = self.running.pop(instance_id, [])
-        # Back to the front, in their original order: they were first.
-        for sequence in reversed(lost):
+        for sequence in lost:
             sequence.lose_cache()
-            self.waiting.appendleft(sequence)
+        # They arrived before (most of) the waiting ones: merge back in arrival order.
+        self.waiting = deque(sorted([*self.waiting, *lost], key=self._arrival.__getitem__))
         return lost
 
     def remove(self, sequence: Sequence) -> None:
+        self._arrival.pop(sequence, None)
         if sequence in self.waiting:
             self.waiting.remove(sequence)
         for running in self.running.values():

@@ -46,6 +46,9 @@ class Sequence:
             sequence.detokenizer.add(chunk.token_ids)
             sequence.next_chunk_index = chunk.index + 1
             sequence.finish_reason = chunk.finish_reason
+        if sequence.finished and not sequence.detokenizer.stopped:
+            # The final chunk carried the flushed text too; rebuild it the same way.
+            sequence.detokenizer.flush()
         return sequence
 
     @property

@@ -149,20 +149,33 @@ class Scheduler:
             committed = await self._read_committed(request.request_id)
         sequence = Sequence.create(request, message, self.tokenizer, committed)
         log = self.log.bind(request_id=request.request_id)
+        if committed:
+            await self._resend_committed(sequence, committed)
         if sequence.finished:
             log.info("request.already_finished")
             await message.ack()
             return
         log.info("request.scheduled", resumed_tokens=len(sequence.generated))
-        if committed and request.stream and request.reply_subject:
-            # The scheduler before us may have died between committing and forwarding: send
-            # the committed chunks again; clients drop the indices they already have.
-            for chunk in committed:
-                await self._send(request.reply_subject, chunk, request.encoding)
         self.held[request.request_id] = sequence
         self.policy.add_request(sequence)
         for executor in self.executors.values():
             executor.wake.set()
+
+    async def _resend_committed(self, sequence: Sequence, committed: list[TokenChunk]) -> None:
+        """The scheduler before us may have died between committing and forwarding: send the
+        committed chunks (or the finished result) again; clients drop indices they have seen,
+        and a request/reply client only ever reads the first reply."""
+        request = sequence.request
+        if not request.reply_subject:
+            return
+        try:
+            if request.stream:
+                for chunk in committed:
+                    await self._send(request.reply_subject, chunk, request.encoding)
+            elif sequence.finished:
+                await self._send(request.reply_subject, sequence.result(), request.encoding)
+        except NatsError as exc:
+            self.log.warning("resend.failed", request_id=request.request_id, error=repr(exc))
 
     async def _read_committed(self, request_id: str) -> list[TokenChunk]:
         """The chunks an earlier scheduler committed for this request, in order."""

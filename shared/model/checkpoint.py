@@ -144,11 +144,12 @@ def _refuse_existing(directory: Path, overwrite: bool) -> None:
         return
     if is_complete_model(directory):
         raise FileExistsError(
-            f"a model already exists at {directory}; pass overwrite=True to replace it"
+            f"a model already exists at {directory}; replace it with overwrite=True (CLI: --force)"
         )
     if not directory.is_dir() or any(directory.iterdir()):
         raise FileExistsError(
-            f"{directory} exists and is not a complete model; remove it or pass overwrite=True"
+            f"{directory} exists and is not a complete model; remove it, or replace it"
+            " with overwrite=True (CLI: --force)"
         )
 
 
