@@ -210,7 +210,7 @@ class Admission:
 
 
 async def serve(context: ServiceContext) -> None:
-    model_dir = resolve_model_dir(context.settings.model)
+    model_dir = await asyncio.to_thread(resolve_model_dir, context.settings.model)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
     admission = Admission(context, tokenizer)
     service = await context.add_micro_service(

@@ -267,12 +267,22 @@ class Scheduler:
             )
             handle.pending_release = []
             handle.release_all = False
+            sent = time.perf_counter()
             try:
                 result = await self._step_unless_gone(handle, command)
             except StepFailedError as exc:
                 await self._on_step_failed(handle, batch, exc)
                 continue
+            received = time.perf_counter()
             await self._apply(handle, batch, result)
+            self.log.debug(
+                "step.done",
+                instance_id=handle.view.instance_id,
+                batch=len(batch),
+                compute_ms=round(result.compute_s * 1000, 2),
+                round_trip_ms=round((received - sent) * 1000, 2),
+                apply_ms=round((time.perf_counter() - received) * 1000, 2),
+            )
 
     async def _step_unless_gone(self, handle: ExecutorHandle, command: StepCommand) -> StepResult:
         """The step's reply, or StepFailedError as soon as discovery declares the executor dead
@@ -472,7 +482,7 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
 
 
 async def serve(context: ServiceContext) -> None:
-    model_dir = resolve_model_dir(context.settings.model)
+    model_dir = await asyncio.to_thread(resolve_model_dir, context.settings.model)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
     scheduler = Scheduler(context, tokenizer, make_policy(context.settings.scheduler.policy))
     service = await context.add_micro_service(
