@@ -47,8 +47,20 @@ class AdmissionSettings(BaseModel):
     publish_timeout_s: float = 5.0
 
 
+class MlfqSettings(BaseModel):
+    """Skip-join MLFQ (FastServe): quantum of queue i = base_quantum_s * 2**i of iteration time."""
+
+    num_queues: int = Field(default=8, ge=1, le=32)
+    base_quantum_s: float = Field(default=0.01, gt=0)
+    # A job waiting longer than this (not in any batch) is promoted back to Q0.
+    starvation_s: float = Field(default=10.0, gt=0)
+
+
 class SchedulerSettings(BaseModel):
-    policy: Literal["fcfs"] = "fcfs"
+    policy: Literal["fcfs", "skip-join-mlfq"] = "fcfs"
+    mlfq: MlfqSettings = MlfqSettings()
+    # The prefill-time profile (`spotserve profile`); None: the default location for the model.
+    profile_path: Path | None = None
     max_batch_size: int = Field(default=8, ge=1)
     # Requests held by the scheduler at once (un-acked JetStream messages); the rest wait durably.
     max_inflight_requests: int = Field(default=64, ge=1)
@@ -65,7 +77,10 @@ class SchedulerSettings(BaseModel):
 class ExecutorSettings(BaseModel):
     instance_id: str | None = None
     device: str | None = Field(default=None, description="cpu, cuda, cuda:1; None: auto.")
+    # Device KV budget: sequences whose cache can be resident at once.
     max_slots: int = Field(default=16, ge=1)
+    # Host swap: offloaded KV caches kept in host memory (pinned on CUDA).
+    host_kv_slots: int = Field(default=64, ge=0)
     max_seq_len: int | None = None
     torch_threads: int | None = Field(default=None, ge=1)
 

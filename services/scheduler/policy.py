@@ -19,6 +19,7 @@ class ExecutorView:
     """What a policy may know of one executor instance."""
 
     instance_id: str
+    # Never more than the executor's device KV slots: every sequence in a batch is resident.
     max_batch_size: int
 
 
@@ -43,6 +44,12 @@ class SchedulerPolicy(ABC):
         Sequences without an executor that are put in the batch are bound to it (their KV
         cache will live there); a sequence bound elsewhere must never be returned.
         """
+
+    @abstractmethod
+    def priority_order(self, executor: ExecutorView) -> list[Sequence]:
+        """Every unfinished sequence that may run on ``executor`` (bound to it, or not bound
+        yet), the most urgent first. KV memory planning uses it: caches of the tail are offloaded
+        first, offloaded caches of the head are uploaded ahead of time."""
 
     @abstractmethod
     def update_from_output(self, output: StepOutput) -> None:
@@ -83,6 +90,9 @@ class FcfsPolicy(SchedulerPolicy):
             sequence.executor = executor.instance_id
             running.append(sequence)
         return list(running[: executor.max_batch_size])
+
+    def priority_order(self, executor: ExecutorView) -> list[Sequence]:
+        return [*self.running.get(executor.instance_id, []), *self.waiting]
 
     def update_from_output(self, output: StepOutput) -> None:
         running = self.running.get(output.instance_id, [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from nats.aio.msg import Msg
 
@@ -26,6 +27,8 @@ class Sequence:
     # Instance whose KV cache holds this sequence, and how many of its tokens it holds.
     executor: str | None = None
     cached_tokens: int = 0
+    # Where that executor keeps the cache: on the device (ready to run) or offloaded to host.
+    kv_location: Literal["none", "device", "host"] = "none"
     next_chunk_index: int = 0
     finish_reason: FinishReason | None = None
     failed_steps: int = 0
@@ -76,10 +79,12 @@ class Sequence:
         """Its executor is gone or failed: the next step recomputes the prefill elsewhere."""
         self.executor = None
         self.cached_tokens = 0
+        self.kv_location = "none"
 
     def append(self, token_id: int, eos_token_ids: frozenset[int]) -> TokenChunk:
         """Take one sampled token; returns the chunk to commit and forward."""
         self.cached_tokens = len(self.request.prompt_token_ids) + len(self.generated)
+        self.kv_location = "device"
         if token_id in eos_token_ids and not self.request.ignore_eos:
             # The EOS itself is not part of the output (neither token_ids nor text).
             return self._chunk([], self.detokenizer.flush(), "stop")
