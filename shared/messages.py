@@ -152,6 +152,11 @@ class StepCommand(InternalModel):
     # Free every slot first: a scheduler meeting this executor for the first time does not
     # know what an earlier scheduler left in its cache.
     release_all: bool = False
+    # KV swapping (in this order: release, offload, upload, the step, prefetch).
+    offload: list[str] = Field(default_factory=list)
+    upload: list[str] = Field(default_factory=list)
+    # Uploads of the sequences next in line, after the step, as far as free slots allow.
+    prefetch: list[str] = Field(default_factory=list)
 
 
 class StepResult(InternalModel):
@@ -159,6 +164,7 @@ class StepResult(InternalModel):
 
     tokens: dict[str, int]
     compute_s: float
+    prefetched: list[str] = Field(default_factory=list)
 
 
 class ReleaseCommand(InternalModel):

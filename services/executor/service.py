@@ -58,7 +58,9 @@ class Executor:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            tokens = await loop.run_in_executor(self._compute, self._run_step, command, steps)
+            tokens, prefetched = await loop.run_in_executor(
+                self._compute, self._run_step, command, steps
+            )
         except EngineError as exc:
             self.log.warning("step.refused", error=str(exc))
             await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
@@ -67,15 +69,32 @@ class Executor:
             self.log.exception("step.failed")
             await request.respond_error(str(ErrorCode.INTERNAL), f"step failed: {exc!r}")
             return
-        result = StepResult(tokens=tokens, compute_s=time.perf_counter() - started)
+        result = StepResult(
+            tokens=tokens, compute_s=time.perf_counter() - started, prefetched=prefetched
+        )
         await request.respond(encode(result))
 
-    def _run_step(self, command: StepCommand, steps: list[SequenceStep]) -> dict[str, int]:
+    def _run_step(
+        self, command: StepCommand, steps: list[SequenceStep]
+    ) -> tuple[dict[str, int], list[str]]:
         if command.release_all:
             self.engine.release(self.engine.sequence_ids())
         elif command.release:
             self.engine.release(command.release)
-        return self.engine.step(steps) if steps else {}
+        if command.offload:
+            self.engine.offload(command.offload)
+        if command.upload:
+            self.engine.upload(command.upload)
+        tokens = self.engine.step(steps) if steps else {}
+        return tokens, self._prefetch(command.prefetch)
+
+    def _prefetch(self, request_ids: list[str]) -> list[str]:
+        """Best effort: upload what is offloaded here, while slots are free."""
+        held = set(self.engine.offloaded_ids())
+        ready = [rid for rid in request_ids if rid in held][: self.engine.num_free_slots]
+        if ready:
+            self.engine.upload(ready)
+        return ready
 
     async def on_release(self, request: Request) -> None:
         try:
@@ -112,6 +131,7 @@ async def serve(context: ServiceContext) -> None:
             device=settings.device,
             max_slots=settings.max_slots,
             max_seq_len=settings.max_seq_len,
+            host_slots=settings.host_kv_slots,
         )
 
     engine = await asyncio.get_running_loop().run_in_executor(compute, load)
@@ -121,6 +141,7 @@ async def serve(context: ServiceContext) -> None:
         metadata={
             "instance_id": instance_id,
             "max_slots": str(settings.max_slots),
+            "host_kv_slots": str(settings.host_kv_slots),
             "device": str(engine.device),
             "model": str(model_dir),
         },

@@ -21,6 +21,9 @@ class ExecutorView:
     instance_id: str
     # Never more than the executor's device KV slots: every sequence in a batch is resident.
     max_batch_size: int
+    # KV caches the executor holds on the device, and offloaded in host memory.
+    kv_slots: int = 1 << 30
+    host_slots: int = 0
 
 
 @dataclass(frozen=True)

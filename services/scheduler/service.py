@@ -26,6 +26,7 @@ from nats.js.errors import NotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import ValidationError
 
+from services.scheduler.kvmemory import apply_before_step, apply_prefetched, plan_memory
 from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput, make_policy
 from services.scheduler.sequence import Sequence
 from shared.codec import DecodeError, content_type_header, decode, encode
@@ -218,7 +219,7 @@ class Scheduler:
                     continue
                 seen.add(instance_id)
                 if instance_id not in self.executors:
-                    self._add_executor(instance_id, int(metadata.get("max_slots", 1)))
+                    self._add_executor(instance_id, metadata)
                 self.executors[instance_id].missed_discoveries = 0
             for instance_id, handle in list(self.executors.items()):
                 if instance_id not in seen:
@@ -227,10 +228,13 @@ class Scheduler:
                         self._drop_executor(instance_id, "missing from discovery")
             await wait_event(self.context.stop, self.settings.discovery_interval_s)
 
-    def _add_executor(self, instance_id: str, max_slots: int) -> None:
+    def _add_executor(self, instance_id: str, metadata: dict[str, str]) -> None:
+        kv_slots = max(1, int(metadata.get("max_slots", 1)))
         view = ExecutorView(
             instance_id=instance_id,
-            max_batch_size=max(1, min(self.settings.max_batch_size, max_slots)),
+            max_batch_size=min(self.settings.max_batch_size, kv_slots),
+            kv_slots=kv_slots,
+            host_slots=max(0, int(metadata.get("host_kv_slots", 0))),
         )
         handle = ExecutorHandle(view=view)
         handle.task = asyncio.create_task(self._executor_loop(handle))
@@ -253,6 +257,7 @@ class Scheduler:
 
     async def _executor_loop(self, handle: ExecutorHandle) -> None:
         while not handle.gone.is_set() and not self.context.stop.is_set():
+            planned = time.perf_counter()
             batch = self.policy.schedule(handle.view)
             if not batch:
                 if handle.pending_release:
@@ -260,13 +265,18 @@ class Scheduler:
                 handle.wake.clear()
                 await wait_event(handle.wake, 1.0)
                 continue
+            plan = plan_memory(handle.view, batch, self.policy.priority_order(handle.view))
             command = StepCommand(
                 sequences=[sequence.step_input() for sequence in batch],
-                release=handle.pending_release,
+                release=[*handle.pending_release, *(s.request_id for s in plan.drop)],
                 release_all=handle.release_all,
+                offload=[sequence.request_id for sequence in plan.offload],
+                upload=[sequence.request_id for sequence in plan.upload],
+                prefetch=[sequence.request_id for sequence in plan.prefetch],
             )
             handle.pending_release = []
             handle.release_all = False
+            apply_before_step(plan)
             sent = time.perf_counter()
             try:
                 result = await self._step_unless_gone(handle, command)
@@ -274,14 +284,19 @@ class Scheduler:
                 await self._on_step_failed(handle, batch, exc)
                 continue
             received = time.perf_counter()
+            apply_prefetched(plan, set(result.prefetched))
             await self._apply(handle, batch, result)
             self.log.debug(
                 "step.done",
                 instance_id=handle.view.instance_id,
                 batch=len(batch),
+                offloaded=len(plan.offload),
+                uploaded=len(plan.upload) + len(result.prefetched),
+                dropped=len(plan.drop),
                 compute_ms=round(result.compute_s * 1000, 2),
                 round_trip_ms=round((received - sent) * 1000, 2),
-                apply_ms=round((time.perf_counter() - received) * 1000, 2),
+                # The scheduler's own time for this iteration, outside the executor.
+                scheduler_ms=round((sent - planned + time.perf_counter() - received) * 1000, 3),
             )
 
     async def _step_unless_gone(self, handle: ExecutorHandle, command: StepCommand) -> StepResult:
@@ -327,8 +342,10 @@ class Scheduler:
     ) -> None:
         instance_id = handle.view.instance_id
         self.log.warning("step.failed", instance_id=instance_id, error=str(exc))
-        # Whatever the executor holds of these sequences is suspect: free it and recompute.
-        handle.pending_release.extend(sequence.request_id for sequence in batch)
+        # Whatever the executor holds is suspect (a swap may have half happened): free all of
+        # it and let every sequence bound there recompute from its committed tokens.
+        handle.release_all = True
+        handle.pending_release = []
         for sequence in batch:
             sequence.failed_steps += 1
             if sequence.failed_steps > self.settings.max_step_retries:

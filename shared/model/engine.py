@@ -31,6 +31,14 @@ class ContextLengthError(EngineError):
     """A sequence would grow past the engine's context length."""
 
 
+class HostSwapFullError(EngineError):
+    """More offloaded KV caches than the host swap holds."""
+
+
+class UnknownSequenceError(EngineError):
+    """An offload or upload names a sequence the engine does not hold there."""
+
+
 class InvalidStepError(EngineError):
     """A malformed step: empty or out-of-vocabulary tokens, duplicate ids, bad sampling."""
 
@@ -54,6 +62,12 @@ class _Sequence:
     length: int  # positions of the slot holding valid K/V
 
 
+@dataclass
+class _HostCopy:
+    length: int
+    layers: list[tuple[Tensor, Tensor]]
+
+
 @dataclass(frozen=True)
 class _Plan:
     new: list[SequenceStep]  # no slot yet: prefill from position 0
@@ -68,6 +82,7 @@ class Engine:
         device: str | None = None,
         max_slots: int = 16,
         max_seq_len: int | None = None,
+        host_slots: int = 0,
     ) -> None:
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
@@ -82,6 +97,9 @@ class Engine:
         self.cache = self.model.setup_caches(max_slots, self.max_seq_len)
         self._eos_token_ids = self._read_eos_ids()
         self._sequences: dict[str, _Sequence] = {}
+        # Offloaded KV caches (FastServe's host swap), at most host_slots of them.
+        self.host_slots = host_slots
+        self._host: dict[str, _HostCopy] = {}
 
     # -- properties the executor service reports -------------------------------------------
 
@@ -114,8 +132,8 @@ class Engine:
         return request_id in self._sequences
 
     def sequence_ids(self) -> list[str]:
-        """Every sequence that holds a KV slot."""
-        return list(self._sequences)
+        """Every sequence whose KV cache the engine holds (in a slot or offloaded)."""
+        return [*self._sequences, *self._host]
 
     def sequence_length(self, request_id: str) -> int:
         """Positions of the sequence's slot holding K/V (0 if unknown)."""
@@ -150,11 +168,50 @@ class Engine:
         return tokens
 
     def release(self, request_ids: Iterable[str]) -> None:
-        """Free the slots of these sequences; unknown ids are ignored."""
+        """Free the slots (and host copies) of these sequences; unknown ids are ignored."""
         for request_id in request_ids:
             sequence = self._sequences.pop(request_id, None)
             if sequence is not None:
                 self.cache.free(sequence.slot)
+            self._host.pop(request_id, None)
+
+    def offloaded_ids(self) -> list[str]:
+        return list(self._host)
+
+    def offload(self, request_ids: list[str]) -> None:
+        """Move these sequences' KV caches to host memory and free their slots (all or none)."""
+        missing = [rid for rid in request_ids if rid not in self._sequences]
+        if missing:
+            raise UnknownSequenceError(f"cannot offload sequences without a KV slot: {missing}")
+        if len(self._host) + len(request_ids) > self.host_slots:
+            raise HostSwapFullError(
+                f"offloading {len(request_ids)} caches would exceed the host swap of "
+                f"{self.host_slots} ({len(self._host)} held)"
+            )
+        pin = self.device.type == "cuda"
+        for request_id in request_ids:
+            sequence = self._sequences.pop(request_id)
+            layers = self.cache.copy_out(sequence.slot, sequence.length, pin_memory=pin)
+            self._host[request_id] = _HostCopy(length=sequence.length, layers=layers)
+            self.cache.free(sequence.slot)
+        if pin:
+            torch.cuda.synchronize(self.device)  # the slots may be reused right away
+
+    def upload(self, request_ids: list[str]) -> None:
+        """Bring offloaded KV caches back into free slots (all or none)."""
+        missing = [rid for rid in request_ids if rid not in self._host]
+        if missing:
+            raise UnknownSequenceError(f"cannot upload sequences not offloaded: {missing}")
+        if len(request_ids) > self.cache.num_free:
+            raise NoFreeSlotError(
+                f"uploading {len(request_ids)} caches but only {self.cache.num_free} of "
+                f"{self.cache.num_slots} KV cache slots are free"
+            )
+        for request_id in request_ids:
+            copy = self._host.pop(request_id)
+            slot = self.cache.allocate()
+            self.cache.copy_in(slot, copy.layers)
+            self._sequences[request_id] = _Sequence(slot=slot, length=copy.length)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -168,6 +225,10 @@ class Engine:
             seen.add(seq.request_id)
             self._check_tokens(seq)
             self._check_sampling(seq)
+            if seq.request_id in self._host:
+                raise InvalidStepError(
+                    f"request {seq.request_id!r} is offloaded to host memory: upload it first"
+                )
             known = self._sequences.get(seq.request_id)
             self._check_length(seq, known.length if known else 0)
             if known is None:

@@ -217,6 +217,28 @@ class KVCache:
         self._free.append(slot)
         self._free.sort(reverse=True)
 
+    def copy_out(self, slot: int, length: int, pin_memory: bool) -> list[tuple[Tensor, Tensor]]:
+        """The first ``length`` positions of a slot, per layer, copied to host memory."""
+        copies = []
+        for k, v in zip(self.k, self.v, strict=True):
+            pair = []
+            for source in (k[slot, :, :length], v[slot, :, :length]):
+                target = torch.empty(
+                    source.shape, dtype=source.dtype, device="cpu", pin_memory=pin_memory
+                )
+                # Pinned host memory lets the device copy run asynchronously.
+                target.copy_(source, non_blocking=pin_memory)
+                pair.append(target)
+            copies.append((pair[0], pair[1]))
+        return copies
+
+    def copy_in(self, slot: int, copies: list[tuple[Tensor, Tensor]]) -> None:
+        """Write host copies (from :meth:`copy_out`) back into the start of a slot."""
+        for layer, (k, v) in enumerate(copies):
+            length = k.shape[1]
+            self.k[layer][slot, :, :length].copy_(k, non_blocking=k.is_pinned())
+            self.v[layer][slot, :, :length].copy_(v, non_blocking=v.is_pinned())
+
 
 class CacheView(Protocol):
     """How one forward pass reads and writes the cache (prefill of one slot, or ragged decode)."""
