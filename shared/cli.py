@@ -62,6 +62,35 @@ def model_init(
     typer.echo(f"wrote {size} model (seed {seed}) to {path}")
 
 
+@app.command()
+def profile(
+    model: Annotated[Path | None, typer.Option(help="HF model dir (default: embedded).")] = None,
+    size: Annotated[str, typer.Option(help="Embedded model size when --model is not given.")] = (
+        "tiny"
+    ),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the profile JSON.")] = None,
+) -> None:
+    """Measure prefill time by prompt length and decode time by batch size on this machine."""
+    from shared.model.checkpoint import default_model_dir, ensure_model
+    from shared.model.profile import default_profile_path, measure_profile, save_profile
+
+    model_dir = model or ensure_model(default_model_dir(size), size)  # type: ignore[arg-type]
+    measured = measure_profile(model_dir, device=device)
+    path = out or default_profile_path(model_dir, measured.device)
+    save_profile(measured, path)
+    typer.echo(f"profile of {model_dir} on {measured.device}:")
+    typer.echo(
+        "  prompt tokens -> prefill ms: "
+        + ", ".join(f"{n}: {s * 1000:.1f}" for n, s in measured.prefill)
+    )
+    typer.echo(
+        "  batch size -> decode ms/iteration: "
+        + ", ".join(f"{b}: {s * 1000:.1f}" for b, s in measured.decode)
+    )
+    typer.echo(f"wrote {path}")
+
+
 def _default_state_dir() -> Path:
     return spotserve_home() / "cluster"
 

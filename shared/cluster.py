@@ -135,6 +135,7 @@ class LocalCluster:
             )
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.nats.start()
+        self._ensure_profile()
         for name, module in SERVICE_MODULES.items():
             self._spawn(name, module, {})
         for index in range(self.instances):
@@ -149,6 +150,28 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _ensure_profile(self) -> None:
+        """Skip-join MLFQ needs a timing profile of the model: measure one if there is none."""
+        env = self._service_env({})
+        if env.get("SPOTSERVE_SCHEDULER__POLICY") != "skip-join-mlfq":
+            return
+        if env.get("SPOTSERVE_SCHEDULER__PROFILE_PATH"):
+            return
+        from shared.config import ModelSettings
+        from shared.model.profile import (
+            default_profile_path,
+            find_profile,
+            measure_profile,
+            save_profile,
+        )
+        from shared.runtime import resolve_model_dir
+
+        model_dir = resolve_model_dir(ModelSettings(path=self.model_dir))
+        if find_profile(model_dir) is None:
+            log.info("cluster.profiling", model=str(model_dir))
+            measured = measure_profile(model_dir, device=env.get("SPOTSERVE_EXECUTOR__DEVICE"))
+            save_profile(measured, default_profile_path(model_dir, measured.device))
 
     def _service_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = dict(os.environ)

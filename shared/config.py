@@ -14,6 +14,10 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class ConfigurationError(RuntimeError):
+    """A setting or a file a service needs is missing or wrong; the message says what to do."""
+
+
 def spotserve_home() -> Path:
     """Where spotserve keeps models and local state (``$SPOTSERVE_HOME``, ~/.cache/spotserve)."""
     return Path(os.environ.get("SPOTSERVE_HOME", Path.home() / ".cache" / "spotserve"))

@@ -19,7 +19,7 @@ from nats.micro.service import Service, ServiceConfig
 
 from shared import __version__
 from shared.bus import NatsUnavailableError, connect, connect_jetstream, resolve_nats_url
-from shared.config import ModelSettings, Settings
+from shared.config import ConfigurationError, ModelSettings, Settings
 from shared.logging import configure_logging
 from shared.subjects import srv_subject
 
@@ -62,6 +62,10 @@ def run_service(name: str, body: ServiceBody, settings: Settings | None = None) 
     except NatsUnavailableError as exc:
         log.error("service.nats_unavailable", error=str(exc))
         raise SystemExit(2) from None
+    except (FileNotFoundError, ConfigurationError) as exc:
+        # A configuration problem: say what to fix instead of a traceback.
+        log.error("service.cannot_start", error=str(exc))
+        raise SystemExit(3) from None
 
 
 async def _serve(

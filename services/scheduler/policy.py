@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.scheduler.sequence import Sequence
+from shared.config import MlfqSettings
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,22 @@ class FcfsPolicy(SchedulerPolicy):
         return len(self.waiting) + sum(len(running) for running in self.running.values())
 
 
-POLICIES: dict[str, type[SchedulerPolicy]] = {"fcfs": FcfsPolicy}
+POLICY_NAMES = ("fcfs", "skip-join-mlfq")
 
 
-def make_policy(name: str) -> SchedulerPolicy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown scheduling policy {name!r}; choose from {sorted(POLICIES)}"
-        ) from None
+def make_policy(
+    name: str,
+    mlfq: MlfqSettings | None = None,
+    prefill_time_s: Callable[[int], float] | None = None,
+) -> SchedulerPolicy:
+    """The policy called ``name``; skip-join MLFQ needs the profiled prefill time."""
+    if name == "fcfs":
+        return FcfsPolicy()
+    if name == "skip-join-mlfq":
+        # Imported here: mlfq builds on this module.
+        from services.scheduler.mlfq import SkipJoinMlfqPolicy
+
+        if prefill_time_s is None:
+            raise ValueError("skip-join-mlfq needs a prefill-time profile (spotserve profile)")
+        return SkipJoinMlfqPolicy(mlfq or MlfqSettings(), prefill_time_s)
+    raise ValueError(f"unknown scheduling policy {name!r}; choose from {list(POLICY_NAMES)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -30,6 +31,7 @@ from services.scheduler.kvmemory import apply_before_step, apply_prefetched, pla
 from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput, make_policy
 from services.scheduler.sequence import Sequence
 from shared.codec import DecodeError, content_type_header, decode, encode
+from shared.config import ConfigurationError, SchedulerSettings
 from shared.messages import (
     AcceptedRequest,
     ErrorCode,
@@ -40,6 +42,7 @@ from shared.messages import (
     StepResult,
     TokenChunk,
 )
+from shared.model.profile import find_profile, load_profile
 from shared.model.tokenizer import TextTokenizer
 from shared.runtime import ServiceContext, discover, resolve_model_dir
 from shared.subjects import (
@@ -498,10 +501,24 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     return True
 
 
+def build_policy(settings: SchedulerSettings, model_dir: Path) -> SchedulerPolicy:
+    if settings.policy != "skip-join-mlfq":
+        return make_policy(settings.policy)
+    path = settings.profile_path or find_profile(model_dir)
+    profile = load_profile(path) if path else None
+    if profile is None:
+        raise ConfigurationError(
+            f"policy skip-join-mlfq needs a timing profile of {model_dir}: run `spotserve profile"
+            f" --model {model_dir}` (or set SPOTSERVE_SCHEDULER__PROFILE_PATH)"
+        )
+    return make_policy(settings.policy, settings.mlfq, profile.prefill_time_s)
+
+
 async def serve(context: ServiceContext) -> None:
     model_dir = await asyncio.to_thread(resolve_model_dir, context.settings.model)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
-    scheduler = Scheduler(context, tokenizer, make_policy(context.settings.scheduler.policy))
+    policy = await asyncio.to_thread(build_policy, context.settings.scheduler, model_dir)
+    scheduler = Scheduler(context, tokenizer, policy)
     service = await context.add_micro_service(
         "Batches accepted requests at iteration level and streams their tokens",
         metadata={"policy": context.settings.scheduler.policy},

@@ -1,0 +1,206 @@
+"""FCFS vs skip-join MLFQ on the running system, side by side in one run.
+
+The same workload is replayed through a fresh local cluster once per policy: Poisson arrivals,
+input/output lengths sampled from an Azure LLM inference trace (scaled to the model's context),
+outputs forced to the trace's length. The arrival rate is set from a calibration run (all
+requests at once under FCFS: the system's throughput) so the executor is ~85% busy.
+
+    python -m bench.scheduling [--trace PATH] [--requests 120] [--load 0.85] [--size small]
+
+Prints average and P99 job completion time (JCT) and time to first token (TTFT) per policy,
+their ratios, KV swaps, and the scheduler's own time per iteration as a fraction of the
+executor's iteration time (from the scheduler's step log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.bus import connect
+from shared.client import Completion, SpotserveClient
+from shared.cluster import LocalCluster
+from shared.config import NatsSettings
+from shared.model.checkpoint import default_model_dir, ensure_model
+from shared.model.tokenizer import TextTokenizer
+
+DEFAULT_TRACE = (
+    Path(__file__).resolve().parents[2] / "shared/traces/azure/AzureLLMInferenceTrace_conv.csv"
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    arrival_s: float
+    prompt_token_ids: list[int]
+    output_tokens: int
+
+
+def load_lengths(trace: Path) -> list[tuple[int, int]]:
+    with trace.open(newline="") as handle:
+        return [
+            (int(row["ContextTokens"]), int(row["GeneratedTokens"]))
+            for row in csv.DictReader(handle)
+            if int(row["ContextTokens"]) > 0 and int(row["GeneratedTokens"]) > 0
+        ]
+
+
+def make_jobs(
+    lengths: list[tuple[int, int]],
+    count: int,
+    rate: float,
+    context: int,
+    vocab_size: int,
+    scale: float,
+    seed: int,
+) -> list[Job]:
+    """Sample rows, scale lengths by ``scale`` (clipped to the context), Poisson arrivals."""
+    rng = random.Random(seed)
+    rows = rng.sample(lengths, count)
+    max_input, max_output = context // 2, context // 4
+    jobs, clock = [], 0.0
+    for context_tokens, generated in rows:
+        inputs = max(1, min(max_input, round(context_tokens * scale)))
+        outputs = max(1, min(max_output, round(generated * scale)))
+        prompt = [rng.randrange(3, vocab_size) for _ in range(inputs)]
+        jobs.append(Job(clock, prompt, outputs))
+        clock += rng.expovariate(rate) if rate > 0 else 0.0
+    return jobs
+
+
+async def replay(nats_url: str, jobs: list[Job]) -> list[Completion]:
+    nc = await connect(nats_url, NatsSettings(), name="bench-scheduling")
+    client = SpotserveClient(nc, first_chunk_timeout_s=1800, chunk_timeout_s=600)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def one(job: Job) -> Completion:
+        await asyncio.sleep(max(0.0, start + job.arrival_s - loop.time()))
+        return await client.generate(
+            job.prompt_token_ids,
+            max_tokens=job.output_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+        )
+
+    try:
+        return await asyncio.gather(*(one(job) for job in jobs))
+    finally:
+        await nc.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class RunResult:
+    jct: list[float]
+    ttft: list[float]
+    makespan: float
+    scheduler_fraction: float
+    swaps: int
+
+
+def run_policy(model_dir: Path, policy: str, jobs: list[Job], env: dict[str, str]) -> RunResult:
+    env = env | {"SPOTSERVE_SCHEDULER__POLICY": policy, "SPOTSERVE_LOG__LEVEL": "debug"}
+    with tempfile.TemporaryDirectory(prefix=f"spotserve-bench-{policy}-") as state:
+        with LocalCluster(Path(state), instances=1, model_dir=model_dir, env=env) as cluster:
+            completions = asyncio.run(replay(cluster.nats_url, jobs))
+        steps = [
+            json.loads(line)
+            for line in (Path(state) / "logs" / "scheduler.log").open()
+            if '"step.done"' in line
+        ]
+    scheduler_ms = sum(step["scheduler_ms"] for step in steps)
+    compute_ms = sum(step["compute_ms"] for step in steps)
+    return RunResult(
+        jct=[c.latency_s for c in completions],
+        ttft=[c.ttft_s or c.latency_s for c in completions],
+        makespan=max(c.finished_at for c in completions) - min(c.sent_at for c in completions),
+        scheduler_fraction=scheduler_ms / compute_ms if compute_ms else 0.0,
+        swaps=sum(step.get("offloaded", 0) + step.get("uploaded", 0) for step in steps),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--load", type=float, default=0.85, help="target executor utilisation")
+    parser.add_argument("--scale", type=float, default=0.25, help="trace length scale")
+    parser.add_argument("--batch", type=int, default=4, help="max batch size")
+    parser.add_argument("--kv-slots", type=int, default=8, help="device KV slots per executor")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not args.trace.exists():
+        raise SystemExit(f"trace not found: {args.trace} (pass --trace)")
+    model_dir = args.model or ensure_model(default_model_dir(args.size), args.size)
+    tokenizer = TextTokenizer.from_model_dir(model_dir)
+    lengths = load_lengths(args.trace)
+    env = {
+        "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": str(args.batch),
+        "SPOTSERVE_EXECUTOR__MAX_SLOTS": str(args.kv_slots),
+    }
+    burst = make_jobs(
+        lengths, args.requests, 0.0, tokenizer.context_length, tokenizer.vocab_size,
+        args.scale, args.seed,
+    )  # fmt: skip
+    calibration = run_policy(model_dir, "fcfs", burst, env)
+    capacity = args.requests / calibration.makespan
+    rate = args.load * capacity
+    jobs = make_jobs(
+        lengths, args.requests, rate, tokenizer.context_length, tokenizer.vocab_size,
+        args.scale, args.seed,
+    )  # fmt: skip
+    results = {
+        policy: run_policy(model_dir, policy, jobs, env) for policy in ("fcfs", "skip-join-mlfq")
+    }
+    inputs = [len(job.prompt_token_ids) for job in jobs]
+    outputs = [job.output_tokens for job in jobs]
+    print(
+        f"model {model_dir.name} | {args.requests} requests from {args.trace.name}"
+        f" (lengths x{args.scale}: input mean {mean(inputs):.0f}, output mean"
+        f" {mean(outputs):.0f} tokens) | batch {args.batch}, {args.kv_slots} KV slots |"
+        f" capacity {capacity:.2f} req/s, Poisson rate {rate:.2f} req/s ({args.load:.0%})"
+    )
+    report(results)
+
+
+def mean(values: list[float] | list[int]) -> float:
+    return sum(values) / len(values)
+
+
+def report(results: dict[str, RunResult]) -> None:
+    columns = ("avg JCT s", "P99 JCT s", "avg TTFT s", "P99 TTFT s", "swaps", "sched/exec")
+    print(f"{'policy':>15}  " + "  ".join(f"{c:>10}" for c in columns))
+    for policy, r in results.items():
+        cells = (
+            f"{mean(r.jct):.2f}",
+            f"{percentile(r.jct, 0.99):.2f}",
+            f"{mean(r.ttft):.2f}",
+            f"{percentile(r.ttft, 0.99):.2f}",
+            str(r.swaps),
+            f"{r.scheduler_fraction:.2%}",
+        )
+        print(f"{policy:>15}  " + "  ".join(f"{c:>10}" for c in cells))
+    fcfs, mlfq = results["fcfs"], results["skip-join-mlfq"]
+    print(
+        f"FCFS / MLFQ: avg JCT {mean(fcfs.jct) / mean(mlfq.jct):.2f}x,"
+        f" P99 JCT {percentile(fcfs.jct, 0.99) / percentile(mlfq.jct, 0.99):.2f}x,"
+        f" avg TTFT {mean(fcfs.ttft) / mean(mlfq.ttft):.2f}x,"
+        f" P99 TTFT {percentile(fcfs.ttft, 0.99) / percentile(mlfq.ttft, 0.99):.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

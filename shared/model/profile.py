@@ -1,0 +1,126 @@
+"""A timing profile of a model on this hardware: prefill time by prompt length, decode time
+by batch size. The scheduler's skip-join MLFQ places new jobs with it (and the planner's cost
+model will use it). Produced by ``spotserve profile``; stored under ``$SPOTSERVE_HOME/profiles``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from bisect import bisect_left
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from shared.config import spotserve_home
+
+DEFAULT_PREFILL_LENGTHS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
+
+
+class ModelProfile(BaseModel):
+    model: str
+    device: str
+    created_at: float
+    # (prompt tokens, seconds) sorted by tokens; (batch size, seconds per iteration).
+    prefill: list[tuple[int, float]] = Field(min_length=1)
+    decode: list[tuple[int, float]] = Field(min_length=1)
+
+    def prefill_time_s(self, tokens: int) -> float:
+        return _interpolate(self.prefill, tokens)
+
+    def decode_time_s(self, batch_size: int) -> float:
+        return _interpolate(self.decode, batch_size)
+
+
+def _interpolate(points: list[tuple[int, float]], x: int) -> float:
+    """Piecewise linear; beyond the last point, extrapolate from the last two."""
+    xs = [p[0] for p in points]
+    if len(points) == 1:
+        return points[0][1] * max(x, 1) / max(xs[0], 1)
+    index = min(max(bisect_left(xs, x), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[index - 1], points[index]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def default_profile_path(model_dir: Path, device: str) -> Path:
+    """One profile per architecture (config.json) and device kind."""
+    digest = hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+    return spotserve_home() / "profiles" / f"{digest}-{device.split(':')[0]}.json"
+
+
+def find_profile(model_dir: Path) -> Path | None:
+    """An existing profile of this architecture, a GPU one first (the scheduler does not know
+    the executors' devices when it starts)."""
+    cuda = default_profile_path(model_dir, "cuda")
+    cpu = default_profile_path(model_dir, "cpu")
+    return next((path for path in (cuda, cpu) if path.exists()), None)
+
+
+def load_profile(path: Path) -> ModelProfile | None:
+    try:
+        return ModelProfile.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def save_profile(profile: ModelProfile, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(profile.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def measure_profile(
+    model_dir: Path,
+    device: str | None = None,
+    lengths: tuple[int, ...] = DEFAULT_PREFILL_LENGTHS,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    repeats: int = 3,
+) -> ModelProfile:
+    """Time the engine's prefill and decode (median of ``repeats``, after a warm-up)."""
+    from shared.model.engine import Engine, SequenceStep
+
+    slots = max(batch_sizes)
+    engine = Engine(model_dir, device=device, max_slots=slots)
+    usable = [n for n in lengths if n < engine.context_length]
+
+    def prefill(n: int) -> float:
+        started = time.perf_counter()
+        engine.step([SequenceStep("p", [3] * n, 0.0, 1.0, 0, 0)])
+        _sync(engine)
+        elapsed = time.perf_counter() - started
+        engine.release(["p"])
+        return elapsed
+
+    def decode(batch: int) -> float:
+        ids = [f"d{i}" for i in range(batch)]
+        engine.step([SequenceStep(rid, [3] * 16, 0.0, 1.0, 0, 0) for rid in ids])
+        started = time.perf_counter()
+        engine.step([SequenceStep(rid, [4], 0.0, 1.0, 0, 1) for rid in ids])
+        _sync(engine)
+        elapsed = time.perf_counter() - started
+        engine.release(ids)
+        return elapsed
+
+    prefill(16)  # warm-up: first calls allocate and pick kernels
+    decode(1)
+    return ModelProfile(
+        model=str(model_dir),
+        device=str(engine.device),
+        created_at=time.time(),
+        prefill=[(n, _median([prefill(n) for _ in range(repeats)])) for n in usable],
+        decode=[(b, _median([decode(b) for _ in range(repeats)])) for b in batch_sizes],
+    )
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _sync(engine: object) -> None:
+    import torch
+
+    device = getattr(engine, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
