@@ -314,3 +314,22 @@ def test_demo(tmp_path: Path, tiny_model_dir: Path, marker: str) -> None:
     assert not left, f"processes left behind: {describe(left)}"
     # The throwaway cluster's state directory is removed.
     assert not [path for path in scratch.iterdir() if path.name.startswith("spotserve-demo-")]
+
+
+def test_profile_writes_a_profile_the_scheduler_can_use(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from shared.model.profile import load_profile
+
+    out = tmp_path / "profile.json"
+    result = spotserve(
+        "profile", "--model", str(tiny_model_dir), "--out", str(out), env=cli_env(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    profile = load_profile(out)
+    assert profile is not None
+    assert [n for n, _ in profile.prefill] == sorted(n for n, _ in profile.prefill)
+    assert all(seconds > 0 for _, seconds in profile.prefill + profile.decode)
+    # Interpolation covers lengths between and beyond the measured points.
+    assert profile.prefill_time_s(2000) >= profile.prefill_time_s(100) > 0

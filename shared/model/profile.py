@@ -109,9 +109,22 @@ def measure_profile(
         model=str(model_dir),
         device=str(engine.device),
         created_at=time.time(),
-        prefill=[(n, _median([prefill(n) for _ in range(repeats)])) for n in usable],
-        decode=[(b, _median([decode(b) for _ in range(repeats)])) for b in batch_sizes],
+        prefill=_non_decreasing(
+            [(n, _median([prefill(n) for _ in range(repeats)])) for n in usable]
+        ),
+        decode=_non_decreasing(
+            [(b, _median([decode(b) for _ in range(repeats)])) for b in batch_sizes]
+        ),
     )
+
+
+def _non_decreasing(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """More tokens never take less time; a noisy dip would make interpolation lie."""
+    result, highest = [], 0.0
+    for x, seconds in points:
+        highest = max(highest, seconds)
+        result.append((x, highest))
+    return result
 
 
 def _median(values: list[float]) -> float:
