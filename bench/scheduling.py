@@ -3,7 +3,8 @@
 The same workload is replayed through a fresh local cluster once per policy: Poisson arrivals,
 input/output lengths sampled from an Azure LLM inference trace (scaled to the model's context),
 outputs forced to the trace's length. The arrival rate is set from a calibration run (all
-requests at once under FCFS: the system's throughput) so the executor is ~85% busy.
+requests at once under FCFS; the executor's total compute time per request at full batches)
+so that the executor is ~85% busy; each run reports the busy fraction it really had.
 
     python -m bench.scheduling [--trace PATH] [--requests 120] [--load 0.85] [--size small]
 
@@ -107,6 +108,9 @@ class RunResult:
     makespan: float
     scheduler_fraction: float
     swaps: int
+    # Executor compute time / wall time of the run.
+    busy_fraction: float
+    compute_s: float
 
 
 def run_policy(model_dir: Path, policy: str, jobs: list[Job], env: dict[str, str]) -> RunResult:
@@ -120,13 +124,16 @@ def run_policy(model_dir: Path, policy: str, jobs: list[Job], env: dict[str, str
             if '"step.done"' in line
         ]
     scheduler_ms = sum(step["scheduler_ms"] for step in steps)
+    makespan = max(c.finished_at for c in completions) - min(c.sent_at for c in completions)
     compute_ms = sum(step["compute_ms"] for step in steps)
     return RunResult(
         jct=[c.latency_s for c in completions],
         ttft=[c.ttft_s or c.latency_s for c in completions],
-        makespan=max(c.finished_at for c in completions) - min(c.sent_at for c in completions),
+        makespan=makespan,
         scheduler_fraction=scheduler_ms / compute_ms if compute_ms else 0.0,
         swaps=sum(step.get("offloaded", 0) + step.get("uploaded", 0) for step in steps),
+        busy_fraction=compute_ms / 1000 / makespan,
+        compute_s=compute_ms / 1000,
     )
 
 
@@ -156,7 +163,8 @@ def main() -> None:
         args.scale, args.seed,
     )  # fmt: skip
     calibration = run_policy(model_dir, "fcfs", burst, env)
-    capacity = args.requests / calibration.makespan
+    # At full batches the executor needs compute_s for all requests: that is its capacity.
+    capacity = args.requests / calibration.compute_s
     rate = args.load * capacity
     jobs = make_jobs(
         lengths, args.requests, rate, tokenizer.context_length, tokenizer.vocab_size,
@@ -181,7 +189,7 @@ def mean(values: list[float] | list[int]) -> float:
 
 
 def report(results: dict[str, RunResult]) -> None:
-    columns = ("avg JCT s", "P99 JCT s", "avg TTFT s", "P99 TTFT s", "swaps", "sched/exec")
+    columns = ("avg JCT s", "P99 JCT s", "avg TTFT s", "P99 TTFT s", "swaps", "busy", "sched/exec")
     print(f"{'policy':>15}  " + "  ".join(f"{c:>10}" for c in columns))
     for policy, r in results.items():
         cells = (
@@ -190,6 +198,7 @@ def report(results: dict[str, RunResult]) -> None:
             f"{mean(r.ttft):.2f}",
             f"{percentile(r.ttft, 0.99):.2f}",
             str(r.swaps),
+            f"{r.busy_fraction:.0%}",
             f"{r.scheduler_fraction:.2%}",
         )
         print(f"{policy:>15}  " + "  ".join(f"{c:>10}" for c in cells))

@@ -21,12 +21,24 @@ from shared.client import SpotserveClient  # noqa: E402
 from shared.cluster import LocalCluster  # noqa: E402
 from shared.config import NatsSettings  # noqa: E402
 from shared.model.checkpoint import init_model  # noqa: E402
+from shared.model.tokenizer import TextTokenizer  # noqa: E402
 from shared.natsserver import EmbeddedNatsServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path) -> TextTokenizer:
+    return TextTokenizer.from_model_dir(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def eos(tokenizer: TextTokenizer) -> frozenset[int]:
+    assert tokenizer.eos_token_ids, "the tiny model has an EOS token"
+    return tokenizer.eos_token_ids
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
 import torch
 from nats.aio.client import Client
 
@@ -39,11 +38,6 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
             pad_token_id=0,
         )
     return output[0, len(prompt_ids) :].tolist()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> TextTokenizer:
-    return TextTokenizer.from_model_dir(tiny_model_dir)
 
 
 async def test_greedy_matches_transformers_batched(

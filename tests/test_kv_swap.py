@@ -29,7 +29,7 @@ from shared.model.engine import (
     UnknownSequenceError,
 )
 from shared.model.tokenizer import IncrementalDetokenizer, TextTokenizer
-from shared.natsserver import EmbeddedNatsServer
+from tests.helpers import isolated_cluster
 
 # ---- engine ----------------------------------------------------------------------------
 
@@ -100,11 +100,6 @@ def make_sequence(
     return sequence
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> TextTokenizer:
-    return TextTokenizer.from_model_dir(tiny_model_dir)
-
-
 def names(sequences: list[Sequence]) -> list[str]:
     return [s.request_id for s in sequences]
 
@@ -157,29 +152,18 @@ LENGTHS = [6, 30, 10, 24, 4, 18, 12, 28]
 def pressure_cluster(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
-    store = tmp_path_factory.mktemp("pressure-nats")
-    server = EmbeddedNatsServer(store, log_file=store / "nats-server.log")
-    server.start()
-    cluster = LocalCluster(
-        tmp_path_factory.mktemp("pressure-cluster"),
-        instances=1,
-        model_dir=tiny_model_dir,
-        nats_url=server.url,
-        env={
-            "SPOTSERVE_SCHEDULER__POLICY": "skip-join-mlfq",
-            # Tiny quanta: jobs get demoted and preempted after a few iterations.
-            "SPOTSERVE_SCHEDULER__MLFQ__BASE_QUANTUM_S": "0.002",
-            "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": "2",
-            # Far less KV memory than the load: 3 device slots, 2 host slots.
-            "SPOTSERVE_EXECUTOR__MAX_SLOTS": "3",
-            "SPOTSERVE_EXECUTOR__HOST_KV_SLOTS": "2",
-            "SPOTSERVE_LOG__LEVEL": "debug",
-        },
-    )
-    cluster.start()
-    yield cluster
-    cluster.stop()
-    server.stop()
+    env = {
+        "SPOTSERVE_SCHEDULER__POLICY": "skip-join-mlfq",
+        # Tiny quanta: jobs get demoted and preempted after a few iterations.
+        "SPOTSERVE_SCHEDULER__MLFQ__BASE_QUANTUM_S": "0.002",
+        "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": "2",
+        # Far less KV memory than the load: 3 device slots, 2 host slots.
+        "SPOTSERVE_EXECUTOR__MAX_SLOTS": "3",
+        "SPOTSERVE_EXECUTOR__HOST_KV_SLOTS": "2",
+        "SPOTSERVE_LOG__LEVEL": "debug",
+    }
+    with isolated_cluster(tmp_path_factory, "pressure", tiny_model_dir, 1, env) as cluster:
+        yield cluster
 
 
 async def run_prompts(nats_url: str) -> list[list[int]]:

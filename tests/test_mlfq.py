@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -47,17 +46,6 @@ class FakeClock:
 
 class FakeMessage:
     """Stands in for the JetStream message of a request (never acked here)."""
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> TextTokenizer:
-    return TextTokenizer.from_model_dir(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def eos(tokenizer: TextTokenizer) -> frozenset[int]:
-    assert tokenizer.eos_token_ids, "the tiny model has an EOS token"
-    return tokenizer.eos_token_ids
 
 
 def make_request(prompt_tokens: int, request_id: str) -> AcceptedRequest:

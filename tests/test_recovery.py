@@ -19,9 +19,9 @@ from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.config import NatsSettings
 from shared.messages import TokenChunk
-from shared.natsserver import EmbeddedNatsServer
 from shared.runtime import discover
 from shared.subjects import SERVICE_EXECUTOR, SERVICE_SCHEDULER
+from tests.helpers import isolated_cluster
 
 PROMPTS = ("First request", "Second one, a bit longer", "Third", "The fourth and last request")
 MAX_TOKENS = 40
@@ -31,26 +31,15 @@ MAX_TOKENS = 40
 def fault_cluster(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
-    store = tmp_path_factory.mktemp("fault-nats")
-    server = EmbeddedNatsServer(store, log_file=store / "nats-server.log")
-    server.start()
-    cluster = LocalCluster(
-        tmp_path_factory.mktemp("fault-cluster"),
-        instances=2,
-        model_dir=tiny_model_dir,
-        nats_url=server.url,
-        env={
-            # Two sequences per executor: four requests spread over both instances.
-            "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": "2",
-            "SPOTSERVE_SCHEDULER__DISCOVERY_INTERVAL_S": "0.5",
-            # A killed scheduler's requests come back quickly.
-            "SPOTSERVE_SCHEDULER__ACK_WAIT_S": "3",
-        },
-    )
-    cluster.start()
-    yield cluster
-    cluster.stop()
-    server.stop()
+    env = {
+        # Two sequences per executor: four requests spread over both instances.
+        "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": "2",
+        "SPOTSERVE_SCHEDULER__DISCOVERY_INTERVAL_S": "0.5",
+        # A killed scheduler's requests come back quickly.
+        "SPOTSERVE_SCHEDULER__ACK_WAIT_S": "3",
+    }
+    with isolated_cluster(tmp_path_factory, "fault", tiny_model_dir, 2, env) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -30,17 +29,6 @@ _request_ids = itertools.count()
 
 class FakeMessage:
     """Stands in for the JetStream message of a request (never acked in these tests)."""
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> TextTokenizer:
-    return TextTokenizer.from_model_dir(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def eos(tokenizer: TextTokenizer) -> frozenset[int]:
-    assert tokenizer.eos_token_ids, "the tiny model has an EOS token"
-    return tokenizer.eos_token_ids
 
 
 def make_request(

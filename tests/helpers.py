@@ -1,0 +1,39 @@
+"""Helpers for tests that need a cluster of their own."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.cluster import LocalCluster
+from shared.natsserver import EmbeddedNatsServer
+
+
+@contextlib.contextmanager
+def isolated_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    model_dir: Path,
+    instances: int,
+    env: dict[str, str],
+) -> Iterator[LocalCluster]:
+    """A cluster with its own nats-server: its scheduler shares no work with another's."""
+    store = tmp_path_factory.mktemp(f"{name}-nats")
+    server = EmbeddedNatsServer(store, log_file=store / "nats-server.log")
+    server.start()
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp(f"{name}-cluster"),
+        instances=instances,
+        model_dir=model_dir,
+        nats_url=server.url,
+        env=env,
+    )
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        server.stop()
