@@ -1,0 +1,1 @@
+"""loadgen: the trace replay tool (not built yet; bench/ holds the benchmarks for now)."""
