@@ -110,6 +110,14 @@ class Executor:
         self._compute.shutdown(wait=True)
 
 
+def warm_up(engine: Engine) -> None:
+    """One prefill and one decode before serving: the first real request should not pay for
+    the kernels' first-call setup."""
+    first = engine.step([SequenceStep("warm-up", [0] * 16, 0.0, 1.0, 0, 0)])
+    engine.step([SequenceStep("warm-up", [first["warm-up"]], 0.0, 1.0, 0, 1)])
+    engine.release(["warm-up"])
+
+
 def default_instance_id() -> str:
     return f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:8]}"
 
@@ -126,13 +134,15 @@ async def serve(context: ServiceContext) -> None:
     def load() -> Engine:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        return Engine(
+        engine = Engine(
             model_dir,
             device=settings.device,
             max_slots=settings.max_slots,
             max_seq_len=settings.max_seq_len,
             host_slots=settings.host_kv_slots,
         )
+        warm_up(engine)
+        return engine
 
     engine = await asyncio.get_running_loop().run_in_executor(compute, load)
     executor = Executor(context, engine, instance_id, compute)
