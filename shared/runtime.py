@@ -85,7 +85,7 @@ async def _serve(
         log.info("service.stopping")
         try:
             await asyncio.wait_for(nc.drain(), timeout=10.0)
-        except (TimeoutError, Exception) as exc:
+        except Exception as exc:  # timeout or a broken connection: close regardless
             log.warning("service.drain_failed", error=repr(exc))
             await nc.close()
         log.info("service.stopped")
