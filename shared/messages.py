@@ -164,7 +164,6 @@ class StepResult(InternalModel):
 
     tokens: dict[str, int]
     compute_s: float
-    prefetched: list[str] = Field(default_factory=list)
 
 
 class ReleaseCommand(InternalModel):

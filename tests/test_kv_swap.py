@@ -197,3 +197,17 @@ async def test_memory_pressure_every_request_finishes_identically(
     assert sum(step["offloaded"] for step in steps) > 0
     assert sum(step["uploaded"] for step in steps) > 0
     assert sum(step["dropped"] for step in steps) > 0
+    # The scheduler's memory accounting matched the executor's: no step was refused.
+    assert '"step.failed"' not in (pressure_cluster.log_dir / "scheduler.log").read_text()
+
+
+def test_plan_counts_host_room_before_the_uploads_leave(tokenizer: TextTokenizer) -> None:
+    # The executor offloads first: a cache about to be uploaded still occupies the host swap.
+    view = ExecutorView("x", max_batch_size=2, kv_slots=2, host_slots=1)
+    back = make_sequence(tokenizer, "back", "x", "host")
+    new = make_sequence(tokenizer, "new", "x", "none")
+    old1 = make_sequence(tokenizer, "old1", "x", "device")
+    old2 = make_sequence(tokenizer, "old2", "x", "device")
+    plan = plan_memory(view, [back, new], [back, new, old1, old2])
+    assert names(plan.upload) == ["back"]
+    assert plan.offload == [] and names(plan.drop) == ["old2", "old1"]

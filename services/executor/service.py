@@ -58,9 +58,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            tokens, prefetched = await loop.run_in_executor(
-                self._compute, self._run_step, command, steps
-            )
+            tokens = await loop.run_in_executor(self._compute, self._run_step, command, steps)
         except EngineError as exc:
             self.log.warning("step.refused", error=str(exc))
             await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
@@ -69,14 +67,15 @@ class Executor:
             self.log.exception("step.failed")
             await request.respond_error(str(ErrorCode.INTERNAL), f"step failed: {exc!r}")
             return
-        result = StepResult(
-            tokens=tokens, compute_s=time.perf_counter() - started, prefetched=prefetched
-        )
+        result = StepResult(tokens=tokens, compute_s=time.perf_counter() - started)
         await request.respond(encode(result))
+        if command.prefetch:
+            # After the reply: the uploads overlap the scheduler's commit and planning; the next
+            # step, queued behind them on the same thread, finds the caches in place.
+            future = loop.run_in_executor(self._compute, self._prefetch, command.prefetch)
+            future.add_done_callback(self._prefetch_done)
 
-    def _run_step(
-        self, command: StepCommand, steps: list[SequenceStep]
-    ) -> tuple[dict[str, int], list[str]]:
+    def _run_step(self, command: StepCommand, steps: list[SequenceStep]) -> dict[str, int]:
         if command.release_all:
             self.engine.release(self.engine.sequence_ids())
         elif command.release:
@@ -85,16 +84,23 @@ class Executor:
             self.engine.offload(command.offload)
         if command.upload:
             self.engine.upload(command.upload)
-        tokens = self.engine.step(steps) if steps else {}
-        return tokens, self._prefetch(command.prefetch)
+        return self.engine.step(steps) if steps else {}
 
     def _prefetch(self, request_ids: list[str]) -> list[str]:
-        """Best effort: upload what is offloaded here, while slots are free."""
+        """Upload what is offloaded here, as far as slots are free; returns what was not."""
         held = set(self.engine.offloaded_ids())
         ready = [rid for rid in request_ids if rid in held][: self.engine.num_free_slots]
         if ready:
             self.engine.upload(ready)
-        return ready
+        return [rid for rid in request_ids if rid not in ready]
+
+    def _prefetch_done(self, future: asyncio.Future[list[str]]) -> None:
+        # The scheduler counts on these uploads; if one did not happen its next step is refused
+        # and the scheduler recovers (frees everything here and recomputes).
+        if future.exception() is not None:
+            self.log.error("prefetch.failed", error=repr(future.exception()))
+        elif future.result():
+            self.log.warning("prefetch.incomplete", not_uploaded=future.result())
 
     async def on_release(self, request: Request) -> None:
         try:

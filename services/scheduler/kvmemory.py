@@ -6,7 +6,8 @@ suffice, the caches of the sequences least likely to run soon (the tail of the p
 order) go to host memory — or, when the host swap is full too, are dropped (the sequence then
 recomputes its prefill from its committed tokens). After the iteration, offloaded caches of the
 sequences next in line are uploaded into the slots left free, so the next batch finds them
-ready ("proactive" upload, overlapped with the scheduler's work between iterations).
+ready ("proactive" upload: the executor does it after replying, overlapped with the
+scheduler's commit and planning of the next iteration).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def plan_memory(executor: ExecutorView, batch: list[Sequence], order: list[Seque
     shortfall = needed - (executor.kv_slots - len(on_device))
     if shortfall > 0:
         victims = [s for s in reversed(on_device) if s not in in_batch][:shortfall]
-        host_room = executor.host_slots - (len(on_host) - len(plan.upload))
+        # The executor offloads before it uploads (the uploads need the freed slots), so the
+        # caches about to be uploaded still take host room at that moment.
+        host_room = executor.host_slots - len(on_host)
         plan.offload = victims[: max(0, host_room)]
         plan.drop = victims[len(plan.offload) :]
     # Slots left after this step; fill them with the next in line whose cache is on the host.
@@ -57,8 +60,9 @@ def apply_before_step(plan: MemoryPlan) -> None:
         sequence.kv_location = "device"
 
 
-def apply_prefetched(plan: MemoryPlan, prefetched: set[str]) -> None:
-    """Prefetch is best effort: only the uploads the executor reports did happen."""
+def apply_after_step(plan: MemoryPlan) -> None:
+    """The executor uploads the prefetched caches right after its reply (into slots this plan
+    left free, so they fit); the next step finds them on the device."""
     for sequence in plan.prefetch:
-        if sequence.request_id in prefetched:
+        if sequence.kv_location == "host":
             sequence.kv_location = "device"

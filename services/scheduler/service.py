@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import ValidationError
 
-from services.scheduler.kvmemory import apply_before_step, apply_prefetched, plan_memory
+from services.scheduler.kvmemory import apply_after_step, apply_before_step, plan_memory
 from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput, make_policy
 from services.scheduler.sequence import Sequence
 from shared.codec import DecodeError, content_type_header, decode, encode
@@ -287,14 +287,14 @@ class Scheduler:
                 await self._on_step_failed(handle, batch, exc)
                 continue
             received = time.perf_counter()
-            apply_prefetched(plan, set(result.prefetched))
+            apply_after_step(plan)
             await self._apply(handle, batch, result)
             self.log.debug(
                 "step.done",
                 instance_id=handle.view.instance_id,
                 batch=len(batch),
                 offloaded=len(plan.offload),
-                uploaded=len(plan.upload) + len(result.prefetched),
+                uploaded=len(plan.upload) + len(plan.prefetch),
                 dropped=len(plan.drop),
                 compute_ms=round(result.compute_s * 1000, 2),
                 round_trip_ms=round((received - sent) * 1000, 2),
