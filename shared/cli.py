@@ -91,6 +91,36 @@ def profile(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="HF model directory (safetensors or .bin).")],
+    destination: Annotated[Path, typer.Argument(help="Where to write the converted model.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+) -> None:
+    """Convert an HF model to spotserve's loading-optimized format."""
+    from shared.loading.format import CheckpointError
+    from shared.loading.format import convert as convert_checkpoint
+
+    with typer.progressbar(length=100, label="converting", file=sys.stderr) as bar:
+        shown = [0]
+
+        def progress(done: int, total: int) -> None:
+            percent = done * 100 // max(total, 1)
+            bar.update(percent - shown[0])
+            shown[0] = percent
+
+        try:
+            index = convert_checkpoint(source, destination, force=force, progress=progress)
+        except (CheckpointError, FileExistsError, OSError) as exc:
+            _echo_error(str(exc))
+            raise typer.Exit(1) from None
+    size = sum(part.nbytes for part in index.partitions)
+    typer.echo(
+        f"wrote {len(index.tensors)} tensors ({size / 1e6:.1f} MB in"
+        f" {len(index.partitions)} partition(s)) to {destination}"
+    )
+
+
 def _default_state_dir() -> Path:
     return spotserve_home() / "cluster"
 

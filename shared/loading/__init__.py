@@ -1,0 +1,1 @@
+"""The loading-optimized checkpoint format (ServerlessLLM-style) and its fast reader."""
