@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.loading.format import INDEX_FILE, CheckpointError, convert, read_index
-from shared.loading.reader import load_checkpoint
+from shared.loading.reader import ReadMode, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,13 @@ def reference(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("mode", ["direct", "buffered", "mmap", "auto"])
 @pytest.mark.parametrize("chunk_bytes", [4096, 1 << 20, 64 << 20])
 def test_every_tensor_loads_bit_identical(
-    converted: Path, tiny_model_dir: Path, direct: bool, chunk_bytes: int
+    converted: Path, tiny_model_dir: Path, mode: ReadMode, chunk_bytes: int
 ) -> None:
     expected = reference(tiny_model_dir)
-    loaded = load_checkpoint(converted, direct=direct, chunk_bytes=chunk_bytes, verify=True)
+    loaded = load_checkpoint(converted, mode=mode, chunk_bytes=chunk_bytes, verify=True)
     assert set(loaded) == set(expected)
     for name, tensor in expected.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
@@ -84,8 +84,9 @@ def test_corrupt_partition_is_found_by_its_checksum(converted: Path, tmp_path: P
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"part-00000\.bin is corrupt"):
-        load_checkpoint(broken, verify=True)
+    for mode in ("buffered", "mmap"):
+        with pytest.raises(CheckpointError, match=r"part-00000\.bin is corrupt"):
+            load_checkpoint(broken, mode=mode, verify=True)
 
 
 def test_missing_index_and_inconsistent_shape_are_clear(converted: Path, tmp_path: Path) -> None:

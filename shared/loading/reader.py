@@ -10,6 +10,7 @@ read. Sizes are always checked; CRC32s when ``verify`` is set.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import queue
 import threading
@@ -17,6 +18,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,7 +31,8 @@ from shared.loading.format import (
     torch_dtype,
 )
 
-CHUNK_BYTES = 32 * 1024 * 1024
+CHUNK_BYTES = 64 * 1024 * 1024
+ReadMode = Literal["auto", "direct", "buffered", "mmap"]
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,28 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     threads: int = 4,
     chunk_bytes: int = CHUNK_BYTES,
-    direct: bool = True,
+    mode: ReadMode = "auto",
     verify: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of a converted checkpoint, as views into one allocation on ``device``."""
+    """Every tensor of a converted checkpoint, as views into one allocation on ``device``.
+
+    ``mode``: "direct" (O_DIRECT reads, bypassing the page cache), "buffered" (page-cache reads),
+    "mmap" (CPU only: views of the page cache itself, no copy), "auto" (mmap when the files are
+    already cached and the target is the CPU, else buffered).
+    """
     index = read_index(directory)
     paths = _check_files(directory, index)
     device = torch.device(device)
     spans = [part.nbytes + (-part.nbytes) % ALIGNMENT for part in index.partitions]
+    if mode == "auto":
+        mode = "mmap" if device.type == "cpu" and all(map(_is_cached, paths)) else "buffered"
+    if mode == "mmap":
+        if device.type != "cpu":
+            raise ValueError("mode 'mmap' loads into CPU memory only")
+        bases = [_mapped(path) for path in paths]
+        if verify:
+            _verify(index, bases, paths)
+        return _views(index, bases)
     starts = [sum(spans[:i]) for i in range(len(spans))]
     host = _aligned_host_buffer(sum(spans), pin=device.type == "cuda")
     chunks = [
@@ -97,10 +114,38 @@ def load_checkpoint(
     target = (
         host if device.type == "cpu" else torch.empty(sum(spans), dtype=torch.uint8, device=device)
     )
-    _read_all(paths, host, target, chunks, threads, direct)
+    _read_all(paths, host, target, chunks, threads, direct=mode == "direct")
+    ranges = list(zip(starts, spans, strict=True))
     if verify:
-        _verify(index, host, starts, paths)
-    return _views(index, target, starts)
+        _verify(index, [host[start : start + span] for start, span in ranges], paths)
+    return _views(index, [target[start : start + span] for start, span in ranges])
+
+
+def _is_cached(path: Path) -> bool:
+    """Whether the file's first, middle and last pages are in the page cache (an RWF_NOWAIT
+    read fails with EAGAIN instead of going to the disk)."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        return False
+    size = path.stat().st_size
+    probe = bytearray(ALIGNMENT)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in {0, (size // 2) // ALIGNMENT * ALIGNMENT, max(0, size - ALIGNMENT)}:
+            try:
+                if size and os.preadv(fd, [probe], offset, os.RWF_NOWAIT) <= 0:
+                    return False
+            except OSError:  # EAGAIN: not cached; or RWF_NOWAIT unsupported here
+                return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _mapped(path: Path) -> torch.Tensor:
+    with open(path, "rb") as handle:
+        # Private copy-on-write mapping: writable for torch, backed by the page cache.
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def _read_all(
@@ -159,22 +204,18 @@ def _copy_to_device(
     stream.synchronize()
 
 
-def _verify(
-    index: CheckpointIndex, host: torch.Tensor, starts: list[int], paths: list[Path]
-) -> None:
-    memory = memoryview(host.numpy())
+def _verify(index: CheckpointIndex, bases: list[torch.Tensor], paths: list[Path]) -> None:
     for number, part in enumerate(index.partitions):
-        data = memory[starts[number] : starts[number] + part.nbytes]
+        data = memoryview(bases[number][: part.nbytes].numpy())
         if zlib.crc32(data) != part.crc32:
             raise CheckpointError(f"partition file {paths[number]} is corrupt (CRC32 mismatch)")
 
 
-def _views(
-    index: CheckpointIndex, target: torch.Tensor, starts: list[int]
-) -> dict[str, torch.Tensor]:
+def _views(index: CheckpointIndex, bases: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as views of each partition's bytes (``bases[i]`` holds partition i)."""
     tensors = {}
     for name, entry in index.tensors.items():
-        start = starts[entry.partition] + entry.offset
+        start = entry.offset
         dtype = torch_dtype(entry.dtype)
         expected = dtype.itemsize * math.prod(entry.shape)
         if expected != entry.nbytes:
@@ -182,5 +223,6 @@ def _views(
                 f"tensor {name}: {entry.nbytes} bytes in the index, but shape {entry.shape} of"
                 f" {entry.dtype} needs {expected}"
             )
-        tensors[name] = target[start : start + entry.nbytes].view(dtype).view(entry.shape)
+        raw = bases[entry.partition][start : start + entry.nbytes]
+        tensors[name] = raw.view(dtype).view(entry.shape)
     return tensors

@@ -1,0 +1,141 @@
+"""Checkpoint loading into CPU memory: this loader vs the usual ways, and the physical limit.
+
+Same checkpoint (the `small` model, fp32), cold (every file evicted from the page cache with
+posix_fadvise DONTNEED first) and warm (read once before), side by side in one run:
+(a) this loader (auto: mmap when cached, else buffered threads; and direct I/O),
+(b) safetensors.torch.load_file, (c) torch.load of a .bin, (d) transformers from_pretrained,
+(e) a plain sequential read of the same bytes. Every page of every loaded tensor is touched
+inside the timing (mmap-backed loaders return before reading).
+
+    python -m bench.loading [--size small] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from shared.loading.format import convert
+from shared.loading.reader import load_checkpoint
+from shared.model.checkpoint import default_model_dir, ensure_model
+
+READ_BYTES = 16 * 1024 * 1024
+
+
+def evict(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def plain_read(paths: list[Path]) -> None:
+    """The physical limit: one sequential pass over the bytes, nothing else."""
+    buffer = bytearray(READ_BYTES)
+    view = memoryview(buffer)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(view):
+                pass
+
+
+def touch(result: object) -> None:
+    """Read one byte of every page: mmap-backed loaders (safetensors, from_pretrained) return
+    before the data is read, so without this they would be timed doing nothing."""
+    if isinstance(result, torch.nn.Module):
+        tensors = [p.data for p in result.parameters()]
+    elif isinstance(result, dict):
+        tensors = list(result.values())
+    else:
+        return
+    for tensor in tensors:
+        if tensor.numel():
+            tensor.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+
+
+def timed(load: Callable[[], object], files: list[Path], cold: bool, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if cold:
+            evict(files)
+        else:
+            plain_read(files)  # make sure it is cached
+        started = time.perf_counter()
+        touch(load())
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args()
+    model_dir = ensure_model(default_model_dir(args.size), args.size)
+    with tempfile.TemporaryDirectory(prefix="spotserve-bench-load-", dir=model_dir.parent) as tmp:
+        converted = Path(tmp) / "converted"
+        convert(model_dir, converted)
+        bin_dir = Path(tmp) / "bin"
+        bin_dir.mkdir()
+        torch.save(load_file(str(model_dir / "model.safetensors")), bin_dir / "pytorch_model.bin")
+        parts = sorted(converted.glob("part-*.bin"))
+        safetensors_file = model_dir / "model.safetensors"
+        nbytes = sum(
+            t.numel() * t.element_size() for t in load_file(str(safetensors_file)).values()
+        )
+
+        def from_pretrained() -> object:
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+        cases: dict[str, tuple[Callable[[], object], list[Path]]] = {
+            "(e) plain sequential read": (lambda: plain_read(parts), parts),
+            "(a) spotserve, auto": (
+                lambda: load_checkpoint(converted, threads=args.threads, mode="auto"),
+                parts,
+            ),
+            "(a) spotserve, direct I/O": (
+                lambda: load_checkpoint(converted, threads=args.threads, mode="direct"),
+                parts,
+            ),
+            "(b) safetensors load_file": (
+                lambda: load_file(str(safetensors_file)),
+                [safetensors_file],
+            ),
+            "(c) torch.load .bin": (
+                lambda: torch.load(bin_dir / "pytorch_model.bin", weights_only=True),
+                [bin_dir / "pytorch_model.bin"],
+            ),
+            "(d) transformers from_pretrained": (from_pretrained, [safetensors_file]),
+        }
+        results = {
+            name: (timed(load, files, True, args.repeats), timed(load, files, False, args.repeats))
+            for name, (load, files) in cases.items()
+        }
+    limit_cold, limit_warm = results["(e) plain sequential read"]
+    print(
+        f"{nbytes / 1e6:.0f} MB of tensors ({args.size}), median of {args.repeats}, into CPU memory"
+    )
+    print(f"{'':>34}  {'cold GB/s':>9}  {'x limit':>7}  {'warm GB/s':>9}  {'x limit':>7}")
+    for name, (cold, warm) in results.items():
+        print(
+            f"{name:>34}  {nbytes / cold / 1e9:>9.2f}  {limit_cold / cold:>7.2f}"
+            f"  {nbytes / warm / 1e9:>9.2f}  {limit_warm / warm:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
