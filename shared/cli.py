@@ -121,6 +121,41 @@ def convert(
     )
 
 
+@model_app.command("push")
+def model_push(
+    directory: Annotated[Path, typer.Argument(help="HF model dir or a converted one.")],
+    name: Annotated[str | None, typer.Option(help="Name in the store (default: dir name).")] = None,
+    nats_url: NatsUrlOption = None,
+) -> None:
+    """Upload a model to the remote store (converting it first if needed)."""
+    try:
+        sent = asyncio.run(_push(directory, name or directory.name, nats_url))
+    except (ValueError, OSError) as exc:
+        _echo_error(str(exc))
+        raise typer.Exit(1) from None
+    typer.echo(f"pushed {name or directory.name} ({sent / 1e6:.1f} MB)")
+
+
+async def _push(directory: Path, name: str, nats_url: str | None) -> int:
+    from shared.bus import NatsUnavailableError
+    from shared.loading.format import CheckpointError
+    from shared.loading.store import push_model
+
+    settings = Settings()
+    try:
+        nc = await connect(resolve_nats_url(settings.nats, nats_url), settings.nats, "cli", 5.0)
+    except NatsUnavailableError as exc:
+        _echo_error(str(exc))
+        raise typer.Exit(2) from None
+    try:
+        return await push_model(nc.jetstream(timeout=60), directory, name)
+    except CheckpointError as exc:
+        _echo_error(str(exc))
+        raise typer.Exit(1) from None
+    finally:
+        await nc.close()
+
+
 def _default_state_dir() -> Path:
     return spotserve_home() / "cluster"
 

@@ -89,6 +89,13 @@ class ExecutorSettings(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)
 
 
+class LoaderSettings(BaseModel):
+    # This node's name (one loader per node); None: the host name.
+    node: str | None = None
+    # The local-disk tier: converted models, one directory each; None: $SPOTSERVE_HOME/checkpoints.
+    models_dir: Path | None = None
+
+
 class LogSettings(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_output: bool | None = Field(default=None, description="None: JSON when not a TTY.")
@@ -104,4 +111,5 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = AdmissionSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     executor: ExecutorSettings = ExecutorSettings()
+    loader: LoaderSettings = LoaderSettings()
     log: LogSettings = LogSettings()

@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     """nats.micro error codes (header ``Nats-Service-Error-Code``), HTTP-like on purpose."""
 
     BAD_REQUEST = "400"
+    NOT_FOUND = "404"
     TOO_LARGE = "413"
     INTERNAL = "500"
     UNAVAILABLE = "503"
@@ -164,6 +165,20 @@ class StepResult(InternalModel):
 
     tokens: dict[str, int]
     compute_s: float
+
+
+class FetchModelRequest(StrictModel):
+    """Ask a node's loader to bring a model from the remote store to its local disk."""
+
+    model: str = Field(min_length=1, max_length=128)
+
+
+class FetchModelReply(InternalModel):
+    model: str
+    path: str
+    # Where the model was found: already on local disk, or pulled from the remote store.
+    tier: Literal["local-disk", "remote"]
+    seconds: float
 
 
 class ReleaseCommand(InternalModel):

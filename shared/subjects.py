@@ -63,6 +63,15 @@ def executor_release_subject(instance_id: str) -> str:
     return f"{API_PREFIX}.executor.{instance_id}.release"
 
 
+# Converted models, chunked in a JetStream Object Store: a new node gets a model over NATS alone.
+MODELS_BUCKET = "spotserve-models"
+
+
+def loader_fetch_subject(node: str) -> str:
+    """Ask one node's loader to bring a model to its local disk (from the remote store)."""
+    return f"{API_PREFIX}.loader.{node}.fetch"
+
+
 def srv_subject(verb: str, service: str | None = None) -> str:
     """nats.micro discovery subject, e.g. ``$SRV.PING.spotserve-executor``."""
     return f"$SRV.{verb}" if service is None else f"$SRV.{verb}.{service}"

@@ -1,0 +1,73 @@
+"""The remote tier: push a model to the JetStream Object Store, and a node's loader (a real
+process of the session cluster) pulls it to local disk, checked, bit-identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from nats.aio.client import Client
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from safetensors.torch import load_file
+
+from shared.codec import decode, encode
+from shared.loading.reader import load_checkpoint
+from shared.loading.store import models_bucket, push_model
+from shared.messages import FetchModelReply
+from shared.runtime import discover
+from shared.subjects import SERVICE_LOADER, loader_fetch_subject
+
+
+async def loader_node(nc: Client) -> str:
+    infos = await discover(nc, SERVICE_LOADER, window_s=1.0)
+    assert infos, "the cluster's loader answers $SRV.INFO"
+    return infos[0]["metadata"]["node"]
+
+
+async def fetch(nc: Client, node: str, model: str) -> tuple[FetchModelReply | None, str]:
+    reply = await nc.request(loader_fetch_subject(node), encode({"model": model}), timeout=120)
+    headers = reply.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        return None, f"{headers[ERROR_CODE_HEADER]} {headers[ERROR_HEADER]}"
+    return FetchModelReply.model_validate(decode(reply.data)), ""
+
+
+async def test_push_then_fetch_from_remote_then_local(
+    cluster: object, nc: Client, tiny_model_dir: Path
+) -> None:
+    js = nc.jetstream(timeout=60)
+    sent = await push_model(js, tiny_model_dir, "tiny-pushed")
+    assert sent > 20_000_000
+    node = await loader_node(nc)
+    first, error = await fetch(nc, node, "tiny-pushed")
+    assert first is not None, error
+    assert first.tier == "remote"
+    second, _ = await fetch(nc, node, "tiny-pushed")
+    assert second is not None and second.tier == "local-disk" and second.path == first.path
+    expected = load_file(str(tiny_model_dir / "model.safetensors"))
+    loaded = load_checkpoint(Path(first.path), verify=True)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+    assert (Path(first.path) / "tokenizer.json").exists()
+
+
+async def test_fetch_of_unknown_or_incomplete_model_is_a_clear_404(
+    cluster: object, nc: Client
+) -> None:
+    node = await loader_node(nc)
+    reply, error = await fetch(nc, node, "no-such-model")
+    assert reply is None and error.startswith("404") and "not in the remote store" in error
+    # An upload that never wrote its index (interrupted) is not a model.
+    bucket = await models_bucket(nc.jetstream(timeout=60))
+    await bucket.put("half-pushed/part-00000.bin", b"\0" * 4096)
+    reply, error = await fetch(nc, node, "half-pushed")
+    assert reply is None and error.startswith("404")
+
+
+@pytest.mark.parametrize("body", [b"\xc1", encode({"model": ""}), encode({"model": "a/b"})])
+async def test_bad_fetch_request_is_refused(cluster: object, nc: Client, body: bytes) -> None:
+    node = await loader_node(nc)
+    reply = await nc.request(loader_fetch_subject(node), body, timeout=30)
+    headers = reply.headers or {}
+    assert headers.get(ERROR_CODE_HEADER) == "400"
+    assert headers.get(ERROR_HEADER, "").startswith("bad fetch request")
