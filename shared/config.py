@@ -41,6 +41,9 @@ class ModelSettings(BaseModel):
     path: Path | None = Field(
         default=None, description="HF Llama-family directory; None: the embedded default model."
     )
+    # A model in the remote store (`spotserve model push`): fetched through this node's loader.
+    name: str | None = None
+    fetch_timeout_s: float = Field(default=600.0, gt=0)
     size: Literal["tiny", "small"] = "tiny"
     seed: int = 0
 

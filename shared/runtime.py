@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,15 +14,19 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.micro import add_service
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from nats.micro.service import Service, ServiceConfig
 
 from shared import __version__
 from shared.bus import NatsUnavailableError, connect, connect_jetstream, resolve_nats_url
+from shared.codec import decode, encode
 from shared.config import ConfigurationError, ModelSettings, Settings
 from shared.logging import configure_logging
-from shared.subjects import srv_subject
+from shared.messages import FetchModelReply, FetchModelRequest
+from shared.subjects import loader_fetch_subject, srv_subject
 
 
 @dataclass
@@ -113,6 +118,39 @@ async def discover(
     finally:
         await subscription.unsubscribe()
     return replies
+
+
+async def resolve_model(context: ServiceContext) -> Path:
+    """The model directory this service uses: fetched through this node's loader when
+    ``model.name`` is set, else the configured directory or the embedded default."""
+    settings = context.settings.model
+    if settings.name is None:
+        return await asyncio.to_thread(resolve_model_dir, settings)
+    node = context.settings.loader.node or socket.gethostname().split(".")[0]
+    deadline = asyncio.get_running_loop().time() + settings.fetch_timeout_s
+    body = encode(FetchModelRequest(model=settings.name))
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            reply = await context.nc.request(
+                loader_fetch_subject(node), body, timeout=max(remaining, 0.1)
+            )
+            break
+        except NoRespondersError:
+            if remaining <= 0:
+                raise ConfigurationError(f"no loader answers on node {node!r}") from None
+            await asyncio.sleep(0.5)  # the loader may still be starting
+        except TimeoutError:
+            raise ConfigurationError(
+                f"the loader of node {node!r} did not deliver {settings.name!r} within"
+                f" {settings.fetch_timeout_s:.0f} s"
+            ) from None
+    headers = reply.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        raise ConfigurationError(f"cannot get model {settings.name!r}: {headers.get(ERROR_HEADER)}")
+    fetched = FetchModelReply.model_validate(decode(reply.data))
+    context.log.info("model.fetched", model=settings.name, tier=fetched.tier, path=fetched.path)
+    return Path(fetched.path)
 
 
 def resolve_model_dir(settings: ModelSettings) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ def isolated_cluster(
     model_dir: Path,
     instances: int,
     env: dict[str, str],
+    before_start: Callable[[str], None] | None = None,
 ) -> Iterator[LocalCluster]:
     """A cluster with its own nats-server: its scheduler shares no work with another's."""
     store = tmp_path_factory.mktemp(f"{name}-nats")
@@ -32,6 +33,8 @@ def isolated_cluster(
         env=env,
     )
     try:
+        if before_start is not None:
+            before_start(server.url)  # e.g. put a model in the remote store first
         cluster.start()
         yield cluster
     finally:

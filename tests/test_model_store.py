@@ -3,6 +3,8 @@ process of the session cluster) pulls it to local disk, checked, bit-identical."
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,12 +13,18 @@ from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from safetensors.torch import load_file
 
+from shared.bus import connect
+from shared.client import SpotserveClient
+from shared.cluster import LocalCluster
 from shared.codec import decode, encode
+from shared.config import NatsSettings
 from shared.loading.reader import load_checkpoint
 from shared.loading.store import models_bucket, push_model
 from shared.messages import FetchModelReply
+from shared.model.tokenizer import TextTokenizer
 from shared.runtime import discover
 from shared.subjects import SERVICE_LOADER, loader_fetch_subject
+from tests.helpers import isolated_cluster
 
 
 async def loader_node(nc: Client) -> str:
@@ -71,3 +79,45 @@ async def test_bad_fetch_request_is_refused(cluster: object, nc: Client, body: b
     headers = reply.headers or {}
     assert headers.get(ERROR_CODE_HEADER) == "400"
     assert headers.get(ERROR_HEADER, "").startswith("bad fetch request")
+
+
+@pytest.fixture(scope="module")
+def remote_model_cluster(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    """Every service gets the model through the node's loader, from the remote store only."""
+
+    def push(nats_url: str) -> None:
+        async def run() -> None:
+            client = await connect(nats_url, NatsSettings(), name="push", deadline_s=10)
+            try:
+                await push_model(client.jetstream(timeout=60), tiny_model_dir, "tiny-remote")
+            finally:
+                await client.close()
+
+        asyncio.run(run())
+
+    env = {
+        "SPOTSERVE_MODEL__NAME": "tiny-remote",
+        "SPOTSERVE_LOADER__MODELS_DIR": str(tmp_path_factory.mktemp("node-disk")),
+    }
+    with isolated_cluster(tmp_path_factory, "remote-model", tiny_model_dir, 1, env, push) as c:
+        yield c
+
+
+async def test_system_serves_loader_loaded_weights_like_transformers(
+    remote_model_cluster: LocalCluster, tiny_model_dir: Path, tokenizer: TextTokenizer
+) -> None:
+    from tests.test_end_to_end import hf_greedy
+
+    nc = await connect(remote_model_cluster.nats_url, NatsSettings(), name="t", deadline_s=10)
+    try:
+        completion = await SpotserveClient(nc).generate(
+            "Loaded through the loader", max_tokens=16, temperature=0.0, ignore_eos=True
+        )
+    finally:
+        await nc.close()
+    prompt = tokenizer.encode("Loaded through the loader")
+    assert completion.token_ids == hf_greedy(tiny_model_dir, prompt, 16)
+    executor_log = (remote_model_cluster.log_dir / "executor-0.log").read_text()
+    assert '"model.fetched"' in executor_log and "tiny-remote" in executor_log

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from shared.codec import DecodeError, content_type_header, decode, encode, encoding_from_headers
 from shared.messages import AcceptedRequest, ErrorCode, ErrorDetail, ErrorReply, GenerateRequest
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext, resolve_model_dir
+from shared.runtime import ServiceContext, resolve_model
 from shared.subjects import GENERATE, REQUESTS_SUBJECT
 
 # Prompts longer than this many characters are tokenized in a worker thread.
@@ -210,7 +210,7 @@ class Admission:
 
 
 async def serve(context: ServiceContext) -> None:
-    model_dir = await asyncio.to_thread(resolve_model_dir, context.settings.model)
+    model_dir = await resolve_model(context)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
     admission = Admission(context, tokenizer)
     service = await context.add_micro_service(

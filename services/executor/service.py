@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from shared.codec import DecodeError, decode, encode
 from shared.messages import ErrorCode, ReleaseCommand, StepCommand, StepResult
 from shared.model.engine import Engine, EngineError, SequenceStep
-from shared.runtime import ServiceContext, resolve_model_dir
+from shared.runtime import ServiceContext, resolve_model
 from shared.subjects import executor_release_subject, executor_step_subject
 
 
@@ -131,7 +131,7 @@ def default_instance_id() -> str:
 async def serve(context: ServiceContext) -> None:
     settings = context.settings.executor
     instance_id = settings.instance_id or default_instance_id()
-    model_dir = await asyncio.to_thread(resolve_model_dir, context.settings.model)
+    model_dir = await resolve_model(context)
     # One thread does all torch work, loading included: the engine and its KV cache are not
     # thread-safe, steps are ordered, and CPU (OpenMP) kernels run ~40% slower when a second
     # thread's team of workers exists beside the one that computes.

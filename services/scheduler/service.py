@@ -44,7 +44,7 @@ from shared.messages import (
 )
 from shared.model.profile import find_profile, load_profile
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext, discover, resolve_model_dir
+from shared.runtime import ServiceContext, discover, resolve_model
 from shared.subjects import (
     REQUESTS_STREAM,
     REQUESTS_SUBJECT,
@@ -515,7 +515,7 @@ def build_policy(settings: SchedulerSettings, model_dir: Path) -> SchedulerPolic
 
 
 async def serve(context: ServiceContext) -> None:
-    model_dir = await asyncio.to_thread(resolve_model_dir, context.settings.model)
+    model_dir = await resolve_model(context)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
     policy = await asyncio.to_thread(build_policy, context.settings.scheduler, model_dir)
     scheduler = Scheduler(context, tokenizer, policy)

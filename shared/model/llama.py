@@ -500,6 +500,10 @@ def _read_state_dict(
 ) -> dict[str, Tensor]:
     from safetensors import safe_open
 
+    from shared.loading.format import is_converted
+
+    if is_converted(model_dir):
+        return _read_converted(model_dir, device, dtype)
     state: dict[str, Tensor] = {}
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
@@ -510,6 +514,18 @@ def _read_state_dict(
                 key = name.removeprefix("model.")
                 state[key] = handle.get_tensor(name).to(dtype)
     return state
+
+
+def _read_converted(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """spotserve's loading-optimized format: one allocation on the device, tensors as views."""
+    from shared.loading.reader import load_checkpoint
+
+    loaded = load_checkpoint(model_dir, device=device)
+    return {
+        name.removeprefix("model."): tensor.to(dtype)
+        for name, tensor in loaded.items()
+        if not name.endswith("rotary_emb.inv_freq")
+    }
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
