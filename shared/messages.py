@@ -181,5 +181,28 @@ class FetchModelReply(InternalModel):
     seconds: float
 
 
+class HeldModel(InternalModel):
+    tier: Literal["local-disk"]
+    nbytes: int
+
+
+class LoaderInventory(InternalModel):
+    """What one node's loader holds, and how fast it can bring more (for the planner)."""
+
+    node: str
+    models: dict[str, HeldModel]
+    # Measured bytes/s per tier ("remote": pulls from the store); absent until measured.
+    bandwidth_bps: dict[str, float]
+    # Work already queued at this loader, in seconds.
+    queue_s: float
+    updated_at: float
+
+    def estimate_load_s(self, model: str, nbytes: int) -> float | None:
+        """q + n/b from the fastest tier that has the model, or None if nothing is measured."""
+        tier = "local-disk" if model in self.models else "remote"
+        bandwidth = self.bandwidth_bps.get(tier)
+        return None if not bandwidth else self.queue_s + nbytes / bandwidth
+
+
 class ReleaseCommand(InternalModel):
     request_ids: list[str]

@@ -65,6 +65,8 @@ def executor_release_subject(instance_id: str) -> str:
 
 # Converted models, chunked in a JetStream Object Store: a new node gets a model over NATS alone.
 MODELS_BUCKET = "spotserve-models"
+# Each node's loader inventory (key = node): what it holds where, and its measured bandwidths.
+INVENTORY_BUCKET = "spotserve-loader-inventory"
 
 
 def loader_fetch_subject(node: str) -> str:

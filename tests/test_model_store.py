@@ -18,9 +18,10 @@ from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.config import NatsSettings
+from shared.loading.format import read_index
 from shared.loading.reader import load_checkpoint
-from shared.loading.store import models_bucket, push_model
-from shared.messages import FetchModelReply
+from shared.loading.store import inventory_bucket, models_bucket, push_model
+from shared.messages import FetchModelReply, LoaderInventory
 from shared.model.tokenizer import TextTokenizer
 from shared.runtime import discover
 from shared.subjects import SERVICE_LOADER, loader_fetch_subject
@@ -57,6 +58,17 @@ async def test_push_then_fetch_from_remote_then_local(
     loaded = load_checkpoint(Path(first.path), verify=True)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
     assert (Path(first.path) / "tokenizer.json").exists()
+    # The node's inventory (for the planner) lists the model and measured bandwidths.
+    inventory_kv = await inventory_bucket(js)
+    inventory = LoaderInventory.model_validate(decode((await inventory_kv.get(node)).value))
+    held = inventory.models["tiny-pushed"]
+    # Bytes to move: the partitions (tensors plus alignment padding).
+    assert held.nbytes == sum(part.nbytes for part in read_index(Path(first.path)).partitions)
+    assert inventory.bandwidth_bps["remote"] > 0 and inventory.bandwidth_bps["local-disk"] > 0
+    on_disk = inventory.estimate_load_s("tiny-pushed", held.nbytes)
+    elsewhere = inventory.estimate_load_s("not-here", held.nbytes)
+    assert on_disk is not None and elsewhere is not None
+    assert on_disk == held.nbytes / inventory.bandwidth_bps["local-disk"] + inventory.queue_s
 
 
 async def test_fetch_of_unknown_or_incomplete_model_is_a_clear_404(

@@ -9,18 +9,32 @@ checked against its index when missing) and replies with its path; readers then 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from pathlib import Path
 
+from nats.errors import Error as NatsError
+from nats.js.kv import KeyValue
 from nats.micro.request import Request
 from pydantic import ValidationError
 
 from shared.codec import DecodeError, decode, encode
 from shared.config import spotserve_home
-from shared.loading.format import CheckpointError, is_converted
-from shared.loading.store import check_model_name, pull_model
-from shared.messages import ErrorCode, FetchModelReply, FetchModelRequest
+from shared.loading.format import CheckpointError, is_converted, read_index
+from shared.loading.store import (
+    check_model_name,
+    inventory_bucket,
+    pull_model,
+    remote_model_bytes,
+)
+from shared.messages import (
+    ErrorCode,
+    FetchModelReply,
+    FetchModelRequest,
+    HeldModel,
+    LoaderInventory,
+)
 from shared.runtime import ServiceContext
 from shared.subjects import loader_fetch_subject
 
@@ -33,6 +47,10 @@ class Loader:
         self.log = context.log.bind(node=node)
         # One pull per model at a time; concurrent fetches of it wait for that pull.
         self._locks: dict[str, asyncio.Lock] = {}
+        self.bandwidth_bps: dict[str, float] = {}
+        # Pulls in progress: (start time, bytes) -> the queue wait q of the estimates.
+        self._pulls: dict[str, tuple[float, int]] = {}
+        self._inventory: KeyValue | None = None
 
     async def on_fetch(self, request: Request) -> None:
         try:
@@ -63,8 +81,85 @@ class Loader:
             path = self.models_dir / name
             if await asyncio.to_thread(is_converted, path):
                 return path, "local-disk"
-            await pull_model(self.context.js, name, path)
+            started = time.perf_counter()
+            self._pulls[name] = (started, await remote_model_bytes(self.context.js, name))
+            await self.publish_inventory()
+            try:
+                await pull_model(self.context.js, name, path)
+            finally:
+                self._pulls.pop(name, None)
+            pulled = await asyncio.to_thread(_model_bytes, path)
+            self._measured("remote", pulled / (time.perf_counter() - started))
+            await self.publish_inventory()
             return path, "remote"
+
+    def queue_s(self) -> float:
+        """Estimated seconds until the pulls in progress are done (0 when idle or unmeasured)."""
+        bandwidth = self.bandwidth_bps.get("remote")
+        if not bandwidth:
+            return 0.0
+        now = time.perf_counter()
+        return sum(max(0.0, n / bandwidth - (now - t)) for t, n in self._pulls.values())
+
+    def _measured(self, tier: str, bps: float) -> None:
+        # Exponentially weighted: recent transfers count most, one outlier does not rule.
+        previous = self.bandwidth_bps.get(tier)
+        self.bandwidth_bps[tier] = bps if previous is None else 0.7 * bps + 0.3 * previous
+
+    async def publish_inventory(self) -> None:
+        """Put this node's inventory in the KV bucket (the planner's input)."""
+        models = await asyncio.to_thread(_held_models, self.models_dir)
+        inventory = LoaderInventory(
+            node=self.node,
+            models=models,
+            bandwidth_bps=dict(self.bandwidth_bps),
+            queue_s=self.queue_s(),
+            updated_at=time.time(),
+        )
+        try:
+            if self._inventory is None:
+                self._inventory = await inventory_bucket(self.context.js)
+            await self._inventory.put(self.node, encode(inventory))
+        except NatsError as exc:
+            self.log.warning("inventory.publish_failed", error=repr(exc))
+
+    async def measure_disk(self) -> None:
+        """Local-disk read bandwidth, from a sequential read of a file written for it."""
+        bps = await asyncio.to_thread(_disk_read_bps, self.models_dir)
+        self._measured("local-disk", bps)
+
+
+def _model_bytes(path: Path) -> int:
+    return sum(part.nbytes for part in read_index(path).partitions)
+
+
+def _held_models(models_dir: Path) -> dict[str, HeldModel]:
+    if not models_dir.is_dir():
+        return {}
+    return {
+        entry.name: HeldModel(tier="local-disk", nbytes=_model_bytes(entry))
+        for entry in sorted(models_dir.iterdir())
+        if not entry.name.startswith(".") and is_converted(entry)
+    }
+
+
+def _disk_read_bps(models_dir: Path, nbytes: int = 64 * 1024 * 1024) -> float:
+    """Write a probe file, evict it from the page cache, time one sequential read of it."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    probe = models_dir / ".bandwidth-probe"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(os.urandom(1024 * 1024) * (nbytes // (1024 * 1024)))
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        started = time.perf_counter()
+        with open(probe, "rb", buffering=0) as handle:
+            while handle.read(16 * 1024 * 1024):
+                pass
+        return nbytes / (time.perf_counter() - started)
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 async def serve(context: ServiceContext) -> None:
@@ -79,6 +174,8 @@ async def serve(context: ServiceContext) -> None:
     await service.add_endpoint(
         name="fetch", subject=loader_fetch_subject(node), handler=loader.on_fetch
     )
-    loader.log.info("loader.ready", models_dir=str(models_dir))
+    await loader.measure_disk()
+    await loader.publish_inventory()
+    loader.log.info("loader.ready", models_dir=str(models_dir), bandwidth_bps=loader.bandwidth_bps)
     await context.stop.wait()
     await service.stop()

@@ -16,13 +16,14 @@ import tempfile
 from pathlib import Path
 
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared.loading.format import INDEX_FILE, CheckpointError, convert, is_converted
 from shared.loading.reader import load_checkpoint
-from shared.subjects import MODELS_BUCKET
+from shared.subjects import INVENTORY_BUCKET, MODELS_BUCKET
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -40,6 +41,13 @@ async def models_bucket(js: JetStreamContext) -> ObjectStore:
         return await js.create_object_store(
             MODELS_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE)
         )
+
+
+async def inventory_bucket(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(INVENTORY_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_key_value(KeyValueConfig(bucket=INVENTORY_BUCKET, history=1))
 
 
 async def push_model(js: JetStreamContext, directory: Path, name: str) -> int:
@@ -67,6 +75,16 @@ def _model_files(directory: Path) -> list[Path]:
     """Every file of a converted model, the index last: its presence marks a complete upload."""
     files = sorted(f for f in directory.iterdir() if f.is_file() and f.name != INDEX_FILE)
     return [*files, directory / INDEX_FILE]
+
+
+async def remote_model_bytes(js: JetStreamContext, name: str) -> int:
+    """Bytes of a model in the remote store (0 if it is not there)."""
+    bucket = await models_bucket(js)
+    try:
+        listing = await bucket.list()
+    except NotFoundError:
+        return 0
+    return sum(info.size or 0 for info in listing if info.name and info.name.startswith(f"{name}/"))
 
 
 async def pull_model(js: JetStreamContext, name: str, destination: Path) -> Path:
