@@ -43,13 +43,8 @@ MULTIBYTE_TEXT = "Le café était très bon: 中文很好 🙂🦀 naïve ß ∑
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(model_dir: Path) -> TextTokenizer:
-    return TextTokenizer.from_model_dir(model_dir)
+def model_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")
