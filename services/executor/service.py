@@ -44,17 +44,8 @@ class Executor:
         except (DecodeError, ValidationError) as exc:
             await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad step command: {exc}")
             return
-        steps = [
-            SequenceStep(
-                request_id=sequence.request_id,
-                token_ids=sequence.token_ids,
-                temperature=sequence.temperature,
-                top_p=sequence.top_p,
-                seed=sequence.seed,
-                sample_index=sequence.sample_index,
-            )
-            for sequence in command.sequences
-        ]
+        # The wire model and the engine's step carry the same fields.
+        steps = [SequenceStep(**sequence.model_dump()) for sequence in command.sequences]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:

@@ -13,7 +13,6 @@ carries its size and a CRC32 so truncation and corruption are found on load.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -232,7 +231,3 @@ def read_index(directory: Path) -> CheckpointIndex:
 
 def is_converted(directory: Path) -> bool:
     return (directory / INDEX_FILE).exists()
-
-
-def index_json(index: CheckpointIndex) -> str:
-    return json.dumps(index.model_dump(), sort_keys=True)
