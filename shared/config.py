@@ -97,6 +97,16 @@ class LoaderSettings(BaseModel):
     node: str | None = None
     # The local-disk tier: converted models, one directory each; None: $SPOTSERVE_HOME/checkpoints.
     models_dir: Path | None = None
+    # The host-memory tier: a shared-memory pool of reusable chunks (0 turns it off). Sparse:
+    # memory is taken only by chunks in use. In containers, give /dev/shm room (shm_size).
+    host_pool_bytes: int = Field(default=4 * 1024**3, ge=0)
+    host_pool_chunk_bytes: int = Field(default=64 * 1024**2, ge=4096)
+    # None: /dev/shm when writable, else $SPOTSERVE_HOME/shm.
+    host_pool_dir: Path | None = None
+    # A lease not given back within this time expires (an executor that died while copying).
+    host_lease_s: float = Field(default=120.0, gt=0)
+    # Check every partition's CRC32 when reading a model into host memory.
+    verify: bool = True
 
 
 class LogSettings(BaseModel):

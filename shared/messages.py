@@ -167,22 +167,45 @@ class StepResult(InternalModel):
     compute_s: float
 
 
+Tier = Literal["host-memory", "local-disk", "remote"]
+
+
 class FetchModelRequest(StrictModel):
-    """Ask a node's loader to bring a model from the remote store to its local disk."""
+    """Ask a node's loader to bring a model to its local disk (from the remote store) and,
+    with ``host_lease``, into its host-memory pool, leased to the caller while it copies."""
 
     model: str = Field(min_length=1, max_length=128)
+    host_lease: bool = False
+
+
+class HostLease(InternalModel):
+    """Where a model lies in the loader's shared-memory pool; valid until released."""
+
+    lease_id: str
+    pool_path: str
+    chunk_bytes: int
+    # The k-th chunk of the model's chunk plan (shared.loading.hostpool.chunk_plan) is here.
+    chunks: list[int]
+    model_dir: str
 
 
 class FetchModelReply(InternalModel):
     model: str
     path: str
-    # Where the model was found: already on local disk, or pulled from the remote store.
-    tier: Literal["local-disk", "remote"]
+    # Where the model was found: in host memory, on local disk, or pulled from the remote store.
+    tier: Tier
     seconds: float
+    # Present when a host lease was asked for and the model fits in the pool.
+    host: HostLease | None = None
+
+
+class ReleaseLeaseRequest(StrictModel):
+    lease_id: str = Field(min_length=1, max_length=64)
 
 
 class HeldModel(InternalModel):
-    tier: Literal["local-disk"]
+    # The fastest tier holding it (a pooled model is on local disk too).
+    tier: Literal["host-memory", "local-disk"]
     nbytes: int
 
 
@@ -199,7 +222,8 @@ class LoaderInventory(InternalModel):
 
     def estimate_load_s(self, model: str, nbytes: int) -> float | None:
         """q + n/b from the fastest tier that has the model, or None if nothing is measured."""
-        tier = "local-disk" if model in self.models else "remote"
+        held = self.models.get(model)
+        tier = held.tier if held is not None else "remote"
         bandwidth = self.bandwidth_bps.get(tier)
         return None if not bandwidth else self.queue_s + nbytes / bandwidth
 

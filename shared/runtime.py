@@ -25,8 +25,8 @@ from shared.bus import NatsUnavailableError, connect, connect_jetstream, resolve
 from shared.codec import decode, encode
 from shared.config import ConfigurationError, ModelSettings, Settings
 from shared.logging import configure_logging
-from shared.messages import FetchModelReply, FetchModelRequest
-from shared.subjects import loader_fetch_subject, srv_subject
+from shared.messages import FetchModelReply, FetchModelRequest, HostLease, ReleaseLeaseRequest
+from shared.subjects import loader_fetch_subject, loader_release_subject, srv_subject
 
 
 @dataclass
@@ -123,12 +123,22 @@ async def discover(
 async def resolve_model(context: ServiceContext) -> Path:
     """The model directory this service uses: fetched through this node's loader when
     ``model.name`` is set, else the configured directory or the embedded default."""
+    if context.settings.model.name is None:
+        return await asyncio.to_thread(resolve_model_dir, context.settings.model)
+    return Path((await fetch_model(context)).path)
+
+
+def node_name(settings: Settings) -> str:
+    return settings.loader.node or socket.gethostname().split(".")[0]
+
+
+async def fetch_model(context: ServiceContext, host_lease: bool = False) -> FetchModelReply:
+    """Ask this node's loader for ``model.name`` (waiting for a loader that is still starting)."""
     settings = context.settings.model
-    if settings.name is None:
-        return await asyncio.to_thread(resolve_model_dir, settings)
-    node = context.settings.loader.node or socket.gethostname().split(".")[0]
+    assert settings.name is not None
+    node = node_name(context.settings)
     deadline = asyncio.get_running_loop().time() + settings.fetch_timeout_s
-    body = encode(FetchModelRequest(model=settings.name))
+    body = encode(FetchModelRequest(model=settings.name, host_lease=host_lease))
     while True:
         remaining = deadline - asyncio.get_running_loop().time()
         try:
@@ -150,7 +160,17 @@ async def resolve_model(context: ServiceContext) -> Path:
         raise ConfigurationError(f"cannot get model {settings.name!r}: {headers.get(ERROR_HEADER)}")
     fetched = FetchModelReply.model_validate(decode(reply.data))
     context.log.info("model.fetched", model=settings.name, tier=fetched.tier, path=fetched.path)
-    return Path(fetched.path)
+    return fetched
+
+
+async def release_host_lease(context: ServiceContext, lease: HostLease) -> None:
+    """Give a host-pool lease back; if this fails the lease simply expires."""
+    node = node_name(context.settings)
+    body = encode(ReleaseLeaseRequest(lease_id=lease.lease_id))
+    try:
+        await context.nc.request(loader_release_subject(node), body, timeout=5.0)
+    except (TimeoutError, NoRespondersError) as exc:
+        context.log.warning("lease.release_failed", lease_id=lease.lease_id, error=repr(exc))
 
 
 def resolve_model_dir(settings: ModelSettings) -> Path:

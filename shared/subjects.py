@@ -74,6 +74,11 @@ def loader_fetch_subject(node: str) -> str:
     return f"{API_PREFIX}.loader.{node}.fetch"
 
 
+def loader_release_subject(node: str) -> str:
+    """Give a host-memory lease back to one node's loader (the model may be evicted again)."""
+    return f"{API_PREFIX}.loader.{node}.release"
+
+
 def srv_subject(verb: str, service: str | None = None) -> str:
     """nats.micro discovery subject, e.g. ``$SRV.PING.spotserve-executor``."""
     return f"$SRV.{verb}" if service is None else f"$SRV.{verb}.{service}"

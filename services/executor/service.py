@@ -12,15 +12,18 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 
 import torch
 from nats.micro.request import Request
 from pydantic import ValidationError
 
 from shared.codec import DecodeError, decode, encode
-from shared.messages import ErrorCode, ReleaseCommand, StepCommand, StepResult
+from shared.loading.hostpool import load_from_host_pool
+from shared.messages import ErrorCode, HostLease, ReleaseCommand, StepCommand, StepResult
 from shared.model.engine import Engine, EngineError, SequenceStep
-from shared.runtime import ServiceContext, resolve_model
+from shared.runtime import ServiceContext, fetch_model, release_host_lease, resolve_model
 from shared.subjects import executor_release_subject, executor_step_subject
 
 
@@ -122,7 +125,13 @@ def default_instance_id() -> str:
 async def serve(context: ServiceContext) -> None:
     settings = context.settings.executor
     instance_id = settings.instance_id or default_instance_id()
-    model_dir = await resolve_model(context)
+    lease: HostLease | None = None
+    if context.settings.model.name is None:
+        model_dir = await resolve_model(context)
+    else:
+        # Through this node's loader: from its host-memory pool when the model fits there.
+        fetched = await fetch_model(context, host_lease=True)
+        model_dir, lease = Path(fetched.path), fetched.host
     # One thread does all torch work, loading included: the engine and its KV cache are not
     # thread-safe, steps are ordered, and CPU (OpenMP) kernels run ~40% slower when a second
     # thread's team of workers exists beside the one that computes.
@@ -137,11 +146,22 @@ async def serve(context: ServiceContext) -> None:
             max_slots=settings.max_slots,
             max_seq_len=settings.max_seq_len,
             host_slots=settings.host_kv_slots,
+            weights=partial(load_from_host_pool, lease) if lease else None,
         )
         warm_up(engine)
         return engine
 
-    engine = await asyncio.get_running_loop().run_in_executor(compute, load)
+    started = time.perf_counter()
+    try:
+        engine = await asyncio.get_running_loop().run_in_executor(compute, load)
+    finally:
+        if lease is not None:
+            await release_host_lease(context, lease)
+    context.log.info(
+        "model.loaded",
+        source="host-pool" if lease else "disk",
+        seconds=round(time.perf_counter() - started, 3),
+    )
     executor = Executor(context, engine, instance_id, compute)
     service = await context.add_micro_service(
         "Runs decoding iterations of one instance's model",

@@ -1,9 +1,10 @@
 """Loader: one per node; owns the node's checkpoint tiers.
 
-In this version: the remote store (JetStream Object Store ``spotserve-models``) and the local
-disk. ``spotserve.v1.loader.<node>.fetch`` brings a converted model to local disk (pulled and
-checked against its index when missing) and replies with its path; readers then load it with
-``shared.loading.reader`` (the page cache serves as the host-memory tier).
+remote store (JetStream Object Store ``spotserve-models``) -> local disk -> host memory (a
+shared-memory pool of reusable chunks, LRU) -> the executor's device. ``spotserve.v1.loader.
+<node>.fetch`` brings a converted model to local disk (pulled and checked against its index when
+missing) and replies with its path; with ``host_lease`` it also reads the model into the host
+pool and leases it to the caller, who copies it from shared memory and then calls ``release``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from shared.codec import DecodeError, decode, encode
 from shared.config import spotserve_home
 from shared.loading.format import CheckpointError, is_converted, read_index
+from shared.loading.hostpool import HostChunkPool, default_pool_dir, host_copy_bps
 from shared.loading.store import (
     check_model_name,
     inventory_bucket,
@@ -33,17 +35,27 @@ from shared.messages import (
     FetchModelReply,
     FetchModelRequest,
     HeldModel,
+    HostLease,
     LoaderInventory,
+    ReleaseLeaseRequest,
+    Tier,
 )
 from shared.runtime import ServiceContext
-from shared.subjects import loader_fetch_subject
+from shared.subjects import loader_fetch_subject, loader_release_subject
 
 
 class Loader:
-    def __init__(self, context: ServiceContext, node: str, models_dir: Path) -> None:
+    def __init__(
+        self,
+        context: ServiceContext,
+        node: str,
+        models_dir: Path,
+        pool: HostChunkPool | None = None,
+    ) -> None:
         self.context = context
         self.node = node
         self.models_dir = models_dir
+        self.pool = pool
         self.log = context.log.bind(node=node)
         # One pull per model at a time; concurrent fetches of it wait for that pull.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -62,6 +74,9 @@ class Loader:
         started = time.perf_counter()
         try:
             path, tier = await self._ensure_local(name)
+            lease = None
+            if body.host_lease and self.pool is not None:
+                tier, lease = await self._lease_from_pool(name, path, tier)
         except CheckpointError as exc:
             self.log.warning("fetch.failed", model=name, error=str(exc))
             await request.respond_error(str(ErrorCode.NOT_FOUND), str(exc))
@@ -72,10 +87,43 @@ class Loader:
             return
         seconds = time.perf_counter() - started
         self.log.info("fetch.done", model=name, tier=tier, seconds=round(seconds, 3))
-        reply = FetchModelReply(model=name, path=str(path), tier=tier, seconds=seconds)
+        reply = FetchModelReply(model=name, path=str(path), tier=tier, seconds=seconds, host=lease)
         await request.respond(encode(reply))
 
-    async def _ensure_local(self, name: str) -> tuple[Path, str]:
+    async def _lease_from_pool(
+        self, name: str, path: Path, tier: Tier
+    ) -> tuple[Tier, HostLease | None]:
+        """The model in the host pool (read in when missing), leased; no lease if it cannot fit
+        (the caller then reads local disk, which is always there)."""
+        assert self.pool is not None
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if self.pool.lookup(name) is not None:
+                tier = "host-memory"
+            else:
+                try:
+                    pooled = await asyncio.to_thread(
+                        self.pool.admit, name, path, self.context.settings.loader.verify
+                    )
+                except OSError as exc:  # e.g. /dev/shm full
+                    self.log.warning("pool.admit_failed", model=name, error=str(exc))
+                    return tier, None
+                if pooled is None:
+                    self.log.info("pool.no_room", model=name, capacity=self.pool.capacity_bytes)
+                    return tier, None
+                await self.publish_inventory()
+            return tier, self.pool.lease(name, self.context.settings.loader.host_lease_s)
+
+    async def on_release(self, request: Request) -> None:
+        try:
+            body = ReleaseLeaseRequest.model_validate(decode(request.data))
+        except (DecodeError, ValidationError) as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad release request: {exc}")
+            return
+        released = self.pool is not None and self.pool.release(body.lease_id)
+        await request.respond(encode({"released": released}))
+
+    async def _ensure_local(self, name: str) -> tuple[Path, Tier]:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             path = self.models_dir / name
@@ -109,6 +157,9 @@ class Loader:
     async def publish_inventory(self) -> None:
         """Put this node's inventory in the KV bucket (the planner's input)."""
         models = await asyncio.to_thread(_held_models, self.models_dir)
+        if self.pool is not None:
+            for name, nbytes in self.pool.held().items():
+                models[name] = HeldModel(tier="host-memory", nbytes=nbytes)
         inventory = LoaderInventory(
             node=self.node,
             models=models,
@@ -127,6 +178,8 @@ class Loader:
         """Local-disk read bandwidth, from a sequential read of a file written for it."""
         bps = await asyncio.to_thread(_disk_read_bps, self.models_dir)
         self._measured("local-disk", bps)
+        if self.pool is not None:
+            self._measured("host-memory", await asyncio.to_thread(host_copy_bps))
 
 
 def _model_bytes(path: Path) -> int:
@@ -166,16 +219,36 @@ async def serve(context: ServiceContext) -> None:
     settings = context.settings.loader
     node = settings.node or socket.gethostname().split(".")[0]
     models_dir = settings.models_dir or spotserve_home() / "checkpoints"
-    loader = Loader(context, node, models_dir)
+    pool = None
+    if settings.host_pool_bytes:
+        pool = await asyncio.to_thread(
+            HostChunkPool,
+            settings.host_pool_dir or default_pool_dir(),
+            node,
+            settings.host_pool_bytes,
+            settings.host_pool_chunk_bytes,
+        )
+    loader = Loader(context, node, models_dir, pool)
     service = await context.add_micro_service(
-        "Brings converted models from the remote store to this node's disk",
-        metadata={"node": node, "models_dir": str(models_dir)},
+        "Brings converted models from the remote store to this node's disk and host memory",
+        metadata={
+            "node": node,
+            "models_dir": str(models_dir),
+            "host_pool": str(pool.path) if pool else "",
+        },
     )
     await service.add_endpoint(
         name="fetch", subject=loader_fetch_subject(node), handler=loader.on_fetch
     )
+    await service.add_endpoint(
+        name="release", subject=loader_release_subject(node), handler=loader.on_release
+    )
     await loader.measure_disk()
     await loader.publish_inventory()
     loader.log.info("loader.ready", models_dir=str(models_dir), bandwidth_bps=loader.bandwidth_bps)
-    await context.stop.wait()
-    await service.stop()
+    try:
+        await context.stop.wait()
+        await service.stop()
+    finally:
+        if pool is not None:
+            pool.close()

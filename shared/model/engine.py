@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from shared.model.llama import Transformer, load_transformer
+from shared.model.llama import Transformer, WeightsSource, load_transformer
 from shared.model.sampling import SamplingParams, sample_tokens, validate_sampling
 from shared.model.tokenizer import TextTokenizer, read_eos_token_ids
 
@@ -83,6 +83,7 @@ class Engine:
         max_slots: int = 16,
         max_seq_len: int | None = None,
         host_slots: int = 0,
+        weights: WeightsSource | None = None,
     ) -> None:
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
@@ -90,7 +91,7 @@ class Engine:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.model_dir = Path(model_dir)
         self.model: Transformer = load_transformer(
-            self.model_dir, torch.device(device) if device else None
+            self.model_dir, torch.device(device) if device else None, weights=weights
         )
         limit = self.model.args.max_position_embeddings
         self.max_seq_len = limit if max_seq_len is None else min(max_seq_len, limit)

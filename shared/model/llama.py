@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -468,10 +469,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+# Reads a checkpoint's tensors onto a device (e.g. from the loader's host-memory pool).
+WeightsSource = Callable[[torch.device], dict[str, Tensor]]
+
+
 def load_transformer(
-    model_dir: Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+    model_dir: Path,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    weights: WeightsSource | None = None,
 ) -> Transformer:
-    """Build a Transformer from an HF directory (config.json + safetensors, sharded or not)."""
+    """Build a Transformer from an HF directory (config.json + safetensors, sharded or not,
+    or spotserve's converted format); ``weights`` replaces reading the tensors from the dir."""
     model_dir = Path(model_dir)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -479,7 +488,10 @@ def load_transformer(
     args = ModelArgs.from_hf_config(config)
     with torch.device("meta"):
         model = Transformer(args)
-    state = _read_state_dict(model_dir, device, dtype)
+    if weights is not None:
+        state = _checkpoint_names(weights(device), dtype)
+    else:
+        state = _read_state_dict(model_dir, device, dtype)
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = sorted(set(model.state_dict()) - set(state))
@@ -520,7 +532,11 @@ def _read_converted(model_dir: Path, device: torch.device, dtype: torch.dtype) -
     """spotserve's loading-optimized format: one allocation on the device, tensors as views."""
     from shared.loading.reader import load_checkpoint
 
-    loaded = load_checkpoint(model_dir, device=device)
+    return _checkpoint_names(load_checkpoint(model_dir, device=device), dtype)
+
+
+def _checkpoint_names(loaded: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """HF tensor names -> this module's (rope frequencies are recomputed, not loaded)."""
     return {
         name.removeprefix("model."): tensor.to(dtype)
         for name, tensor in loaded.items()
