@@ -230,3 +230,150 @@ class LoaderInventory(InternalModel):
 
 class ReleaseCommand(InternalModel):
     request_ids: list[str]
+
+
+# -- fleet (monitor) -----------------------------------------------------------------------------
+
+PriceClass = Literal["spot", "on-demand"]
+FleetEventKind = Literal["joined", "preempt-notice", "lost", "left"]
+NoticeSource = Literal["aws", "gcp", "azure", "cli", "trace", "local"]
+InstanceId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class InstanceRecord(InternalModel):
+    """One executor instance, as it registers (and re-puts as heartbeat) in the registry."""
+
+    instance_id: str
+    node: str
+    devices: int = Field(ge=1)
+    device_kind: str  # "cpu" or "cuda"
+    device_memory_bytes: int = Field(ge=0)
+    price_class: PriceClass = "spot"
+    price_per_hour: float = Field(default=0.0, ge=0)
+    pid: int | None = None
+    started_at: float
+    heartbeat_at: float  # the instance's clock: informational; leases use the monitor's
+
+
+class PreemptNotice(StrictModel):
+    """The cloud (or an operator, or a trace) says an instance will be taken away."""
+
+    instance_id: InstanceId
+    # Seconds until the instance is gone; None: the monitor's default grace period.
+    grace_s: float | None = Field(default=None, ge=0, le=3600)
+    source: NoticeSource = "cli"
+
+
+class FleetEvent(InternalModel):
+    kind: FleetEventKind
+    instance: InstanceRecord
+    at: float  # monitor clock (unix seconds)
+    # preempt-notice: when the instance will be gone (monitor clock).
+    deadline: float | None = None
+    source: str = "monitor"
+
+
+class AddInstancesRequest(StrictModel):
+    count: int = Field(default=1, ge=1, le=64)
+    price_class: PriceClass = "spot"
+
+
+class AddInstancesReply(InternalModel):
+    instance_ids: list[str]
+
+
+class InstanceStatus(InternalModel):
+    record: InstanceRecord
+    state: Literal["running", "preempting"]
+    deadline: float | None = None
+    lease_left_s: float
+
+
+class FleetStatus(InternalModel):
+    instances: list[InstanceStatus]
+
+
+# -- plans (planner) -----------------------------------------------------------------------------
+
+
+class ArrivalRate(InternalModel):
+    """Accepted requests per second over a recent window (admission's clock)."""
+
+    requests_per_s: float = Field(ge=0)
+    window_s: float = Field(gt=0)
+    at: float
+
+
+class ParallelConfig(InternalModel):
+    """C = (D, P, M, B) with the cost model's estimates for it."""
+
+    data: int = Field(ge=1)
+    pipeline: int = Field(ge=1)
+    tensor: int = Field(ge=1)
+    batch: int = Field(ge=1)
+    latency_s: float = Field(ge=0)
+    throughput_rps: float = Field(ge=0)
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.pipeline * self.tensor
+
+
+class DeviceRole(InternalModel):
+    """What one device does under a plan: a tensor shard of a layer range of one replica."""
+
+    instance_id: str
+    device: int = Field(ge=0)
+    replica: int = Field(ge=0)
+    stage: int = Field(ge=0)
+    tp_rank: int = Field(ge=0)
+    first_layer: int = Field(ge=0)
+    last_layer: int = Field(ge=0)  # inclusive
+
+
+class Transfer(InternalModel):
+    """Bytes one device must receive: a slice of a layer's tensors (weights) or a request's KV
+    cache, from a surviving peer or (source_instance None) from its node's loader.
+
+    The slice is the fraction [lo/den, hi/den) of every tensor-parallel-split dimension of the
+    layer's tensors (replicated tensors travel whole with the slice starting at 0)."""
+
+    kind: Literal["weights", "kv"]
+    instance_id: str
+    device: int = Field(ge=0)
+    # weights: -1 embeddings, 0..L-1 layers, L the final norm and head.
+    layer: int = Field(ge=-1)
+    den: int = Field(default=1, ge=1)
+    lo: int = Field(default=0, ge=0)
+    hi: int = Field(default=1, ge=1)
+    request_id: str | None = None  # kv transfers
+    source_instance: str | None = None
+    source_device: int | None = None
+    nbytes: int = Field(ge=0)
+    # Progressive order: embeddings, layers 0..L-1, head; off dying instances first.
+    order: int = Field(ge=0)
+
+
+class JitDecision(InternalModel):
+    """Just-in-time arrangement of one request on a dying instance."""
+
+    request_id: str
+    instance_id: str
+    action: Literal["finish", "migrate", "recompute"]
+    # Iterations it may still decode in place before its KV cache must move.
+    decode_steps: int = Field(ge=0)
+
+
+class Plan(InternalModel):
+    epoch: int = Field(ge=1)
+    created_at: float
+    reason: str
+    # The last fleet event (stream sequence) this plan takes into account.
+    fleet_seq: int = Field(ge=0)
+    config: ParallelConfig
+    roles: list[DeviceRole]
+    transfers: list[Transfer]
+    jit: list[JitDecision] = []
+    # The arrival rate cannot be met with the live instances: on-demand capacity is needed.
+    needs_on_demand: bool = False
+    decision_s: float = Field(ge=0)

@@ -79,6 +79,31 @@ def loader_release_subject(node: str) -> str:
     return f"{API_PREFIX}.loader.{node}.release"
 
 
+# -- fleet (monitor) --------------------------------------------------------------------------
+# Instance registry: key = instance id -> InstanceRecord, re-put by each executor as heartbeat.
+INSTANCES_BUCKET = "spotserve-instances"
+# Fleet events (joined, preempt-notice, lost, left), in order, written only by the monitor.
+FLEET_STREAM = "SPOTSERVE_FLEET"
+FLEET_SUBJECT_PREFIX = f"{API_PREFIX}.fleet.events"
+PLANNER_FLEET_CONSUMER = "planner"
+# Requests to the monitor (nats.micro endpoints of its "fleet" group).
+FLEET_NOTICE = f"{API_PREFIX}.fleet.notice"  # PreemptNotice -> FleetEvent
+FLEET_ADD = f"{API_PREFIX}.fleet.add"  # AddInstancesRequest -> AddInstancesReply
+FLEET_STATUS = f"{API_PREFIX}.fleet.status"  # {} -> FleetStatus
+
+# -- plans (planner) ---------------------------------------------------------------------------
+# Epoch-numbered plans, written only by the planner; the last one is the current one.
+PLANS_STREAM = "SPOTSERVE_PLANS"
+PLANS_SUBJECT = f"{API_PREFIX}.plans"
+# Cluster load figures (key "arrival-rate" -> ArrivalRate, put by admission).
+LOAD_BUCKET = "spotserve-load"
+ARRIVAL_RATE_KEY = "arrival-rate"
+
+
+def fleet_event_subject(kind: str) -> str:
+    return f"{FLEET_SUBJECT_PREFIX}.{kind}"
+
+
 def srv_subject(verb: str, service: str | None = None) -> str:
     """nats.micro discovery subject, e.g. ``$SRV.PING.spotserve-executor``."""
     return f"$SRV.{verb}" if service is None else f"$SRV.{verb}.{service}"
@@ -123,9 +148,50 @@ def scheduler_consumer_config(ack_wait_s: float, max_ack_pending: int) -> Consum
     )
 
 
+def fleet_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=FLEET_STREAM,
+        subjects=[f"{FLEET_SUBJECT_PREFIX}.*"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600.0,
+        # The monitor sets Nats-Msg-Id per change: a retried publish is not a second event.
+        duplicate_window=600.0,
+    )
+
+
+def plans_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=PLANS_STREAM,
+        subjects=[PLANS_SUBJECT],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_msgs=1000,
+        max_msg_size=8 * 1024 * 1024,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=600.0,
+    )
+
+
+def planner_fleet_consumer_config() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=PLANNER_FLEET_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=60.0,
+        max_deliver=-1,
+        filter_subject=f"{FLEET_SUBJECT_PREFIX}.*",
+    )
+
+
 async def ensure_streams(js: JetStreamContext) -> None:
     """Create or update every stream spotserve uses (idempotent, safe to race)."""
-    for config in (requests_stream_config(), tokens_stream_config()):
+    for config in (
+        requests_stream_config(),
+        tokens_stream_config(),
+        fleet_stream_config(),
+        plans_stream_config(),
+    ):
         try:
             await js.add_stream(config)
         except BadRequestError:

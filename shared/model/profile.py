@@ -33,6 +33,47 @@ class ModelProfile(BaseModel):
         return _interpolate(self.decode, batch_size)
 
 
+class ParallelProfile(BaseModel):
+    """The planner's cost-model inputs (SpotServe's form, DESIGN.md "Parallel configuration"):
+    per-layer prefill and decode seconds by tensor degree M and micro-batch size b, the cost of
+    one pipeline send, and the sizes that decide memory and migration bytes."""
+
+    model: str
+    device: str
+    created_at: float
+    num_layers: int = Field(ge=1)
+    # Weight bytes of one layer (all shards together), of the embeddings, of norm + head.
+    layer_bytes: int = Field(ge=0)
+    embed_bytes: int = Field(ge=0)
+    head_bytes: int = Field(ge=0)
+    # KV cache bytes per token of one sequence over all layers.
+    kv_bytes_per_token: int = Field(ge=0)
+    prefill_tokens: int = Field(ge=1)  # the prompt length prefill_s was measured with
+    # M -> [(b, seconds per layer)], sorted by b.
+    prefill_s: dict[int, list[tuple[int, float]]]
+    decode_s: dict[int, list[tuple[int, float]]]
+    # One stage-to-stage activation send of one micro-batch (prefill, decode).
+    comm_prefill_s: float = Field(ge=0)
+    comm_decode_s: float = Field(ge=0)
+    # Embedding lookup + sampling per iteration (outside the layers).
+    embed_s: float = Field(default=0.0, ge=0)
+    devices_per_instance: int = Field(ge=1)
+    device_memory_bytes: int = Field(ge=0)
+
+    def tensor_degrees(self) -> list[int]:
+        return sorted(set(self.prefill_s) & set(self.decode_s))
+
+    def prefill_layer_s(self, tensor: int, batch: int) -> float:
+        return _interpolate(self.prefill_s[tensor], batch)
+
+    def decode_layer_s(self, tensor: int, batch: int) -> float:
+        return _interpolate(self.decode_s[tensor], batch)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.embed_bytes + self.num_layers * self.layer_bytes + self.head_bytes
+
+
 def _interpolate(points: list[tuple[int, float]], x: int) -> float:
     """Piecewise linear; beyond the last point, extrapolate from the last two."""
     xs = [p[0] for p in points]
