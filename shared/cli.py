@@ -96,8 +96,21 @@ def convert(
     source: Annotated[Path, typer.Argument(help="HF model directory (safetensors or .bin).")],
     destination: Annotated[Path, typer.Argument(help="Where to write the converted model.")],
     force: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+    tp: Annotated[
+        int,
+        typer.Option(
+            "--tp",
+            min=1,
+            help="Tensor-parallel degree M: split q/k/v/gate/up/lm_head on dim 0 and o/down on"
+            " dim 1 into M shards, each shard's layers stored contiguously (1: no split).",
+        ),
+    ] = 1,
 ) -> None:
-    """Convert an HF model to spotserve's loading-optimized format."""
+    """Convert an HF model to spotserve's loading-optimized format.
+
+    Tensors are stored in execution order so that a pipeline stage (a layer range) and, with
+    --tp M, one tensor-parallel shard each load as one or two contiguous byte ranges.
+    """
     from shared.loading.format import CheckpointError
     from shared.loading.format import convert as convert_checkpoint
 
@@ -110,14 +123,17 @@ def convert(
             shown[0] = percent
 
         try:
-            index = convert_checkpoint(source, destination, force=force, progress=progress)
+            index = convert_checkpoint(
+                source, destination, force=force, progress=progress, tp_degree=tp
+            )
         except (CheckpointError, FileExistsError, OSError) as exc:
             _echo_error(str(exc))
             raise typer.Exit(1) from None
     size = sum(part.nbytes for part in index.partitions)
+    shards = f", {index.tp_degree} tensor-parallel shards" if index.tp_degree > 1 else ""
     typer.echo(
         f"wrote {len(index.tensors)} tensors ({size / 1e6:.1f} MB in"
-        f" {len(index.partitions)} partition(s)) to {destination}"
+        f" {len(index.partitions)} partition(s){shards}) to {destination}"
     )
 
 

@@ -5,16 +5,21 @@ threads issuing large aligned reads, with O_DIRECT where the filesystem allows i
 to buffered reads otherwise); every tensor is a view into that allocation. For a CUDA target a
 copier moves each finished chunk to one device allocation while later chunks are still being
 read. Sizes are always checked; CRC32s when ``verify`` is set.
+
+A pipeline stage (``layers``) and/or one tensor-parallel shard (``tp_rank``) reads only its own
+byte ranges (``CheckpointIndex.read_ranges``), packed back to back in the one allocation.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import mmap
 import os
 import queue
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +30,12 @@ import torch
 
 from shared.loading.format import (
     ALIGNMENT,
+    ByteRange,
     CheckpointError,
     CheckpointIndex,
+    Layers,
+    PieceEntry,
+    TensorEntry,
     read_index,
     torch_dtype,
 )
@@ -84,17 +93,26 @@ def load_checkpoint(
     chunk_bytes: int = CHUNK_BYTES,
     mode: ReadMode = "auto",
     verify: bool = False,
+    layers: Layers | None = None,
+    tp_rank: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of a converted checkpoint, as views into one allocation on ``device``.
+    """The tensors of a converted checkpoint, as views into one allocation on ``device``.
 
     ``mode``: "direct" (O_DIRECT reads, bypassing the page cache), "buffered" (page-cache reads),
     "mmap" (CPU only: views of the page cache itself, no copy), "auto" (mmap when the files are
     already cached and the target is the CPU, else buffered).
+
+    ``layers`` (first, last) keeps one pipeline stage: those layers, plus the embeddings when
+    first is 0 and the final norm and head when last is the final layer. ``tp_rank`` keeps one
+    tensor-parallel shard: its piece of each split tensor, under the tensor's own name, plus the
+    replicated tensors. Without a rank, split tensors are reassembled (a copy, not a view).
+    With ``verify``, a partial load checks the CRC32 of each tensor it read.
     """
     index = read_index(directory)
     paths = _check_files(directory, index)
     device = torch.device(device)
-    spans = [part.nbytes + (-part.nbytes) % ALIGNMENT for part in index.partitions]
+    everything = index.covers_everything(layers, tp_rank)
+    selected = index if everything else index.select(layers, tp_rank)
     if mode == "auto":
         mode = "mmap" if device.type == "cpu" and all(map(_is_cached, paths)) else "buffered"
     if mode == "mmap":
@@ -102,23 +120,28 @@ def load_checkpoint(
             raise ValueError("mode 'mmap' loads into CPU memory only")
         bases = [_mapped(path) for path in paths]
         if verify:
-            _verify(index, bases, paths)
-        return _views(index, bases)
+            _verify(selected, bases, paths, whole=everything)
+        return _views(selected, bases)
+    ranges = index.read_ranges(layers, tp_rank)
+    spans = [end - start for _, start, end in ranges]
     starts = [sum(spans[:i]) for i in range(len(spans))]
     host = _aligned_host_buffer(sum(spans), pin=device.type == "cuda")
     chunks = [
-        _Chunk(p, offset, starts[p] + offset, min(chunk_bytes, spans[p] - offset))
-        for p in range(len(spans))
-        for offset in range(0, spans[p], chunk_bytes)
+        _Chunk(p, offset, starts[i] + offset - first, min(chunk_bytes, end - offset))
+        for i, (p, first, end) in enumerate(ranges)
+        for offset in range(first, end, chunk_bytes)
     ]
     target = (
         host if device.type == "cpu" else torch.empty(sum(spans), dtype=torch.uint8, device=device)
     )
     _read_all(paths, host, target, chunks, threads, direct=mode == "direct")
-    ranges = list(zip(starts, spans, strict=True))
     if verify:
-        _verify(index, [host[start : start + span] for start, span in ranges], paths)
-    return _views(index, [target[start : start + span] for start, span in ranges])
+        _verify(selected, _slices(host, starts, spans), paths, whole=everything, ranges=ranges)
+    return _views(selected, _slices(target, starts, spans), ranges=ranges)
+
+
+def _slices(buffer: torch.Tensor, starts: list[int], spans: list[int]) -> list[torch.Tensor]:
+    return [buffer[start : start + span] for start, span in zip(starts, spans, strict=True)]
 
 
 def _is_cached(path: Path) -> bool:
@@ -204,25 +227,92 @@ def _copy_to_device(
     stream.synchronize()
 
 
-def _verify(index: CheckpointIndex, bases: list[torch.Tensor], paths: list[Path]) -> None:
-    for number, part in enumerate(index.partitions):
-        data = memoryview(bases[number][: part.nbytes].numpy())
-        if zlib.crc32(data) != part.crc32:
-            raise CheckpointError(f"partition file {paths[number]} is corrupt (CRC32 mismatch)")
+def _locator(
+    bases: list[torch.Tensor], ranges: list[ByteRange] | None
+) -> Callable[[int, int, int], torch.Tensor]:
+    """(partition, offset, nbytes) -> those bytes: ``bases[i]`` holds partition i, or, when
+    ``ranges`` is given, the bytes of range i."""
+    if ranges is None:
+        return lambda partition, offset, nbytes: bases[partition][offset : offset + nbytes]
+    keys = [(partition, start) for partition, start, _ in ranges]
+
+    def locate(partition: int, offset: int, nbytes: int) -> torch.Tensor:
+        i = bisect.bisect_right(keys, (partition, offset)) - 1
+        if nbytes == 0:
+            return bases[max(i, 0)][:0]
+        if i < 0 or ranges[i][0] != partition or offset + nbytes > ranges[i][2]:
+            raise CheckpointError(
+                f"bytes {offset}..{offset + nbytes} of partition {partition} were not read"
+            )
+        return bases[i][offset - ranges[i][1] : offset - ranges[i][1] + nbytes]
+
+    return locate
 
 
-def _views(index: CheckpointIndex, bases: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors as views of each partition's bytes (``bases[i]`` holds partition i)."""
+def _verify(
+    index: CheckpointIndex,
+    bases: list[torch.Tensor],
+    paths: list[Path],
+    whole: bool = True,
+    ranges: list[ByteRange] | None = None,
+) -> None:
+    """Whole partitions' CRC32s, or (``whole`` False) those of just the tensors in ``index``."""
+    if whole:
+        for number, part in enumerate(index.partitions):
+            data = memoryview(bases[number][: part.nbytes].numpy())
+            if zlib.crc32(data) != part.crc32:
+                raise CheckpointError(f"partition file {paths[number]} is corrupt (CRC32 mismatch)")
+        return
+    locate = _locator(bases, ranges)
+    for name, entry in index.tensors.items():
+        pieces = (
+            entry.shards
+            if entry.split_dim is not None and entry.shards
+            else [entry]  # a plain entry, or copy 0 of a per-shard replicated tensor
+        )
+        for piece in pieces:
+            data = memoryview(locate(piece.partition, piece.offset, piece.nbytes).numpy())
+            if zlib.crc32(data) != piece.crc32:
+                raise CheckpointError(
+                    f"partition file {paths[piece.partition]} is corrupt (CRC32 mismatch in {name})"
+                )
+
+
+def _views(
+    index: CheckpointIndex,
+    bases: list[torch.Tensor],
+    ranges: list[ByteRange] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tensors as views of each partition's bytes (``bases[i]`` holds partition i, or range i of
+    ``ranges``). Split tensors are reassembled from their shards into a new tensor."""
+    locate = _locator(bases, ranges)
     tensors = {}
     for name, entry in index.tensors.items():
-        start = entry.offset
         dtype = torch_dtype(entry.dtype)
-        expected = dtype.itemsize * math.prod(entry.shape)
-        if expected != entry.nbytes:
-            raise CheckpointError(
-                f"tensor {name}: {entry.nbytes} bytes in the index, but shape {entry.shape} of"
-                f" {entry.dtype} needs {expected}"
-            )
-        raw = bases[entry.partition][start : start + entry.nbytes]
-        tensors[name] = raw.view(dtype).view(entry.shape)
+        if entry.split_dim is not None and entry.shards:
+            parts = [_view(name, locate, p, dtype, p.shape) for p in entry.shards]
+            tensors[name] = torch.cat(parts, dim=entry.split_dim)
+            if list(tensors[name].shape) != entry.shape:
+                raise CheckpointError(
+                    f"tensor {name}: its shards make shape {list(tensors[name].shape)}, the index"
+                    f" says {entry.shape}"
+                )
+        else:
+            tensors[name] = _view(name, locate, entry, dtype, entry.shape)
     return tensors
+
+
+def _view(
+    name: str,
+    locate: Callable[[int, int, int], torch.Tensor],
+    piece: TensorEntry | PieceEntry,
+    dtype: torch.dtype,
+    shape: list[int],
+) -> torch.Tensor:
+    expected = dtype.itemsize * math.prod(shape)
+    if expected != piece.nbytes:
+        raise CheckpointError(
+            f"tensor {name}: {piece.nbytes} bytes in the index, but shape {shape} of"
+            f" {str(dtype).removeprefix('torch.')} needs {expected}"
+        )
+    return locate(piece.partition, piece.offset, piece.nbytes).view(dtype).view(shape)
