@@ -52,6 +52,10 @@ class AdmissionSettings(BaseModel):
     # Max bytes of a request body; larger bodies are refused before parsing.
     max_request_bytes: int = 1_000_000
     publish_timeout_s: float = 5.0
+    # The arrival rate (the planner's alpha): accepted requests over this window, put in the
+    # load bucket every rate_interval_s.
+    rate_window_s: float = Field(default=60.0, gt=0)
+    rate_interval_s: float = Field(default=5.0, gt=0)
 
 
 class MlfqSettings(BaseModel):

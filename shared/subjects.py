@@ -12,11 +12,13 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 API_PREFIX = "spotserve.v1"
 
@@ -98,6 +100,18 @@ PLANS_SUBJECT = f"{API_PREFIX}.plans"
 # Cluster load figures (key "arrival-rate" -> ArrivalRate, put by admission).
 LOAD_BUCKET = "spotserve-load"
 ARRIVAL_RATE_KEY = "arrival-rate"
+
+
+def load_bucket_config() -> KeyValueConfig:
+    # Only the latest figures matter; they go stale on their own (admission re-puts them).
+    return KeyValueConfig(bucket=LOAD_BUCKET, history=1, ttl=300.0)
+
+
+async def load_bucket(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(LOAD_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_key_value(load_bucket_config())
 
 
 def fleet_event_subject(kind: str) -> str:

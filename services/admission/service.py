@@ -8,9 +8,11 @@ scheduler streams the answer to the request's reply subject.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 import uuid
+from collections import deque
 
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
@@ -18,10 +20,17 @@ from nats.micro.request import Request
 from pydantic import ValidationError
 
 from shared.codec import DecodeError, content_type_header, decode, encode, encoding_from_headers
-from shared.messages import AcceptedRequest, ErrorCode, ErrorDetail, ErrorReply, GenerateRequest
+from shared.messages import (
+    AcceptedRequest,
+    ArrivalRate,
+    ErrorCode,
+    ErrorDetail,
+    ErrorReply,
+    GenerateRequest,
+)
 from shared.model.tokenizer import TextTokenizer
 from shared.runtime import ServiceContext, resolve_model
-from shared.subjects import GENERATE, REQUESTS_SUBJECT
+from shared.subjects import ARRIVAL_RATE_KEY, GENERATE, REQUESTS_SUBJECT, load_bucket
 
 # Prompts longer than this many characters are tokenized in a worker thread.
 INLINE_TOKENIZE_CHARS = 2_000
@@ -44,6 +53,46 @@ def describe_validation_error(error: ValidationError) -> str:
     return "invalid request: " + "; ".join(problems)
 
 
+class ArrivalMeter:
+    """Accepted requests per second over a sliding window (bounded: old arrivals drop out)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.started = time.monotonic()
+        self._arrivals: deque[float] = deque()
+
+    def record(self) -> None:
+        self._arrivals.append(time.monotonic())
+        self._trim()
+
+    def rate(self) -> ArrivalRate:
+        self._trim()
+        # Right after start the window is not full yet: divide by the time actually observed.
+        observed = min(self.window_s, max(time.monotonic() - self.started, 1.0))
+        return ArrivalRate(
+            requests_per_s=len(self._arrivals) / observed, window_s=observed, at=time.time()
+        )
+
+    def _trim(self) -> None:
+        horizon = time.monotonic() - self.window_s
+        while self._arrivals and self._arrivals[0] < horizon:
+            self._arrivals.popleft()
+
+
+async def publish_arrival_rate(context: ServiceContext, meter: ArrivalMeter) -> None:
+    """Put the arrival rate in the load bucket periodically, until the service stops."""
+    interval = context.settings.admission.rate_interval_s
+    bucket = None
+    while not context.stop.is_set():
+        try:
+            bucket = bucket or await load_bucket(context.js)
+            await bucket.put(ARRIVAL_RATE_KEY, encode(meter.rate()))
+        except (TimeoutError, NatsError, JetStreamError) as exc:
+            context.log.warning("arrival_rate.publish_failed", error=repr(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(context.stop.wait(), interval)
+
+
 class Admission:
     def __init__(self, context: ServiceContext, tokenizer: TextTokenizer) -> None:
         self.context = context
@@ -52,6 +101,7 @@ class Admission:
         self.log = context.log
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.meter = ArrivalMeter(self.settings.rate_window_s)
 
     async def on_generate(self, request: Request) -> None:
         """nats.micro handler: hand the request to its own task (bounded) and return."""
@@ -71,6 +121,7 @@ class Admission:
         try:
             accepted = await self._accept(request, request_id, encoding)
             await self._persist(accepted)
+            self.meter.record()
             log.info(
                 "generate.accepted",
                 prompt_tokens=len(accepted.prompt_token_ids),
@@ -219,6 +270,6 @@ async def serve(context: ServiceContext) -> None:
     )
     await service.add_endpoint(name="generate", subject=GENERATE, handler=admission.on_generate)
     context.log.info("admission.ready", subject=GENERATE, model=str(model_dir))
-    await context.stop.wait()
+    await publish_arrival_rate(context, admission.meter)
     await service.stop()
     await admission.drain()
