@@ -6,8 +6,10 @@ model will use it). Produced by ``spotserve profile``; stored under ``$SPOTSERVE
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -178,3 +180,103 @@ def _sync(engine: object) -> None:
     device = getattr(engine, "device", None)
     if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def default_parallel_profile_path(model_dir: Path, device: str) -> Path:
+    base = default_profile_path(model_dir, device)
+    return base.with_name(base.stem + "-parallel.json")
+
+
+def load_parallel_profile(path: Path) -> ParallelProfile | None:
+    try:
+        return ParallelProfile.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def save_parallel_profile(profile: ParallelProfile, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(profile.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def measure_parallel_profile(
+    model_dir: Path,
+    device: str | None = None,
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+    prefill_tokens: int = 128,
+    repeats: int = 3,
+) -> ParallelProfile:
+    """Per-layer prefill/decode seconds of the engine on this device, by micro-batch size.
+
+    Measured for tensor degree M=1 only: the engine has no tensor-parallel forward yet, so an
+    instance counts as one device. The pipeline send cost is left at 0: the planner measures
+    it over its own NATS link."""
+    import torch
+
+    from shared.model.engine import Engine, SequenceStep
+
+    engine = Engine(model_dir, device=device, max_slots=max(batch_sizes))
+    model = engine.model
+    tokens = min(prefill_tokens, engine.context_length - 2)
+
+    def timed(steps: list[SequenceStep]) -> float:
+        started = time.perf_counter()
+        engine.step(steps)
+        _sync(engine)
+        return time.perf_counter() - started
+
+    def prefill(batch: int) -> float:
+        ids = [f"p{i}" for i in range(batch)]
+        elapsed = timed([SequenceStep(rid, [3] * tokens, 0.0, 1.0, 0, 0) for rid in ids])
+        engine.release(ids)
+        return elapsed
+
+    def decode(batch: int) -> float:
+        ids = [f"d{i}" for i in range(batch)]
+        engine.step([SequenceStep(rid, [3] * 16, 0.0, 1.0, 0, 0) for rid in ids])
+        elapsed = timed([SequenceStep(rid, [4], 0.0, 1.0, 0, 1) for rid in ids])
+        engine.release(ids)
+        return elapsed
+
+    prefill(1)  # warm-up
+    decode(1)
+    layers = model.args.n_layers
+
+    def per_layer(measure: Callable[[int], float], batch: int) -> float:
+        # The embedding and head are folded into the layers' share (embed_s stays 0): a
+        # separate measurement of them is below this machine's timing noise.
+        return _median([measure(batch) for _ in range(repeats)]) / layers
+
+    def tensor_bytes(module: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    args = model.args
+    element = next(model.parameters()).element_size()
+    return ParallelProfile(
+        model=str(model_dir),
+        device=str(engine.device),
+        created_at=time.time(),
+        num_layers=layers,
+        layer_bytes=tensor_bytes(model.layers[0]),
+        embed_bytes=tensor_bytes(model.embed_tokens),
+        head_bytes=tensor_bytes(model.norm)
+        + (0 if args.tie_word_embeddings else tensor_bytes(model.lm_head)),
+        kv_bytes_per_token=2 * args.n_kv_heads * args.head_dim * layers * element,
+        prefill_tokens=tokens,
+        prefill_s={1: _non_decreasing([(b, per_layer(prefill, b)) for b in batch_sizes])},
+        decode_s={1: _non_decreasing([(b, per_layer(decode, b)) for b in batch_sizes])},
+        comm_prefill_s=0.0,
+        comm_decode_s=0.0,
+        devices_per_instance=1,
+        device_memory_bytes=_device_memory_bytes(engine.device),
+    )
+
+
+def _device_memory_bytes(device: object) -> int:
+    import torch
+
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
