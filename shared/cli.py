@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from nats.aio.client import Client
 
 from shared.bus import clear_cluster_record, connect, resolve_nats_url, write_cluster_record
 from shared.config import LogSettings, Settings, spotserve_home
@@ -35,6 +36,20 @@ def _configure(
 ) -> None:
     # The CLI talks to people: only problems are logged unless asked for more.
     configure_logging(LogSettings(level="info" if verbose else "warning"), "cli")
+
+
+async def _connect_or_exit(nats_url: str | None) -> Client:
+    """The cluster's NATS connection, or exit 2 with a hint when there is none."""
+    from shared.bus import NatsUnavailableError
+
+    settings = Settings()
+    url = resolve_nats_url(settings.nats, nats_url)
+    try:
+        return await connect(url, settings.nats, name="spotserve-cli", deadline_s=5.0)
+    except NatsUnavailableError as exc:
+        hint = "" if nats_url else "; is `spotserve up` running? (or pass --nats-url)"
+        _echo_error(f"{exc}{hint}")
+        raise typer.Exit(2) from None
 
 
 def _echo_error(message: str) -> None:
@@ -153,16 +168,10 @@ def model_push(
 
 
 async def _push(directory: Path, name: str, nats_url: str | None) -> int:
-    from shared.bus import NatsUnavailableError
     from shared.loading.format import CheckpointError
     from shared.loading.store import push_model
 
-    settings = Settings()
-    try:
-        nc = await connect(resolve_nats_url(settings.nats, nats_url), settings.nats, "cli", 5.0)
-    except NatsUnavailableError as exc:
-        _echo_error(str(exc))
-        raise typer.Exit(2) from None
+    nc = await _connect_or_exit(nats_url)
     try:
         return await push_model(nc.jetstream(timeout=60), directory, name)
     except CheckpointError as exc:
@@ -261,17 +270,9 @@ async def _generate(
     nats_url: str | None,
     first_token_timeout_s: float,
 ) -> None:
-    from shared.bus import NatsUnavailableError
     from shared.client import GenerateError, SpotserveClient
 
-    settings = Settings()
-    url = resolve_nats_url(settings.nats, nats_url)
-    try:
-        nc = await connect(url, settings.nats, name="spotserve-cli", deadline_s=5.0)
-    except NatsUnavailableError as exc:
-        hint = "" if nats_url else "; is `spotserve up` running? (or pass --nats-url)"
-        _echo_error(f"{exc}{hint}")
-        raise typer.Exit(2) from None
+    nc = await _connect_or_exit(nats_url)
     client = SpotserveClient(nc, first_chunk_timeout_s=first_token_timeout_s)
     started = time.perf_counter()
     try:
@@ -357,6 +358,158 @@ async def _demo_requests(nats_url: str, max_tokens: int) -> None:
             f"  [{completion.finish_reason}; {completion.completion_tokens} tokens;"
             f" first token {ttft * 1000:.0f} ms; total {completion.latency_s * 1000:.0f} ms]"
         )
+
+
+# -- fleet -------------------------------------------------------------------------------------
+
+fleet_app = typer.Typer(
+    help="Watch and change the fleet of executor instances (through the monitor).",
+    no_args_is_help=True,
+)
+app.add_typer(fleet_app, name="fleet")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
+FleetTimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the monitor's answer.")
+]
+
+
+async def _fleet_request(
+    subject: str, body: dict[str, object], nats_url: str | None, timeout_s: float
+) -> tuple[dict[str, str], dict[str, object]]:
+    """One JSON request to the monitor: (reply headers, reply body); exits on any failure
+    (2: no NATS, no monitor or no answer in time; 1: the monitor refused the request)."""
+    import json
+
+    from nats.errors import NoRespondersError
+    from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+    nc = await _connect_or_exit(nats_url)
+    try:
+        reply = await nc.request(
+            subject,
+            json.dumps(body).encode(),
+            timeout=timeout_s,
+            headers={"Content-Type": "application/json"},
+        )
+    except NoRespondersError:
+        _echo_error(f"no monitor answers on {subject}; is the cluster up?")
+        raise typer.Exit(2) from None
+    except TimeoutError:
+        _echo_error(f"the monitor did not answer within {timeout_s:g} s")
+        raise typer.Exit(2) from None
+    finally:
+        await nc.close()
+    headers = dict(reply.headers or {})
+    if ERROR_CODE_HEADER in headers:
+        _echo_error(f"{headers.get(ERROR_HEADER)} (code {headers[ERROR_CODE_HEADER]})")
+        raise typer.Exit(1)
+    return headers, json.loads(reply.data)
+
+
+def _print_json(value: object) -> None:
+    import json
+
+    typer.echo(json.dumps(value, indent=2))
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at * 10) % 10}"
+
+
+@fleet_app.command("preempt")
+def fleet_preempt(
+    instance: Annotated[str, typer.Argument(help="Instance id (see `spotserve fleet status`).")],
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            "--grace", min=0, max=3600, help="Seconds until it is gone (default: the monitor's)."
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+    nats_url: NatsUrlOption = None,
+    timeout: FleetTimeoutOption = 10.0,
+) -> None:
+    """Announce that INSTANCE will be taken away after a grace period, as a cloud would."""
+    from shared.messages import NOTICE_OUTCOME_HEADER
+    from shared.subjects import FLEET_NOTICE
+
+    body: dict[str, object] = {"instance_id": instance, "source": "cli"}
+    if grace is not None:
+        body["grace_s"] = float(grace)
+    headers, event = asyncio.run(_fleet_request(FLEET_NOTICE, body, nats_url, timeout))
+    outcome = headers.get(NOTICE_OUTCOME_HEADER, "new")
+    if json_output:
+        _print_json({"outcome": outcome, "event": event})
+        return
+    if outcome == "cancelled":
+        typer.echo(f"{instance} had been added but not joined yet: cancelled (process stopped)")
+        return
+    deadline = float(event["deadline"])  # type: ignore[arg-type]
+    said = {"new": "preempt notice", "updated": "earlier deadline", "duplicate": "already noticed"}
+    typer.echo(
+        f"{instance}: {said.get(outcome, outcome)}; gone at {_clock(deadline)}"
+        f" (in {max(0.0, deadline - time.time()):.1f} s)"
+    )
+
+
+@fleet_app.command("add")
+def fleet_add(
+    count: Annotated[int, typer.Option("--count", min=1, max=64, help="Instances to add.")] = 1,
+    price_class: Annotated[str, typer.Option("--price-class", help="spot or on-demand.")] = "spot",
+    json_output: JsonOption = False,
+    nats_url: NatsUrlOption = None,
+    timeout: FleetTimeoutOption = 10.0,
+) -> None:
+    """Start new executor instances (the local provider: new processes on this machine)."""
+    from shared.subjects import FLEET_ADD
+
+    if price_class not in ("spot", "on-demand"):
+        _echo_error(f"unknown price class {price_class!r}; choose spot or on-demand")
+        raise typer.Exit(2)
+    body = {"count": count, "price_class": price_class}
+    _, reply = asyncio.run(_fleet_request(FLEET_ADD, body, nats_url, timeout))
+    if json_output:
+        _print_json(reply)
+        return
+    for instance_id in reply["instance_ids"]:  # type: ignore[attr-defined]
+        typer.echo(f"starting {instance_id} (it joins once its model is loaded)")
+
+
+@fleet_app.command("status")
+def fleet_status(
+    json_output: JsonOption = False,
+    nats_url: NatsUrlOption = None,
+    timeout: FleetTimeoutOption = 10.0,
+) -> None:
+    """The instances the monitor knows: alive, preempting (with deadline), pending."""
+    from shared.messages import FleetStatus
+    from shared.subjects import FLEET_STATUS
+
+    _, reply = asyncio.run(_fleet_request(FLEET_STATUS, {}, nats_url, timeout))
+    if json_output:
+        _print_json(reply)
+        return
+    status = FleetStatus.model_validate(reply)
+    if not status.instances and not status.pending:
+        typer.echo("no instances")
+        return
+    typer.echo(
+        f"{'INSTANCE':<24} {'NODE':<14} {'DEVICE':<10} {'MEMORY':>9} {'PRICE':<14}"
+        f" {'STATE':<11} {'DEADLINE':<11} LEASE"
+    )
+    for item in status.instances:
+        record = item.record
+        price = f"{record.price_class} ${record.price_per_hour:.2f}/h"
+        deadline = _clock(item.deadline) if item.deadline is not None else "-"
+        typer.echo(
+            f"{record.instance_id:<24} {record.node:<14}"
+            f" {f'{record.devices}x{record.device_kind}':<10}"
+            f" {record.device_memory_bytes / 2**30:>7.1f}Gi {price:<14} {item.state:<11}"
+            f" {deadline:<11} {item.lease_left_s:.1f}s"
+        )
+    for instance_id in status.pending:
+        typer.echo(f"{instance_id:<24} (starting)")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class ClusterError(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM when the supervisor dies, so no service outlives it (Linux)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -74,7 +74,7 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 # Own session: Ctrl-C reaches the supervisor only, which stops us in order.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
 
     @property
@@ -183,6 +183,8 @@ class LocalCluster:
             threads = max(1, (os.cpu_count() or 1) // self.instances)
             env["SPOTSERVE_EXECUTOR__TORCH_THREADS"] = str(threads)
         env.setdefault("SPOTSERVE_LOG__JSON_OUTPUT", "true")
+        # Executors the monitor starts (`spotserve fleet add`) log beside the others.
+        env.setdefault("SPOTSERVE_MONITOR__LOG_DIR", str(self.log_dir))
         env.update(self.extra_env)
         env.update(extra)
         return env
@@ -255,7 +257,13 @@ class LocalCluster:
         service.start()
 
     def dead_services(self) -> list[ServiceProcess]:
-        return [service for service in self.services if not service.alive]
+        """Services that exited. Executors are left out: on spot capacity they come and go
+        (a preemption kills one), and the monitor reports that as a fleet event."""
+        return [
+            service
+            for service in self.services
+            if not service.alive and service.name != SERVICE_EXECUTOR
+        ]
 
     def stop(self, timeout_s: float = 20.0) -> None:
         for name in STOP_ORDER:

@@ -113,6 +113,45 @@ class LoaderSettings(BaseModel):
     verify: bool = True
 
 
+class MonitorSettings(BaseModel):
+    """Fleet monitoring: the instance registry's leases, preemption notices, the local provider
+    and the per-node cloud agent (``python -m services.monitor agent``)."""
+
+    # Executors re-put their registry record this often; the monitor declares an instance lost
+    # when it has seen no update for lease_s (on the monitor's own clock).
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    lease_s: float = Field(default=5.0, gt=0)
+    # How often the monitor checks leases and deadlines.
+    check_interval_s: float = Field(default=0.5, gt=0)
+    # Default grace period of a preemption notice that gives none (AWS and GCP: 30 s).
+    grace_s: float = Field(default=30.0, ge=0, le=3600)
+    # A repeated notice that moves the deadline earlier by more than this publishes an updated
+    # preempt-notice; smaller moves and later deadlines are duplicates.
+    deadline_update_min_s: float = Field(default=1.0, ge=0)
+    # What this executor instance registers as (a child of `fleet add` gets the asked class).
+    price_class: Literal["spot", "on-demand"] = "spot"
+    # $/h of one instance by price class (0: unknown).
+    spot_price_per_hour: float = Field(default=0.0, ge=0)
+    on_demand_price_per_hour: float = Field(default=0.0, ge=0)
+    # The local provider plays the cloud on this node: `fleet add` starts executor processes and
+    # a preemption notice ends in SIGKILL of the instance's process at its deadline. Turn it off
+    # where a real cloud takes the instances away.
+    local_provider: bool = True
+    # Logs of the executors the monitor starts; None: $SPOTSERVE_HOME/cluster/logs.
+    log_dir: Path | None = None
+    # An added instance that has not registered within this time is stopped.
+    join_timeout_s: float = Field(default=600.0, gt=0)
+    # The per-node agent: which cloud's metadata endpoint to poll, and where it is (None: the
+    # provider's link-local default). agent_instance_id None: executor.instance_id.
+    agent_provider: Literal["aws", "gcp", "azure"] | None = None
+    agent_url: str | None = None
+    agent_instance_id: str | None = None
+    # Azure: only events naming this VM (None: any Preempt event for this node's VM).
+    agent_vm_name: str | None = None
+    agent_poll_s: float = Field(default=2.0, gt=0)
+    agent_timeout_s: float = Field(default=2.0, gt=0)
+
+
 class LogSettings(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_output: bool | None = Field(default=None, description="None: JSON when not a TTY.")
@@ -129,4 +168,5 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = SchedulerSettings()
     executor: ExecutorSettings = ExecutorSettings()
     loader: LoaderSettings = LoaderSettings()
+    monitor: MonitorSettings = MonitorSettings()
     log: LogSettings = LogSettings()

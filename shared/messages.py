@@ -264,6 +264,11 @@ class PreemptNotice(StrictModel):
     source: NoticeSource = "cli"
 
 
+# Header of a reply to a notice: new | updated | duplicate | cancelled (an added instance that
+# had not joined yet: stopped, no event published).
+NOTICE_OUTCOME_HEADER = "Spotserve-Notice-Outcome"
+
+
 class FleetEvent(InternalModel):
     kind: FleetEventKind
     instance: InstanceRecord
@@ -291,6 +296,8 @@ class InstanceStatus(InternalModel):
 
 class FleetStatus(InternalModel):
     instances: list[InstanceStatus]
+    # Instances `fleet add` started that have not registered yet.
+    pending: list[str] = Field(default_factory=list)
 
 
 # -- plans (planner) -----------------------------------------------------------------------------

@@ -107,11 +107,24 @@ def load_bucket_config() -> KeyValueConfig:
     return KeyValueConfig(bucket=LOAD_BUCKET, history=1, ttl=300.0)
 
 
-async def load_bucket(js: JetStreamContext) -> KeyValue:
+def instances_bucket_config() -> KeyValueConfig:
+    return KeyValueConfig(bucket=INSTANCES_BUCKET, history=1)
+
+
+async def key_value_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """Bind to a KV bucket, creating it with ``config`` when it does not exist yet."""
     try:
-        return await js.key_value(LOAD_BUCKET)
+        return await js.key_value(config.bucket)
     except (BucketNotFoundError, NotFoundError):
-        return await js.create_key_value(load_bucket_config())
+        return await js.create_key_value(config)
+
+
+async def load_bucket(js: JetStreamContext) -> KeyValue:
+    return await key_value_bucket(js, load_bucket_config())
+
+
+async def instances_bucket(js: JetStreamContext) -> KeyValue:
+    return await key_value_bucket(js, instances_bucket_config())
 
 
 def fleet_event_subject(kind: str) -> str:

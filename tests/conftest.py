@@ -23,6 +23,7 @@ from shared.config import NatsSettings  # noqa: E402
 from shared.model.checkpoint import init_model  # noqa: E402
 from shared.model.tokenizer import TextTokenizer  # noqa: E402
 from shared.natsserver import EmbeddedNatsServer  # noqa: E402
+from tests.helpers import running_nats  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +45,8 @@ def eos(tokenizer: TextTokenizer) -> frozenset[int]:
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
     """A real nats-server on a random loopback port, JetStream in a temp dir."""
-    store = tmp_path_factory.mktemp("jetstream")
-    server = EmbeddedNatsServer(store, log_file=store / "nats-server.log")
-    server.start()
-    yield server
-    server.stop()
+    with running_nats(tmp_path_factory, "jetstream") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,20 @@ from shared.natsserver import EmbeddedNatsServer
 
 
 @contextlib.contextmanager
+def running_nats(
+    tmp_path_factory: pytest.TempPathFactory, name: str
+) -> Iterator[EmbeddedNatsServer]:
+    """A real nats-server on a random loopback port, JetStream in a temp dir."""
+    store = tmp_path_factory.mktemp(name)
+    server = EmbeddedNatsServer(store, log_file=store / "nats-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def isolated_cluster(
     tmp_path_factory: pytest.TempPathFactory,
     name: str,
@@ -22,21 +36,18 @@ def isolated_cluster(
     before_start: Callable[[str], None] | None = None,
 ) -> Iterator[LocalCluster]:
     """A cluster with its own nats-server: its scheduler shares no work with another's."""
-    store = tmp_path_factory.mktemp(f"{name}-nats")
-    server = EmbeddedNatsServer(store, log_file=store / "nats-server.log")
-    server.start()
-    cluster = LocalCluster(
-        tmp_path_factory.mktemp(f"{name}-cluster"),
-        instances=instances,
-        model_dir=model_dir,
-        nats_url=server.url,
-        env=env,
-    )
-    try:
-        if before_start is not None:
-            before_start(server.url)  # e.g. put a model in the remote store first
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        server.stop()
+    with running_nats(tmp_path_factory, f"{name}-nats") as server:
+        cluster = LocalCluster(
+            tmp_path_factory.mktemp(f"{name}-cluster"),
+            instances=instances,
+            model_dir=model_dir,
+            nats_url=server.url,
+            env=env,
+        )
+        try:
+            if before_start is not None:
+                before_start(server.url)  # e.g. put a model in the remote store first
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()

@@ -8,6 +8,7 @@ The forward pass runs in a dedicated thread so the event loop keeps answering pi
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 import uuid
@@ -16,15 +17,36 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
 from nats.micro.request import Request
 from pydantic import ValidationError
 
 from shared.codec import DecodeError, decode, encode
 from shared.loading.hostpool import load_from_host_pool
-from shared.messages import ErrorCode, HostLease, ReleaseCommand, StepCommand, StepResult
+from shared.messages import (
+    ErrorCode,
+    HostLease,
+    InstanceRecord,
+    ReleaseCommand,
+    StepCommand,
+    StepResult,
+)
 from shared.model.engine import Engine, EngineError, SequenceStep
-from shared.runtime import ServiceContext, fetch_model, release_host_lease, resolve_model
-from shared.subjects import executor_release_subject, executor_step_subject
+from shared.model.profile import device_memory_bytes
+from shared.runtime import (
+    ServiceContext,
+    fetch_model,
+    node_name,
+    release_host_lease,
+    resolve_model,
+)
+from shared.subjects import (
+    executor_release_subject,
+    executor_step_subject,
+    instances_bucket,
+)
 
 
 class Executor:
@@ -122,6 +144,69 @@ def default_instance_id() -> str:
     return f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:8]}"
 
 
+class Registration:
+    """This instance's record in the registry: put once it serves, re-put every heartbeat (the
+    monitor's lease runs on its own clock), deleted on a clean stop. A heartbeat that finds its
+    key gone (the monitor declared the instance lost) registers again as a new incarnation."""
+
+    def __init__(self, context: ServiceContext, record: InstanceRecord) -> None:
+        self.context = context
+        self.record = record
+        self.log = context.log.bind(instance_id=record.instance_id)
+        self._kv: KeyValue | None = None
+        self._revision = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._kv = await instances_bucket(self.context.js)
+        self._revision = await self._kv.put(self.record.instance_id, encode(self.record))
+        self._task = asyncio.create_task(self._beat())
+        self.log.info("registry.registered", started_at=self.record.started_at)
+
+    async def _beat(self) -> None:
+        assert self._kv is not None
+        key = self.record.instance_id
+        while True:
+            await asyncio.sleep(self.context.settings.monitor.heartbeat_s)
+            now = time.time()
+            self.record = self.record.model_copy(update={"heartbeat_at": now})
+            try:
+                try:
+                    self._revision = await self._kv.update(
+                        key, encode(self.record), last=self._revision
+                    )
+                except KeyWrongLastSequenceError:
+                    if not await self._still_ours(key):
+                        self.record = self.record.model_copy(update={"started_at": now})
+                        self.log.warning("registry.rejoined", started_at=now)
+                        self._revision = await self._kv.put(key, encode(self.record))
+            except (NatsError, TimeoutError) as exc:
+                self.log.warning("registry.heartbeat_failed", error=repr(exc))
+
+    async def _still_ours(self, key: str) -> bool:
+        """After a heartbeat whose ack was lost: is the key still this incarnation's?"""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(key)
+            current = InstanceRecord.model_validate(decode(entry.value or b""))
+        except (NotFoundError, DecodeError, ValidationError):
+            return False
+        if current.started_at != self.record.started_at or current.pid != self.record.pid:
+            return False
+        self._revision = entry.revision or 0
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._kv is not None:
+            try:
+                await self._kv.delete(self.record.instance_id)
+            except (NatsError, TimeoutError) as exc:  # the lease then expires on its own
+                self.log.warning("registry.delete_failed", error=repr(exc))
+
+
 async def serve(context: ServiceContext) -> None:
     settings = context.settings.executor
     instance_id = settings.instance_id or default_instance_id()
@@ -180,7 +265,27 @@ async def serve(context: ServiceContext) -> None:
     await service.add_endpoint(
         name="release", subject=executor_release_subject(instance_id), handler=executor.on_release
     )
+    price_class = context.settings.monitor.price_class
+    registration = Registration(
+        context,
+        InstanceRecord(
+            instance_id=instance_id,
+            node=node_name(context.settings),
+            devices=1,
+            device_kind=engine.device.type,
+            device_memory_bytes=device_memory_bytes(engine.device),
+            price_class=price_class,
+            price_per_hour=context.settings.monitor.spot_price_per_hour
+            if price_class == "spot"
+            else context.settings.monitor.on_demand_price_per_hour,
+            pid=os.getpid(),
+            started_at=time.time(),
+            heartbeat_at=time.time(),
+        ),
+    )
+    await registration.start()
     executor.log.info("executor.ready", device=str(engine.device), model=str(model_dir))
     await context.stop.wait()
+    await registration.stop()
     await service.stop()
     executor.close()

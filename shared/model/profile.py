@@ -270,11 +270,12 @@ def measure_parallel_profile(
         comm_prefill_s=0.0,
         comm_decode_s=0.0,
         devices_per_instance=1,
-        device_memory_bytes=_device_memory_bytes(engine.device),
+        device_memory_bytes=device_memory_bytes(engine.device),
     )
 
 
-def _device_memory_bytes(device: object) -> int:
+def device_memory_bytes(device: object) -> int:
+    """Memory of a device: the GPU's, or the host's for the CPU."""
     import torch
 
     if isinstance(device, torch.device) and device.type == "cuda":
