@@ -152,6 +152,23 @@ class MonitorSettings(BaseModel):
     agent_timeout_s: float = Field(default=2.0, gt=0)
 
 
+class PlannerSettings(BaseModel):
+    # The cost model's profile (`spotserve profile`); None: the default location for the model,
+    # measured at start when missing.
+    profile_path: Path | None = None
+    # The request shape the configuration is chosen for (the SpotServe paper's 512 in / 128 out).
+    input_tokens: int = Field(default=512, ge=1)
+    output_tokens: int = Field(default=128, ge=1)
+    max_batch: int = Field(default=4, ge=1)
+    # Use every replica that fits (more throughput) instead of the fewest that meet the rate.
+    fill_spare: bool = False
+    # Events arriving within this window become one reconfiguration.
+    debounce_s: float = Field(default=0.5, gt=0)
+    # Re-plan when the arrival rate moves by more than this fraction.
+    rate_change: float = Field(default=0.25, gt=0)
+    rate_poll_s: float = Field(default=5.0, gt=0)
+
+
 class LogSettings(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_output: bool | None = Field(default=None, description="None: JSON when not a TTY.")
@@ -169,4 +186,5 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = ExecutorSettings()
     loader: LoaderSettings = LoaderSettings()
     monitor: MonitorSettings = MonitorSettings()
+    planner: PlannerSettings = PlannerSettings()
     log: LogSettings = LogSettings()

@@ -384,3 +384,5 @@ class Plan(InternalModel):
     # The arrival rate cannot be met with the live instances: on-demand capacity is needed.
     needs_on_demand: bool = False
     decision_s: float = Field(ge=0)
+    # The arrival rate the configuration was chosen for (req/s).
+    arrival_rate_rps: float = Field(default=0.0, ge=0)

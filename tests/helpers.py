@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +54,18 @@ def isolated_cluster(
             yield cluster
         finally:
             cluster.stop()
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy; fail after timeout."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > give_up:
+            raise AssertionError(f"gave up after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -11,14 +11,13 @@ waited for with bounded timeouts; nothing asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from shared.subjects import (
     SERVICE_MONITOR,
     ensure_streams,
 )
+from tests.helpers import eventually
 from tests.test_cloud_adapters import FakeMetadataServer, aws_time
 
 LEASE_S = 3.0
@@ -68,21 +68,6 @@ ENV = {
     "SPOTSERVE_EXECUTOR__HOST_KV_SLOTS": "0",
 }
 JOIN_TIMEOUT_S = 180.0  # an executor imports torch and loads its model first
-
-
-async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; fail after timeout."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout_s
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > give_up:
-            raise AssertionError(f"gave up after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -1,0 +1,281 @@
+"""Planner service: turns fleet events into epoch-numbered plans.
+
+It reads the FLEET stream from the start with an ordered consumer (so a restarted planner
+rebuilds the same fleet view), and whenever it has caught up with events its last plan does not
+cover, it asks its policy for a new plan and publishes it durably on the PLANS stream as epoch
+n+1. Publishing is guarded by the stream's last sequence: a second planner that raced it fails
+to publish instead of forking the epochs. Events that arrive together (an add and a remove
+inside one debounce window) become one reconfiguration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from services.planner.costmodel import NoFeasibleConfig
+from services.planner.policy import (
+    DyingInstance,
+    FleetView,
+    PlannerPolicy,
+    SpotServePolicy,
+)
+from services.planner.policy import PlannerSettings as PolicySettings
+from shared.codec import DecodeError, decode, encode
+from shared.config import PlannerSettings
+from shared.messages import ArrivalRate, FleetEvent, InstanceRecord, Plan
+from shared.model.profile import (
+    ParallelProfile,
+    default_parallel_profile_path,
+    load_parallel_profile,
+    measure_parallel_profile,
+    save_parallel_profile,
+)
+from shared.runtime import ServiceContext, resolve_model
+from shared.subjects import (
+    ARRIVAL_RATE_KEY,
+    FLEET_STREAM,
+    FLEET_SUBJECT_PREFIX,
+    PLANS_STREAM,
+    PLANS_SUBJECT,
+    load_bucket,
+)
+
+
+@dataclass
+class FleetState:
+    """The fleet as the events so far describe it."""
+
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    deadlines: dict[str, float] = field(default_factory=dict)  # dying instance -> deadline
+    gone: set[str] = field(default_factory=set)
+    last_seq: int = 0
+
+    def apply(self, event: FleetEvent, seq: int) -> None:
+        instance_id = event.instance.instance_id
+        if event.kind == "joined":
+            self.instances[instance_id] = event.instance
+            self.gone.discard(instance_id)
+        elif event.kind == "preempt-notice" and instance_id in self.instances:
+            self.deadlines[instance_id] = event.deadline or event.at
+        elif event.kind in ("lost", "left"):
+            self.instances.pop(instance_id, None)
+            self.deadlines.pop(instance_id, None)
+            self.gone.add(instance_id)
+        self.last_seq = max(self.last_seq, seq)
+
+
+async def last_plan(context: ServiceContext) -> tuple[Plan | None, int]:
+    """The current plan and its stream sequence (None, 0 when there is none)."""
+    try:
+        message = await context.js.get_last_msg(PLANS_STREAM, PLANS_SUBJECT)
+    except NotFoundError:
+        return None, 0
+    return Plan.model_validate(decode(message.data)), message.seq
+
+
+async def publish_plan(context: ServiceContext, plan: Plan, after_seq: int) -> int:
+    """Durably append a plan; refused if another plan was published after ``after_seq``."""
+    headers = {
+        "Nats-Msg-Id": f"plan-{plan.epoch}",
+        "Nats-Expected-Last-Subject-Sequence": str(after_seq),
+    }
+    ack = await context.js.publish(PLANS_SUBJECT, encode(plan), headers=headers, timeout=10.0)
+    return ack.seq
+
+
+async def read_arrival_rate(context: ServiceContext) -> ArrivalRate | None:
+    try:
+        bucket = await load_bucket(context.js)
+        entry = await bucket.get(ARRIVAL_RATE_KEY)
+        return ArrivalRate.model_validate(decode(entry.value or b""))
+    except (NotFoundError, NatsError, JetStreamError, DecodeError, ValidationError):
+        return None
+
+
+async def measure_send_s(context: ServiceContext, nbytes: int, repeats: int = 5) -> float:
+    """One-way time of an ``nbytes`` message through this NATS server (half a round trip)."""
+    inbox = context.nc.new_inbox()
+
+    async def echo(message: Msg) -> None:
+        with contextlib.suppress(NatsError):
+            await message.respond(message.data)
+
+    subscription = await context.nc.subscribe(inbox, cb=echo)
+    payload = bytes(nbytes)
+    samples = []
+    try:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            await context.nc.request(inbox, payload, timeout=10.0)
+            samples.append((time.perf_counter() - started) / 2)
+    finally:
+        await subscription.unsubscribe()
+    return sorted(samples)[len(samples) // 2]
+
+
+class Planner:
+    def __init__(self, context: ServiceContext, policy: PlannerPolicy) -> None:
+        self.context = context
+        self.settings = context.settings.planner
+        self.policy = policy
+        self.log = context.log
+        self.state = FleetState()
+        self.previous: Plan | None = None
+        self.plan_seq = 0  # stream sequence of the current plan
+        self.arrival_rate = 0.0
+
+    def view(self, now: float) -> FleetView:
+        state = self.state
+        live = [r for i, r in state.instances.items() if i not in state.deadlines]
+        dying = [
+            DyingInstance(state.instances[i], deadline)
+            for i, deadline in state.deadlines.items()
+            if deadline > now
+        ]
+        return FleetView(
+            live=live, dying=dying, arrival_rate_rps=self.arrival_rate, fleet_seq=state.last_seq
+        )
+
+    def needs_plan(self) -> bool:
+        live = any(i not in self.state.deadlines for i in self.state.instances)
+        if self.previous is None:
+            return live
+        if self.state.last_seq > self.previous.fleet_seq:
+            return True
+        used = self.previous.arrival_rate_rps
+        moved = abs(self.arrival_rate - used) > self.settings.rate_change * max(used, 0.01)
+        return live and moved
+
+    async def replan(self) -> None:
+        now = time.time()  # deadlines are the monitor's wall clock: same host or NTP-synced
+        view = self.view(now)
+        if not view.live:
+            self.log.warning("planner.no_live_instances", dying=len(view.dying))
+            return
+        epoch = (self.previous.epoch if self.previous else 0) + 1
+        try:
+            plan = await asyncio.to_thread(self.policy.plan, view, self.previous, epoch, now)
+        except NoFeasibleConfig as exc:
+            self.log.error("planner.infeasible", error=str(exc), live=len(view.live))
+            return
+        plan = plan.model_copy(update={"arrival_rate_rps": self.arrival_rate})
+        try:
+            self.plan_seq = await publish_plan(self.context, plan, self.plan_seq)
+        except (TimeoutError, NatsError, JetStreamError) as exc:
+            # Another planner published first, or JetStream is away: start from what is stored.
+            self.log.warning("planner.publish_failed", epoch=epoch, error=repr(exc))
+            self.previous, self.plan_seq = await last_plan(self.context)
+            return
+        self.previous = plan
+        self.log.info(
+            "planner.plan",
+            epoch=epoch,
+            fleet_seq=plan.fleet_seq,
+            decision_ms=round(plan.decision_s * 1000, 2),
+            transfers=len(plan.transfers),
+            reason=plan.reason,
+        )
+
+    async def watch_arrival_rate(self) -> None:
+        while not self.context.stop.is_set():
+            rate = await read_arrival_rate(self.context)
+            if rate is not None:
+                self.arrival_rate = rate.requests_per_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.context.stop.wait(), self.settings.rate_poll_s)
+
+    async def run(self) -> None:
+        """Follow the FLEET stream from its start; plan whenever caught up and out of date."""
+        self.previous, self.plan_seq = await last_plan(self.context)
+        subscription = await self.context.js.subscribe(
+            f"{FLEET_SUBJECT_PREFIX}.*", stream=FLEET_STREAM, ordered_consumer=True
+        )
+        try:
+            while not self.context.stop.is_set():
+                try:
+                    message = await subscription.next_msg(timeout=self.settings.debounce_s)
+                except TimeoutError:
+                    # Quiet for a debounce window: everything that came together is applied.
+                    if self.needs_plan():
+                        await self.replan()
+                    continue
+                self.apply(message)
+        finally:
+            await subscription.unsubscribe()
+
+    def apply(self, message: Msg) -> None:
+        seq = message.metadata.sequence.stream
+        try:
+            event = FleetEvent.model_validate(decode(message.data))
+        except (DecodeError, ValidationError) as exc:
+            # Only the monitor writes here; skip what cannot be read rather than stall forever.
+            self.log.error("planner.bad_fleet_event", seq=seq, error=str(exc))
+            self.state.last_seq = max(self.state.last_seq, seq)
+            return
+        self.state.apply(event, seq)
+
+
+def policy_settings(settings: PlannerSettings) -> PolicySettings:
+    return PolicySettings(
+        input_tokens=settings.input_tokens,
+        output_tokens=settings.output_tokens,
+        max_batch=settings.max_batch,
+        fill_spare=settings.fill_spare,
+    )
+
+
+async def load_or_measure_profile(context: ServiceContext) -> ParallelProfile:
+    """The cost model's profile: the configured or default file, measured now if missing;
+    the pipeline send costs always measured over this NATS link."""
+    model_dir = await resolve_model(context)
+    device = context.settings.executor.device or "cpu"
+    path = context.settings.planner.profile_path or default_parallel_profile_path(model_dir, device)
+    profile = await asyncio.to_thread(load_parallel_profile, path)
+    if profile is None:
+        context.log.info("planner.profiling", model=str(model_dir), device=device)
+        profile = await asyncio.to_thread(measure_parallel_profile, model_dir, device)
+        await asyncio.to_thread(save_parallel_profile, profile, path)
+    hidden = await asyncio.to_thread(_hidden_size, model_dir)
+    activation = 4 * hidden  # bytes per token of float32 activations between stages
+    return profile.model_copy(
+        update={
+            "comm_prefill_s": await measure_send_s(context, activation * profile.prefill_tokens),
+            "comm_decode_s": await measure_send_s(context, activation),
+        }
+    )
+
+
+def _hidden_size(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return int(config["hidden_size"])
+
+
+async def serve(context: ServiceContext) -> None:
+    profile = await load_or_measure_profile(context)
+    planner = Planner(context, SpotServePolicy(profile, policy_settings(context.settings.planner)))
+    service = await context.add_micro_service(
+        "Picks parallel configurations, device mappings and migration plans",
+        metadata={"profile": profile.model, "device": profile.device},
+    )
+    context.log.info(
+        "planner.ready",
+        comm_prefill_ms=round(profile.comm_prefill_s * 1000, 3),
+        comm_decode_ms=round(profile.comm_decode_s * 1000, 3),
+    )
+    rate_task = asyncio.create_task(planner.watch_arrival_rate())
+    try:
+        await planner.run()
+    finally:
+        rate_task.cancel()
+        await service.stop()
