@@ -25,6 +25,7 @@ from shared.config import spotserve_home
 from shared.loading.format import CheckpointError, is_converted, read_index
 from shared.loading.hostpool import HostChunkPool, default_pool_dir, host_copy_bps
 from shared.loading.store import (
+    RemoteStoreError,
     check_model_name,
     inventory_bucket,
     pull_model,
@@ -80,6 +81,12 @@ class Loader:
         except CheckpointError as exc:
             self.log.warning("fetch.failed", model=name, error=str(exc))
             await request.respond_error(str(ErrorCode.NOT_FOUND), str(exc))
+            return
+        except RemoteStoreError as exc:
+            self.log.warning("fetch.remote_unavailable", model=name, error=str(exc))
+            await request.respond_error(
+                str(ErrorCode.UNAVAILABLE), f"the remote store did not deliver: {exc}; retry later"
+            )
             return
         except Exception as exc:
             self.log.exception("fetch.error", model=name)
