@@ -2,11 +2,13 @@
 first generated token.
 
 A real nats-server and a real loader process; the model (`small`) is pushed to the remote store
-first. For each tier the executor side (this process) asks the loader to fetch the model,
-builds the engine from the converted checkpoint and runs a first prefill:
-- remote store: the node's disk is empty, the loader pulls the model over NATS;
-- local disk: the model is on the node's disk, evicted from the page cache;
-- host memory: the model is on disk and in the page cache.
+first. For each tier the executor side (this process) asks the loader for the model the way an
+executor does (with a host-memory lease), builds the engine from the loader's shared-memory pool
+and runs a first prefill:
+- remote store: the node's disk and pool are empty: pull over NATS, read into the pool, copy;
+- local disk: on disk only (a fresh loader, an empty pool), evicted from the page cache;
+- host memory: in the loader's pool: copy out of shared memory;
+- page cache, no pool: for comparison, the engine reads the files (already cached) itself.
 
     python -m bench.cold_start [--size small]
 """
@@ -17,38 +19,62 @@ import argparse
 import asyncio
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from bench.loading import evict
 from shared.bus import connect
 from shared.codec import decode, encode
 from shared.config import NatsSettings
+from shared.loading.hostpool import load_from_host_pool
 from shared.loading.store import push_model
 from shared.messages import FetchModelReply
 from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.engine import Engine, SequenceStep
 from shared.natsserver import EmbeddedNatsServer
-from shared.subjects import loader_fetch_subject
+from shared.subjects import loader_fetch_subject, loader_release_subject
 
 NODE = "bench-node"
 
 
-async def first_token(nats_url: str, model: str) -> tuple[float, float, str]:
+async def first_token(nats_url: str, model: str, lease: bool) -> tuple[float, float, str]:
     """(seconds to first token, of which fetching, tier) for one executor start."""
     nc = await connect(nats_url, NatsSettings(), name="bench-executor")
     try:
         started = time.perf_counter()
-        reply = await nc.request(loader_fetch_subject(NODE), encode({"model": model}), timeout=600)
+        body = encode({"model": model, "host_lease": lease})
+        reply = await nc.request(loader_fetch_subject(NODE), body, timeout=600)
         fetched = FetchModelReply.model_validate(decode(reply.data))
         fetched_at = time.perf_counter()
-        engine = await asyncio.to_thread(Engine, Path(fetched.path), max_slots=1)
+        weights = partial(load_from_host_pool, fetched.host) if fetched.host else None
+        engine = await asyncio.to_thread(Engine, Path(fetched.path), max_slots=1, weights=weights)
         await asyncio.to_thread(engine.step, [SequenceStep("r", [3] * 16, 0.0, 1.0, 0, 0)])
-        return time.perf_counter() - started, fetched_at - started, fetched.tier
+        elapsed = time.perf_counter() - started
+        if fetched.host:
+            release = encode({"lease_id": fetched.host.lease_id})
+            await nc.request(loader_release_subject(NODE), release, timeout=10)
+        source = f"{fetched.tier}{' +pool' if fetched.host else ''}"
+        return elapsed, fetched_at - started, source
     finally:
         await nc.close()
+
+
+def start_loader(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.loader"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(loader: subprocess.Popen[bytes]) -> None:
+    loader.terminate()
+    loader.wait()
 
 
 async def wait_for_loader(nats_url: str) -> None:
@@ -79,33 +105,30 @@ def main() -> None:
             SPOTSERVE_LOADER__NODE=NODE,
             SPOTSERVE_LOADER__MODELS_DIR=str(disk),
         )
-        import subprocess
-
-        loader = subprocess.Popen(
-            [sys.executable, "-m", "services.loader"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        loader = start_loader(env)
         try:
             asyncio.run(_push(server.url, model_dir, args.size))
             asyncio.run(wait_for_loader(server.url))
             rows = []
             shutil.rmtree(disk, ignore_errors=True)
-            rows.append(("remote store", *asyncio.run(first_token(server.url, args.size))))
+            rows.append(("remote store", *asyncio.run(first_token(server.url, args.size, True))))
+            stop(loader)  # a fresh loader: its pool is empty, the model is on its disk
+            loader = start_loader(env)
+            asyncio.run(wait_for_loader(server.url))
             evict(sorted((disk / args.size).glob("part-*.bin")))
-            rows.append(
-                ("local disk (cold cache)", *asyncio.run(first_token(server.url, args.size)))
-            )
-            rows.append(("host memory (cached)", *asyncio.run(first_token(server.url, args.size))))
+            cold = asyncio.run(first_token(server.url, args.size, True))
+            rows.append(("local disk (cold cache)", *cold))
+            pooled = asyncio.run(first_token(server.url, args.size, True))
+            rows.append(("host memory (pool)", *pooled))
+            no_pool = asyncio.run(first_token(server.url, args.size, False))
+            rows.append(("page cache, no pool", *no_pool))
         finally:
-            loader.terminate()
-            loader.wait()
+            stop(loader)
             server.stop()
     print(f"cold start of {args.size} ({model_dir}), fetch through a loader process over NATS")
-    print(f"{'tier':>24}  {'to first token s':>16}  {'of which fetch s':>16}  {'loader said':>12}")
+    print(f"{'tier':>24}  {'to first token s':>16}  {'of which fetch s':>16}  {'loader said':>18}")
     for tier, total, fetch, said in rows:
-        print(f"{tier:>24}  {total:>16.2f}  {fetch:>16.2f}  {said:>12}")
+        print(f"{tier:>24}  {total:>16.2f}  {fetch:>16.2f}  {said:>18}")
 
 
 async def _push(nats_url: str, model_dir: Path, name: str) -> None:
