@@ -3,6 +3,7 @@ leases, and executors copying their weights out of it bit-exactly."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -114,17 +115,23 @@ def test_a_model_larger_than_the_pool_is_not_admitted(
         pool.close()
 
 
+def corrupt_copy(source: Path, destination: Path, offset: int) -> Path:
+    """Copy a converted model and flip one byte of its first partition; returns that file."""
+    subprocess.run(["cp", "-r", str(source), str(destination)], check=True)
+    part = destination / read_index(destination).partitions[0].file
+    with open(part, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    return part
+
+
 def test_a_corrupt_partition_is_refused_and_its_chunks_come_back(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
     broken = tmp_path / "broken"
-    subprocess.run(["cp", "-r", str(models["a"]), str(broken)], check=True)
-    part = broken / read_index(broken).partitions[0].file
-    with open(part, "r+b") as handle:
-        handle.seek(5 * CHUNK + 123)
-        byte = handle.read(1)
-        handle.seek(5 * CHUNK + 123)
-        handle.write(bytes([byte[0] ^ 0xFF]))
+    part = corrupt_copy(models["a"], broken, 5 * CHUNK + 123)
     pool = HostChunkPool(tmp_path / "pool", "node", 64 * CHUNK, CHUNK)
     try:
         with pytest.raises(CheckpointError, match=f"{part}.*corrupt"):
@@ -187,3 +194,26 @@ async def test_loader_leases_models_from_its_host_pool(
     assert held.tier == "host-memory" and inventory.bandwidth_bps["host-memory"] > 0
     estimate = inventory.estimate_load_s("tiny-pooled", held.nbytes)
     assert estimate == inventory.queue_s + held.nbytes / inventory.bandwidth_bps["host-memory"]
+
+
+async def test_loader_refuses_a_corrupt_model_on_its_disk_and_keeps_serving(
+    cluster: object, nc: Client, models: dict[str, Path]
+) -> None:
+    from shared.runtime import discover
+    from shared.subjects import SERVICE_LOADER
+
+    info = (await discover(nc, SERVICE_LOADER, window_s=1.0))[0]
+    node, models_dir = info["metadata"]["node"], Path(info["metadata"]["models_dir"])
+    # A model that was never pulled (copied in by hand), with one flipped byte.
+    part = await asyncio.to_thread(corrupt_copy, models["a"], models_dir / "tiny-corrupt", CHUNK)
+    body = encode({"model": "tiny-corrupt", "host_lease": True})
+    reply = await nc.request(loader_fetch_subject(node), body, timeout=120)
+    headers = reply.headers or {}
+    assert headers.get(ERROR_CODE_HEADER) == "404"
+    assert str(part) in headers.get("Nats-Service-Error", "") and "corrupt" in headers.get(
+        "Nats-Service-Error", ""
+    )
+    # Nothing of it was handed out, and the loader still serves other models.
+    await push_model(nc.jetstream(timeout=60), models["b"], "tiny-after-corrupt")
+    fetched = await fetch_leased(nc, node, "tiny-after-corrupt")
+    assert fetched.host is not None

@@ -64,6 +64,8 @@ class Loader:
         # Pulls in progress: (start time, bytes) -> the queue wait q of the estimates.
         self._pulls: dict[str, tuple[float, int]] = {}
         self._inventory: KeyValue | None = None
+        # Model -> signature of its files when their CRC32s were last checked.
+        self._checked: dict[str, tuple[tuple[int, int, int], ...]] = {}
 
     async def on_fetch(self, request: Request) -> None:
         try:
@@ -108,16 +110,20 @@ class Loader:
             if self.pool.lookup(name) is not None:
                 tier = "host-memory"
             else:
+                # CRC32s are checked once per file version (inode, size, mtime): at the pull
+                # or at the first admission.
+                signature = await asyncio.to_thread(_files_signature, path)
+                checked = self._checked.get(name) == signature
+                verify = self.context.settings.loader.verify and not checked
                 try:
-                    pooled = await asyncio.to_thread(
-                        self.pool.admit, name, path, self.context.settings.loader.verify
-                    )
+                    pooled = await asyncio.to_thread(self.pool.admit, name, path, verify)
                 except OSError as exc:  # e.g. /dev/shm full
                     self.log.warning("pool.admit_failed", model=name, error=str(exc))
                     return tier, None
                 if pooled is None:
                     self.log.info("pool.no_room", model=name, capacity=self.pool.capacity_bytes)
                     return tier, None
+                self._checked[name] = signature
                 await self.publish_inventory()
             return tier, self.pool.lease(name, self.context.settings.loader.host_lease_s)
 
@@ -143,6 +149,8 @@ class Loader:
                 await pull_model(self.context.js, name, path)
             finally:
                 self._pulls.pop(name, None)
+            # The pull checked every partition.
+            self._checked[name] = await asyncio.to_thread(_files_signature, path)
             pulled = await asyncio.to_thread(_model_bytes, path)
             self._measured("remote", pulled / (time.perf_counter() - started))
             await self.publish_inventory()
@@ -187,6 +195,11 @@ class Loader:
         self._measured("local-disk", bps)
         if self.pool is not None:
             self._measured("host-memory", await asyncio.to_thread(host_copy_bps))
+
+
+def _files_signature(path: Path) -> tuple[tuple[int, int, int], ...]:
+    stats = [file.stat() for file in sorted(path.glob("part-*.bin"))]
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
 
 
 def _model_bytes(path: Path) -> int:

@@ -33,6 +33,7 @@ from shared.loading.reader import (
     _aligned_host_buffer,
     _check_files,
     _Chunk,
+    _is_cached,
     _read_all,
     _views,
 )
@@ -156,7 +157,9 @@ class HostChunkPool:
                 _Chunk(c.partition, c.file_offset, chunks[k] * self.chunk_bytes, c.nbytes)
                 for k, c in enumerate(plan)
             ]
-            _read_all(paths, self._memory, self._memory, placed, self.read_threads, direct=True)
+            # Files already in the page cache are copied from it; others read with O_DIRECT.
+            direct = not all(map(_is_cached, paths))
+            _read_all(paths, self._memory, self._memory, placed, self.read_threads, direct=direct)
             if verify:
                 self._verify(index, plan, chunks, paths)
         except BaseException:
