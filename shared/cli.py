@@ -86,14 +86,29 @@ def profile(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write the profile JSON.")] = None,
 ) -> None:
-    """Measure prefill time by prompt length and decode time by batch size on this machine."""
+    """Measure prefill time by prompt length and decode time by batch size on this machine
+    (the scheduler's profile), and per-layer times by micro-batch (the planner's)."""
     from shared.model.checkpoint import default_model_dir, ensure_model
-    from shared.model.profile import default_profile_path, measure_profile, save_profile
+    from shared.model.profile import (
+        default_parallel_profile_path,
+        default_profile_path,
+        measure_parallel_profile,
+        measure_profile,
+        save_parallel_profile,
+        save_profile,
+    )
 
     model_dir = model or ensure_model(default_model_dir(size), size)  # type: ignore[arg-type]
     measured = measure_profile(model_dir, device=device)
     path = out or default_profile_path(model_dir, measured.device)
     save_profile(measured, path)
+    parallel = measure_parallel_profile(model_dir, device=device)
+    parallel_path = (
+        path.with_name(path.stem + "-parallel.json")
+        if out
+        else default_parallel_profile_path(model_dir, parallel.device)
+    )
+    save_parallel_profile(parallel, parallel_path)
     typer.echo(f"profile of {model_dir} on {measured.device}:")
     typer.echo(
         "  prompt tokens -> prefill ms: "
@@ -103,7 +118,15 @@ def profile(
         "  batch size -> decode ms/iteration: "
         + ", ".join(f"{b}: {s * 1000:.1f}" for b, s in measured.decode)
     )
-    typer.echo(f"wrote {path}")
+    typer.echo(
+        f"  per layer ({parallel.num_layers} layers), micro-batch -> prefill of"
+        f" {parallel.prefill_tokens} tokens / decode ms: "
+        + ", ".join(
+            f"{b}: {p * 1000:.2f} / {d * 1000:.3f}"
+            for (b, p), (_, d) in zip(parallel.prefill_s[1], parallel.decode_s[1], strict=True)
+        )
+    )
+    typer.echo(f"wrote {path} and {parallel_path}")
 
 
 @app.command()

@@ -319,7 +319,7 @@ def test_demo(tmp_path: Path, tiny_model_dir: Path, marker: str) -> None:
 def test_profile_writes_a_profile_the_scheduler_can_use(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    from shared.model.profile import load_profile
+    from shared.model.profile import load_parallel_profile, load_profile
 
     out = tmp_path / "profile.json"
     result = spotserve(
@@ -333,3 +333,10 @@ def test_profile_writes_a_profile_the_scheduler_can_use(
     assert all(seconds > 0 for _, seconds in profile.prefill + profile.decode)
     # Interpolation covers lengths between and beyond the measured points.
     assert profile.prefill_time_s(2000) >= profile.prefill_time_s(100) > 0
+    # The planner's cost-model profile of the same model, beside it.
+    parallel = load_parallel_profile(tmp_path / "profile-parallel.json")
+    assert parallel is not None and parallel.num_layers == 4 and parallel.tensor_degrees() == [1]
+    assert parallel.layer_bytes > 0 and parallel.kv_bytes_per_token > 0
+    decode = parallel.decode_s[1]
+    assert [b for b, _ in decode] == sorted(b for b, _ in decode)
+    assert all(seconds > 0 for _, seconds in decode + parallel.prefill_s[1])
