@@ -361,6 +361,20 @@ class Transfer(InternalModel):
     order: int = Field(ge=0)
 
 
+class InflightSequence(InternalModel):
+    """A request the scheduler is serving: where its KV cache is and how far it has come."""
+
+    request_id: str
+    instance_id: str | None  # the executor holding its KV cache (None: none yet)
+    context_tokens: int = Field(ge=0)  # prompt + generated: positions its cache holds
+    generated_tokens: int = Field(ge=0)
+    max_tokens: int = Field(ge=1)
+
+
+class InflightReport(InternalModel):
+    sequences: list[InflightSequence]
+
+
 class JitDecision(InternalModel):
     """Just-in-time arrangement of one request on a dying instance."""
 

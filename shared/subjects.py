@@ -81,6 +81,9 @@ def loader_release_subject(node: str) -> str:
     return f"{API_PREFIX}.loader.{node}.release"
 
 
+# The scheduler's requests in flight ({} -> InflightReport), for the planner's JIT arrangement.
+SCHEDULER_INFLIGHT = f"{API_PREFIX}.scheduler.inflight"
+
 # -- fleet (monitor) --------------------------------------------------------------------------
 # Instance registry: key = instance id -> InstanceRecord, re-put by each executor as heartbeat.
 INSTANCES_BUCKET = "spotserve-instances"

@@ -24,6 +24,7 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from services.planner.costmodel import NoFeasibleConfig
+from services.planner.jit import InFlightRequest
 from services.planner.policy import (
     DyingInstance,
     FleetView,
@@ -33,7 +34,14 @@ from services.planner.policy import (
 from services.planner.policy import PlannerSettings as PolicySettings
 from shared.codec import DecodeError, decode, encode
 from shared.config import PlannerSettings
-from shared.messages import ArrivalRate, FleetEvent, InstanceRecord, Plan
+from shared.messages import (
+    ArrivalRate,
+    FleetEvent,
+    InflightReport,
+    InflightSequence,
+    InstanceRecord,
+    Plan,
+)
 from shared.model.profile import (
     ParallelProfile,
     default_parallel_profile_path,
@@ -48,6 +56,7 @@ from shared.subjects import (
     FLEET_SUBJECT_PREFIX,
     PLANS_STREAM,
     PLANS_SUBJECT,
+    SCHEDULER_INFLIGHT,
     load_bucket,
 )
 
@@ -124,18 +133,49 @@ async def measure_send_s(context: ServiceContext, nbytes: int, repeats: int = 5)
     return sorted(samples)[len(samples) // 2]
 
 
+async def read_inflight(context: ServiceContext) -> list[InflightSequence]:
+    """The scheduler's requests in flight; none when no scheduler answers in time."""
+    try:
+        reply = await context.nc.request(SCHEDULER_INFLIGHT, b"", timeout=2.0)
+        return InflightReport.model_validate(decode(reply.data)).sequences
+    except (TimeoutError, NatsError, DecodeError, ValidationError) as exc:
+        context.log.warning("planner.inflight_unavailable", error=repr(exc))
+        return []
+
+
+def in_flight_requests(
+    sequences: list[InflightSequence], previous: Plan | None, kv_bytes_per_token: int
+) -> list[InFlightRequest]:
+    """Requests on instances with a role in the previous plan, by that plan's replica."""
+    replica_of = {role.instance_id: role.replica for role in previous.roles} if previous else {}
+    return [
+        InFlightRequest(
+            request_id=sequence.request_id,
+            replica=replica_of[sequence.instance_id],
+            generated_tokens=sequence.generated_tokens,
+            max_tokens=sequence.max_tokens,
+            kv_bytes=sequence.context_tokens * kv_bytes_per_token,
+        )
+        for sequence in sequences
+        if sequence.instance_id in replica_of
+    ]
+
+
 class Planner:
-    def __init__(self, context: ServiceContext, policy: PlannerPolicy) -> None:
+    def __init__(
+        self, context: ServiceContext, policy: PlannerPolicy, profile: ParallelProfile
+    ) -> None:
         self.context = context
         self.settings = context.settings.planner
         self.policy = policy
+        self.profile = profile
         self.log = context.log
         self.state = FleetState()
         self.previous: Plan | None = None
         self.plan_seq = 0  # stream sequence of the current plan
         self.arrival_rate = 0.0
 
-    def view(self, now: float) -> FleetView:
+    def view(self, now: float, requests: list[InFlightRequest] | None = None) -> FleetView:
         state = self.state
         live = [r for i, r in state.instances.items() if i not in state.deadlines]
         dying = [
@@ -144,7 +184,11 @@ class Planner:
             if deadline > now
         ]
         return FleetView(
-            live=live, dying=dying, arrival_rate_rps=self.arrival_rate, fleet_seq=state.last_seq
+            live=live,
+            dying=dying,
+            arrival_rate_rps=self.arrival_rate,
+            requests=requests or [],
+            fleet_seq=state.last_seq,
         )
 
     def needs_plan(self) -> bool:
@@ -158,8 +202,11 @@ class Planner:
         return live and moved
 
     async def replan(self) -> None:
+        sequences = await read_inflight(self.context)
+        kv_per_token = self.profile.kv_bytes_per_token
+        requests = in_flight_requests(sequences, self.previous, kv_per_token)
         now = time.time()  # deadlines are the monitor's wall clock: same host or NTP-synced
-        view = self.view(now)
+        view = self.view(now, requests)
         if not view.live:
             self.log.warning("planner.no_live_instances", dying=len(view.dying))
             return
@@ -263,7 +310,8 @@ def _hidden_size(model_dir: Path) -> int:
 
 async def serve(context: ServiceContext) -> None:
     profile = await load_or_measure_profile(context)
-    planner = Planner(context, SpotServePolicy(profile, policy_settings(context.settings.planner)))
+    policy = SpotServePolicy(profile, policy_settings(context.settings.planner))
+    planner = Planner(context, policy, profile)
     service = await context.add_micro_service(
         "Picks parallel configurations, device mappings and migration plans",
         metadata={"profile": profile.model, "device": profile.device},

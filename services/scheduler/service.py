@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from pydantic import ValidationError
 
 from services.scheduler.kvmemory import apply_after_step, apply_before_step, plan_memory
@@ -37,6 +37,8 @@ from shared.messages import (
     ErrorCode,
     ErrorDetail,
     ErrorReply,
+    InflightReport,
+    InflightSequence,
     ReleaseCommand,
     StepCommand,
     StepResult,
@@ -49,6 +51,7 @@ from shared.subjects import (
     REQUESTS_STREAM,
     REQUESTS_SUBJECT,
     SCHEDULER_CONSUMER,
+    SCHEDULER_INFLIGHT,
     SERVICE_EXECUTOR,
     TOKENS_STREAM,
     executor_release_subject,
@@ -100,6 +103,23 @@ class Scheduler:
         self.executors: dict[str, ExecutorHandle] = {}
         self.outbox: asyncio.Queue[IterationOutput] = asyncio.Queue(maxsize=OUTBOX_ITERATIONS)
         self.capacity = asyncio.Event()
+
+    async def on_inflight(self, request: Request) -> None:
+        """nats.micro handler: the requests held now, with where their KV caches are."""
+        report = InflightReport(
+            sequences=[
+                InflightSequence(
+                    request_id=sequence.request_id,
+                    instance_id=sequence.executor,
+                    context_tokens=sequence.cached_tokens,
+                    generated_tokens=len(sequence.generated),
+                    max_tokens=sequence.request.max_tokens,
+                )
+                for sequence in self.held.values()
+                if not sequence.finished
+            ]
+        )
+        await request.respond(encode(report))
 
     # ---- consuming accepted requests ----
 
@@ -522,6 +542,9 @@ async def serve(context: ServiceContext) -> None:
     service = await context.add_micro_service(
         "Batches accepted requests at iteration level and streams their tokens",
         metadata={"policy": context.settings.scheduler.policy},
+    )
+    await service.add_endpoint(
+        name="inflight", subject=SCHEDULER_INFLIGHT, handler=scheduler.on_inflight
     )
     loops = [
         asyncio.create_task(scheduler.consume(), name="consume"),
