@@ -25,6 +25,7 @@ from shared.loading.hostpool import (
     load_from_host_pool,
     remove_stale_pools,
 )
+from shared.loading.reader import load_checkpoint
 from shared.loading.store import inventory_bucket, push_model
 from shared.messages import FetchModelReply, LoaderInventory
 from shared.subjects import loader_fetch_subject, loader_release_subject
@@ -217,3 +218,25 @@ async def test_loader_refuses_a_corrupt_model_on_its_disk_and_keeps_serving(
     await push_model(nc.jetstream(timeout=60), models["b"], "tiny-after-corrupt")
     fetched = await fetch_leased(nc, node, "tiny-after-corrupt")
     assert fetched.host is not None
+
+
+@pytest.mark.parametrize("tp_degree", [1, 2])
+def test_a_stage_or_shard_copies_out_like_a_partial_disk_load(
+    tiny_model_dir: Path, tmp_path: Path, tp_degree: int
+) -> None:
+    converted = tmp_path / "model"
+    convert(tiny_model_dir, converted, tp_degree=tp_degree)
+    pool = HostChunkPool(tmp_path / "pool", "node", 64 * CHUNK, CHUNK)
+    try:
+        assert pool.admit("m", converted) is not None
+        lease = pool.lease("m", 60)
+        ranks = [None, *range(tp_degree)] if tp_degree > 1 else [None]
+        for layers in [None, (0, 1), (2, 3)]:
+            for rank in ranks:
+                expected = load_checkpoint(converted, layers=layers, tp_rank=rank)
+                loaded = load_from_host_pool(lease, layers=layers, tp_rank=rank)
+                assert set(loaded) == set(expected), (layers, rank)
+                for name, tensor in expected.items():
+                    assert torch.equal(loaded[name], tensor), (name, layers, rank)
+    finally:
+        pool.close()

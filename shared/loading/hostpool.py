@@ -20,6 +20,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.loading.format import ALIGNMENT, CheckpointError, CheckpointIndex, read_index
+from shared.loading.format import (
+    ALIGNMENT,
+    CheckpointError,
+    CheckpointIndex,
+    Layers,
+    read_index,
+)
 from shared.loading.reader import (
     CHUNK_BYTES,
     _aligned_host_buffer,
@@ -57,6 +64,33 @@ def chunk_plan(index: CheckpointIndex, chunk_bytes: int) -> list[_Chunk]:
         for p in range(len(spans))
         for offset in range(0, spans[p], chunk_bytes)
     ]
+
+
+class PoolLayout:
+    """Where a model's bytes lie in a pool: (partition, offset) -> pool offsets, following the
+    chunk plan (the k-th chunk of the plan is pool chunk ``chunks[k]``)."""
+
+    def __init__(self, index: CheckpointIndex, chunks: list[int], chunk_bytes: int) -> None:
+        plan = chunk_plan(index, chunk_bytes)
+        if len(plan) != len(chunks):
+            raise CheckpointError(
+                f"the pool holds {len(chunks)} chunks of this model, its index needs {len(plan)}"
+            )
+        self.chunks = chunks
+        self.chunk_bytes = chunk_bytes
+        self.first_chunk: dict[int, int] = {}
+        for k, piece in enumerate(plan):
+            self.first_chunk.setdefault(piece.partition, k)
+
+    def segments(self, partition: int, offset: int, nbytes: int) -> Iterator[tuple[int, int]]:
+        """(pool offset, length) pieces of ``nbytes`` at ``offset`` of ``partition``."""
+        position, end = offset, offset + nbytes
+        while position < end:
+            k = self.first_chunk[partition] + position // self.chunk_bytes
+            within = position % self.chunk_bytes
+            length = min(end - position, self.chunk_bytes - within)
+            yield self.chunks[k] * self.chunk_bytes + within, length
+            position += length
 
 
 @dataclass
@@ -161,7 +195,7 @@ class HostChunkPool:
             direct = not all(map(_is_cached, paths))
             _read_all(paths, self._memory, self._memory, placed, self.read_threads, direct=direct)
             if verify:
-                self._verify(index, plan, chunks, paths)
+                self._verify(index, chunks, paths)
         except BaseException:
             with self._lock:
                 self._free.extend(chunks)
@@ -193,13 +227,9 @@ class HostChunkPool:
                 os.posix_fallocate(self._fd, chunk * self.chunk_bytes, self.chunk_bytes)
                 self._reserved.add(chunk)
 
-    def _verify(
-        self, index: CheckpointIndex, plan: list[_Chunk], chunks: list[int], paths: list[Path]
-    ) -> None:
+    def _verify(self, index: CheckpointIndex, chunks: list[int], paths: list[Path]) -> None:
         """Every stored tensor piece against its CRC32, in parallel (zlib drops the GIL)."""
-        first_chunk = {}
-        for k, piece in enumerate(plan):
-            first_chunk.setdefault(piece.partition, k)
+        layout = PoolLayout(index, chunks, self.chunk_bytes)
         pieces = [
             (name, stored.partition, stored.offset, stored.nbytes, stored.crc32)
             for name, entry in index.tensors.items()
@@ -208,14 +238,9 @@ class HostChunkPool:
 
         def intact(item: tuple[str, int, int, int, int]) -> bool:
             _name, partition, offset, nbytes, expected = item
-            crc, position, end = 0, offset, offset + nbytes
-            while position < end:
-                k = first_chunk[partition] + position // self.chunk_bytes
-                within = position % self.chunk_bytes
-                length = min(end - position, self.chunk_bytes - within)
-                start = chunks[k] * self.chunk_bytes + within
+            crc = 0
+            for start, length in layout.segments(partition, offset, nbytes):
                 crc = zlib.crc32(memoryview(self._memory[start : start + length].numpy()), crc)
-                position += length
             return crc == expected
 
         with ThreadPoolExecutor(max_workers=self.read_threads) as pool:
@@ -259,46 +284,79 @@ class HostChunkPool:
 
 
 def load_from_host_pool(
-    lease: HostLease, device: str | torch.device = "cpu", threads: int = 4
+    lease: HostLease,
+    device: str | torch.device = "cpu",
+    threads: int = 4,
+    layers: Layers | None = None,
+    tp_rank: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of a leased model, copied from the pool into one allocation on ``device``."""
+    """A leased model's tensors (or one stage / tensor-parallel shard of them, like
+    ``load_checkpoint``), copied from the pool into one allocation on ``device``."""
     device = torch.device(device)
     index = read_index(Path(lease.model_dir))
-    plan = chunk_plan(index, lease.chunk_bytes)
-    if len(plan) != len(lease.chunks):
-        raise CheckpointError(
-            f"host lease of {lease.model_dir} has {len(lease.chunks)} chunks, its index needs"
-            f" {len(plan)}"
-        )
-    total = sum(partition_spans(index))
-    host = _aligned_host_buffer(total, pin=device.type == "cuda")
+    layout = PoolLayout(index, lease.chunks, lease.chunk_bytes)
+    everything = index.covers_everything(layers, tp_rank)
+    selected = index if everything else index.select(layers, tp_rank)
+    ranges = index.read_ranges(layers, tp_rank)
+    spans = [end - start for _, start, end in ranges]
+    starts = [sum(spans[:i]) for i in range(len(spans))]
+    copies = []  # (destination offset, pool offset, bytes)
+    for (partition, first, end), destination in zip(ranges, starts, strict=True):
+        for source, length in layout.segments(partition, first, end - first):
+            copies.append((destination, source, length))
+            destination += length
     with open(lease.pool_path, "rb") as handle:
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        _copy_chunks(np.frombuffer(mapping, dtype=np.uint8), host.numpy(), plan, lease, threads)
+        target = None
+        if device.type == "cuda":
+            target = _copy_registered(mapping, copies, sum(spans), device)
+        if target is None:
+            host = _aligned_host_buffer(sum(spans), pin=device.type == "cuda")
+            _copy_chunks(np.frombuffer(mapping, dtype=np.uint8), host.numpy(), copies, threads)
+            target = host if device.type == "cpu" else host.to(device)
     finally:
         mapping.close()
-    target = host if device.type == "cpu" else host.to(device)
-    spans = partition_spans(index)
-    starts = [sum(spans[:i]) for i in range(len(spans))]
-    return _views(index, [target[s : s + n] for s, n in zip(starts, spans, strict=True)])
+    bases = [target[start : start + span] for start, span in zip(starts, spans, strict=True)]
+    return _views(selected, bases, ranges)
 
 
 def _copy_chunks(
-    source: np.ndarray,
-    destination: np.ndarray,
-    plan: list[_Chunk],
-    lease: HostLease,
-    threads: int,
+    source: np.ndarray, destination: np.ndarray, copies: list[tuple[int, int, int]], threads: int
 ) -> None:
-    def copy(k: int) -> None:
-        piece, start = plan[k], lease.chunks[k] * lease.chunk_bytes
-        end = piece.buffer_offset + piece.nbytes
+    def copy(item: tuple[int, int, int]) -> None:
+        to, start, length = item
         # numpy releases the GIL for plain copies: the threads copy in parallel.
-        np.copyto(destination[piece.buffer_offset : end], source[start : start + piece.nbytes])
+        np.copyto(destination[to : to + length], source[start : start + length])
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        list(pool.map(copy, range(len(plan))))
+        list(pool.map(copy, copies))
+
+
+def _copy_registered(
+    mapping: mmap.mmap, copies: list[tuple[int, int, int]], total: int, device: torch.device
+) -> torch.Tensor | None:
+    """CUDA: page-lock the mapped pool in this process (cudaHostRegister) and DMA each piece
+    straight into one device allocation. None if registration is refused (then the caller
+    copies through a pinned staging buffer)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only buffer: it is only ever read
+        source = torch.frombuffer(mapping, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    # cudaHostRegisterPortable | cudaHostRegisterReadOnly: the pool is mapped read-only here.
+    if int(cudart.cudaHostRegister(source.data_ptr(), source.numel(), 0x01 | 0x08)) != 0:
+        return None
+    try:
+        target = torch.empty(total, dtype=torch.uint8, device=device)
+        for to, start, length in copies:
+            target[to : to + length].copy_(source[start : start + length], non_blocking=True)
+        torch.cuda.synchronize(device)
+        return target
+    finally:
+        cudart.cudaHostUnregister(source.data_ptr())
+        del source
 
 
 def host_copy_bps(nbytes: int = 64 * 1024 * 1024) -> float:
