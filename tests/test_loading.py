@@ -4,6 +4,8 @@ truncated, corrupt or inconsistent checkpoints."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,32 @@ def test_convert_refuses_to_overwrite_and_leaves_nothing_half_written(
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_model_dir, tmp_path / "half", progress=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_converting_names_the_file_and_leaves_nothing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A file-size limit makes the writes fail the way a full disk does (an OSError mid-file).
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000))\n"
+        "from pathlib import Path\n"
+        "from shared.loading.format import CheckpointError, convert\n"
+        "try:\n"
+        "    convert(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+        "except CheckpointError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_model_dir), str(out / "tiny")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "cannot write" in result.stdout and "part-00000.bin" in result.stdout
+    assert list(out.iterdir()) == []  # no half-written model, no staging directory

@@ -23,6 +23,7 @@ a replicated tensor has ``shards`` (one copy per rank) and no ``split_dim``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -423,9 +424,14 @@ def _write_partitions(
                 progress(written, total)
         if handle is not None:
             partitions.append(_close_partition(handle, number, offset, crc))
+    except OSError as exc:
+        # A full disk (or quota, or file size limit): say which file, keep the cause.
+        path = directory / f"part-{number:05d}.bin"
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         if handle is not None and not handle.closed:
-            handle.close()
+            with contextlib.suppress(OSError):  # flushing what a full disk refused fails again
+                handle.close()
     return partitions, pieces
 
 
