@@ -111,6 +111,10 @@ class LoaderSettings(BaseModel):
     host_lease_s: float = Field(default=120.0, gt=0)
     # Check every partition's CRC32 when reading a model into host memory.
     verify: bool = True
+    # Read uncached files into the pool with O_DIRECT (bypassing the page cache). Off by
+    # default: buffered reads with the kernel's readahead were faster on the disks we measured
+    # (bench.loading prints both).
+    direct_io: bool = False
 
 
 class MonitorSettings(BaseModel):

@@ -247,6 +247,7 @@ async def serve(context: ServiceContext) -> None:
             node,
             settings.host_pool_bytes,
             settings.host_pool_chunk_bytes,
+            direct_io=settings.direct_io,
         )
     loader = Loader(context, node, models_dir, pool)
     service = await context.add_micro_service(

@@ -132,6 +132,7 @@ class HostChunkPool:
         capacity_bytes: int,
         chunk_bytes: int = CHUNK_BYTES,
         read_threads: int = 4,
+        direct_io: bool = False,
     ) -> None:
         if chunk_bytes % ALIGNMENT:
             raise ValueError(f"chunk_bytes must be a multiple of {ALIGNMENT}")
@@ -140,6 +141,7 @@ class HostChunkPool:
         if self.num_chunks < 1:
             raise ValueError(f"a host pool of {capacity_bytes} bytes holds no {chunk_bytes} chunk")
         self.read_threads = read_threads
+        self.direct_io = direct_io
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_pools(directory)
         self.path = directory / f"{POOL_PREFIX}{node}-{os.getpid()}"
@@ -191,8 +193,9 @@ class HostChunkPool:
                 _Chunk(c.partition, c.file_offset, chunks[k] * self.chunk_bytes, c.nbytes)
                 for k, c in enumerate(plan)
             ]
-            # Files already in the page cache are copied from it; others read with O_DIRECT.
-            direct = not all(map(_is_cached, paths))
+            # Files already in the page cache are copied from it; others are read with O_DIRECT
+            # when the pool was made with direct_io (falling back where the filesystem refuses).
+            direct = self.direct_io and not all(map(_is_cached, paths))
             _read_all(paths, self._memory, self._memory, placed, self.read_threads, direct=direct)
             if verify:
                 self._verify(index, chunks, paths)
