@@ -383,6 +383,9 @@ class JitDecision(InternalModel):
     action: Literal["finish", "migrate", "recompute"]
     # Iterations it may still decode in place before its KV cache must move.
     decode_steps: int = Field(ge=0)
+    # Wall-clock time (the planner's clock) by which it must have left the instance, whatever
+    # the step count says: the deadline less the time its cache needs to move.
+    move_by: float | None = None
 
 
 class Plan(InternalModel):

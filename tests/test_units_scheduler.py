@@ -611,3 +611,29 @@ def test_fcfs_property_waiting_in_arrival_order(
     tokenizer: TextTokenizer, eos: frozenset[int], sizes: list[int], ops: list[Operation]
 ) -> None:
     check_policy(tokenizer, eos, sizes, ops, full_arrival_order=True)
+
+
+@pytest.mark.parametrize("name", ["fcfs", "skip-join-mlfq"])
+def test_an_instance_without_a_role_takes_no_new_work_and_moved_requests_go_elsewhere(
+    tokenizer: TextTokenizer, name: str
+) -> None:
+    policy = make_policy(name, prefill_time_s=lambda tokens: 0.001 * tokens)
+    first, second = (
+        make_sequence(tokenizer, make_request(tokenizer.encode(f"r{i}"))) for i in (1, 2)
+    )
+    policy.add_request(first)
+    dying = ExecutorView("dying", max_batch_size=4)
+    assert policy.schedule(dying) == [first] and first.executor == "dying"
+    policy.update_from_output(StepOutput("dying", [first], 0.001))
+    # The plan gives "dying" no role: it keeps what is bound to it, takes nothing new.
+    dying = ExecutorView("dying", max_batch_size=4, accepts_new=False)
+    policy.add_request(second)
+    assert policy.schedule(dying) == [first]
+    assert second not in policy.priority_order(dying)
+    policy.update_from_output(StepOutput("dying", [first], 0.001))
+    # The plan moves "first" off: it runs on the serving instance next, recomputing its cache.
+    policy.requeue(first)
+    assert first.executor is None and policy.schedule(dying) == []
+    serving = ExecutorView("serving", max_batch_size=4)
+    assert set(policy.schedule(serving)) == {first, second}
+    assert first.executor == "serving" and policy.num_unfinished() == 2

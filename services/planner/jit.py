@@ -84,6 +84,7 @@ def arrange(
                 instance_id=instance_id,
                 action=action,
                 decode_steps=decode_steps,
+                move_by=deadlines[instance_id] - float(migrate),
             )
         )
     return decisions

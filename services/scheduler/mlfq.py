@@ -74,7 +74,7 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
         # A batch of this executor never accounted for (its step failed) is over anyway.
         self._end_iteration(executor.instance_id)
         self._promote_starved(now)
-        eligible = self._eligible(executor.instance_id)
+        eligible = self._eligible(executor)
         batch = list(itertools.islice(eligible, executor.max_batch_size))
         for sequence in batch:
             if sequence.executor is None:
@@ -86,7 +86,7 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
         return list(batch)
 
     def priority_order(self, executor: ExecutorView) -> list[Sequence]:
-        return list(self._eligible(executor.instance_id))
+        return list(self._eligible(executor))
 
     def update_from_output(self, output: StepOutput) -> None:
         now = self._clock()
@@ -110,6 +110,11 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
         for sequence in lost:
             sequence.lose_cache()  # unbound: any executor may recompute it; its place is kept
         return lost
+
+    def requeue(self, sequence: Sequence) -> None:
+        # Called between its executor's iterations: unbound, its place in its queue is kept.
+        if sequence in self._jobs:
+            sequence.lose_cache()
 
     def remove(self, sequence: Sequence) -> None:
         job = self._jobs.pop(sequence, None)
@@ -147,10 +152,12 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
         for queue in self._queues:
             yield from queue
 
-    def _eligible(self, instance_id: str) -> Iterator[Sequence]:
-        """Jobs that may run on ``instance_id`` (bound to it or unbound), most urgent first."""
+    def _eligible(self, executor: ExecutorView) -> Iterator[Sequence]:
+        """Jobs that may run on ``executor`` (bound to it, or unbound if it takes new ones),
+        most urgent first."""
+        allowed = (None, executor.instance_id) if executor.accepts_new else (executor.instance_id,)
         for sequence in self._in_order():
-            if not sequence.finished and sequence.executor in (None, instance_id):
+            if not sequence.finished and sequence.executor in allowed:
                 yield sequence
 
     def _end_iteration(self, instance_id: str) -> None:

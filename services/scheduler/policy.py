@@ -26,6 +26,9 @@ class ExecutorView:
     # KV caches the executor holds on the device, and offloaded in host memory.
     kv_slots: int = 1 << 30
     host_slots: int = 0
+    # False while the current plan gives the instance no role (e.g. it is being preempted):
+    # it finishes the sequences bound to it but takes no new ones.
+    accepts_new: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class SchedulerPolicy(ABC):
         """The executor is gone: its sequences wait again (they will recompute their cache)."""
 
     @abstractmethod
+    def requeue(self, sequence: Sequence) -> None:
+        """Move one sequence off its executor (a plan moves it): it waits again, unbound, and
+        keeps its place; its cache is recomputed wherever it runs next."""
+
+    @abstractmethod
     def remove(self, sequence: Sequence) -> None:
         """Drop a sequence (failed or aborted) wherever it is."""
 
@@ -90,14 +98,15 @@ class FcfsPolicy(SchedulerPolicy):
 
     def schedule(self, executor: ExecutorView) -> list[Sequence]:
         running = self.running.setdefault(executor.instance_id, [])
-        while len(running) < executor.max_batch_size and self.waiting:
+        while executor.accepts_new and len(running) < executor.max_batch_size and self.waiting:
             sequence = self.waiting.popleft()
             sequence.executor = executor.instance_id
             running.append(sequence)
         return list(running[: executor.max_batch_size])
 
     def priority_order(self, executor: ExecutorView) -> list[Sequence]:
-        return [*self.running.get(executor.instance_id, []), *self.waiting]
+        waiting = list(self.waiting) if executor.accepts_new else []
+        return [*self.running.get(executor.instance_id, []), *waiting]
 
     def update_from_output(self, output: StepOutput) -> None:
         running = self.running.get(output.instance_id, [])
@@ -110,9 +119,19 @@ class FcfsPolicy(SchedulerPolicy):
         lost = self.running.pop(instance_id, [])
         for sequence in lost:
             sequence.lose_cache()
-        # They arrived before (most of) the waiting ones: merge back in arrival order.
-        self.waiting = deque(sorted([*self.waiting, *lost], key=self._arrival.__getitem__))
+        self._wait_again(lost)
         return lost
+
+    def requeue(self, sequence: Sequence) -> None:
+        running = self.running.get(sequence.executor or "", [])
+        if sequence in running:
+            running.remove(sequence)
+            sequence.lose_cache()
+            self._wait_again([sequence])
+
+    def _wait_again(self, sequences: list[Sequence]) -> None:
+        # They arrived before (most of) the waiting ones: merge back in arrival order.
+        self.waiting = deque(sorted([*self.waiting, *sequences], key=self._arrival.__getitem__))
 
     def remove(self, sequence: Sequence) -> None:
         self._arrival.pop(sequence, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -39,6 +39,7 @@ from shared.messages import (
     ErrorReply,
     InflightReport,
     InflightSequence,
+    Plan,
     ReleaseCommand,
     StepCommand,
     StepResult,
@@ -48,6 +49,8 @@ from shared.model.profile import find_profile, load_profile
 from shared.model.tokenizer import TextTokenizer
 from shared.runtime import ServiceContext, discover, resolve_model
 from shared.subjects import (
+    PLANS_STREAM,
+    PLANS_SUBJECT,
     REQUESTS_STREAM,
     REQUESTS_SUBJECT,
     SCHEDULER_CONSUMER,
@@ -82,6 +85,9 @@ class ExecutorHandle:
     # Set when the executor is considered dead: an in-flight step stops waiting for it.
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # Requests a plan moves off this executor -> (generated-token count, wall-clock time) at
+    # which they move, whichever comes first.
+    moves: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +109,89 @@ class Scheduler:
         self.executors: dict[str, ExecutorHandle] = {}
         self.outbox: asyncio.Queue[IterationOutput] = asyncio.Queue(maxsize=OUTBOX_ITERATIONS)
         self.capacity = asyncio.Event()
+        self.plan: Plan | None = None
+
+    # ---- acting on the planner's plans ----
+
+    async def follow_plans(self) -> None:
+        """Act on each new plan; a plan whose epoch is not newer than the current one is stale
+        and ignored. Without a planner, every executor serves (no plan ever arrives)."""
+        subscription = await self.context.js.subscribe(
+            PLANS_SUBJECT,
+            stream=PLANS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST,
+        )
+        try:
+            while not self.context.stop.is_set():
+                try:
+                    message = await subscription.next_msg(timeout=1.0)
+                except TimeoutError:
+                    continue
+                try:
+                    plan = Plan.model_validate(decode(message.data))
+                except (DecodeError, ValidationError) as exc:
+                    self.log.error("plan.unreadable", error=str(exc))
+                    continue
+                if self.plan is not None and plan.epoch <= self.plan.epoch:
+                    self.log.warning("plan.stale", epoch=plan.epoch, current=self.plan.epoch)
+                    continue
+                self.apply_plan(plan)
+        finally:
+            await subscription.unsubscribe()
+
+    def apply_plan(self, plan: Plan) -> None:
+        """New requests go only to instances with a role; the just-in-time arrangement says
+        which requests on dying instances move, and after how many more tokens."""
+        self.plan = plan
+        for instance_id, handle in self.executors.items():
+            handle.view = replace(handle.view, accepts_new=self._serves(instance_id))
+        moved = 0
+        for decision in plan.jit:
+            sequence = self.held.get(decision.request_id)
+            handle = self.executors.get(decision.instance_id)
+            if sequence is None or handle is None or sequence.executor != decision.instance_id:
+                continue
+            # "finish": it should end in place; "migrate": decode on for decode_steps, then
+            # move; "recompute": move now. Either way it moves by move_by if still there (the
+            # cost model's estimate may be optimistic). The KV cache is recomputed on the new
+            # holder from the committed tokens.
+            steps = decision.decode_steps if decision.action != "recompute" else 0
+            move_by = decision.move_by if decision.move_by is not None else float("inf")
+            handle.moves[sequence.request_id] = (len(sequence.generated) + steps, move_by)
+            moved += decision.action != "finish"
+        self.log.info(
+            "plan.applied",
+            epoch=plan.epoch,
+            serving=sorted({role.instance_id for role in plan.roles}),
+            moving=moved,
+        )
+        for handle in self.executors.values():
+            handle.wake.set()
+
+    def _serves(self, instance_id: str) -> bool:
+        return self.plan is None or any(r.instance_id == instance_id for r in self.plan.roles)
+
+    def _apply_moves(self, handle: ExecutorHandle) -> None:
+        """Between two iterations of ``handle``: move off the requests whose time has come."""
+        here = handle.view.instance_id
+        now = time.time()  # move_by is the planner's wall clock: same host or NTP-synced
+        for request_id, (at_tokens, move_by) in list(handle.moves.items()):
+            sequence = self.held.get(request_id)
+            if sequence is None or sequence.finished or sequence.executor != here:
+                del handle.moves[request_id]
+            elif len(sequence.generated) >= at_tokens or now >= move_by:
+                del handle.moves[request_id]
+                self.policy.requeue(sequence)
+                handle.pending_release.append(request_id)
+                self.log.info(
+                    "request.moved",
+                    request_id=request_id,
+                    source=here,
+                    generated=len(sequence.generated),
+                )
+                for other in self.executors.values():
+                    other.wake.set()
 
     async def on_inflight(self, request: Request) -> None:
         """nats.micro handler: the requests held now, with where their KV caches are."""
@@ -258,6 +347,7 @@ class Scheduler:
             max_batch_size=min(self.settings.max_batch_size, kv_slots),
             kv_slots=kv_slots,
             host_slots=max(0, int(metadata.get("host_kv_slots", 0))),
+            accepts_new=self._serves(instance_id),
         )
         handle = ExecutorHandle(view=view)
         handle.task = asyncio.create_task(self._executor_loop(handle))
@@ -281,6 +371,7 @@ class Scheduler:
     async def _executor_loop(self, handle: ExecutorHandle) -> None:
         while not handle.gone.is_set() and not self.context.stop.is_set():
             planned = time.perf_counter()
+            self._apply_moves(handle)
             batch = self.policy.schedule(handle.view)
             if not batch:
                 if handle.pending_release:
@@ -550,6 +641,7 @@ async def serve(context: ServiceContext) -> None:
         asyncio.create_task(scheduler.consume(), name="consume"),
         asyncio.create_task(scheduler.discover_executors(), name="discover"),
         asyncio.create_task(scheduler.keepalive(), name="keepalive"),
+        asyncio.create_task(scheduler.follow_plans(), name="plans"),
     ]
     publisher = asyncio.create_task(scheduler.publish(), name="publish")
     context.log.info("scheduler.ready", policy=context.settings.scheduler.policy)

@@ -1,0 +1,109 @@
+"""Serving through a preemption, with real processes: monitor -> planner -> scheduler acting on
+the plan (new requests only to instances with a role, the just-in-time arrangement moving
+requests off the dying instance) -> the instance SIGKILLed at its deadline. Every request
+completes with the greedy output of an uninterrupted run, its stream without gaps or repeats."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from shared.bus import connect
+from shared.client import SpotserveClient
+from shared.cluster import LocalCluster
+from shared.codec import decode, encode
+from shared.config import NatsSettings
+from shared.messages import InflightReport, Plan, TokenChunk
+from shared.model.tokenizer import TextTokenizer
+from shared.runtime import discover
+from shared.subjects import FLEET_NOTICE, SCHEDULER_INFLIGHT, SERVICE_EXECUTOR
+from tests.helpers import eventually, isolated_cluster
+from tests.test_end_to_end import hf_greedy
+from tests.test_planner_service import all_plans
+
+ENV = {
+    "SPOTSERVE_MONITOR__HEARTBEAT_S": "0.25",
+    "SPOTSERVE_MONITOR__LEASE_S": "3",
+    "SPOTSERVE_PLANNER__DEBOUNCE_S": "0.2",
+    "SPOTSERVE_EXECUTOR__TORCH_THREADS": "1",
+    "SPOTSERVE_SCHEDULER__DISCOVERY_INTERVAL_S": "0.5",
+}
+PROMPTS = [f"Preempted request number {i} says" for i in range(4)]
+MAX_TOKENS = 400
+
+
+@pytest.fixture(scope="module")
+def spot_cluster(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    with isolated_cluster(tmp_path_factory, "spot", tiny_model_dir, 2, ENV) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def snc(spot_cluster: LocalCluster) -> AsyncIterator[Client]:
+    nc = await connect(spot_cluster.nats_url, NatsSettings(), name="t", deadline_s=10)
+    yield nc
+    await nc.close()
+
+
+async def collect(stream: AsyncIterator[TokenChunk], first: TokenChunk) -> list[TokenChunk]:
+    chunks = [first]
+    async for chunk in stream:
+        chunks.append(chunk)
+    return chunks
+
+
+async def inflight(nc: Client) -> InflightReport:
+    reply = await nc.request(SCHEDULER_INFLIGHT, b"", timeout=10)
+    return InflightReport.model_validate(decode(reply.data))
+
+
+async def test_requests_stream_through_a_preemption_with_a_grace_period(
+    spot_cluster: LocalCluster, snc: Client, tiny_model_dir: Path, tokenizer: TextTokenizer
+) -> None:
+    async def serving_plan() -> Plan | None:
+        plans = await all_plans(snc)
+        return plans[-1] if plans and plans[-1].fleet_seq >= 2 else None
+
+    plan = await eventually(serving_plan, "a plan over both executors", timeout_s=180)
+    holder = plan.roles[0].instance_id
+    client = SpotserveClient(snc)
+    streams = [
+        client.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0.0)
+        for prompt in PROMPTS
+    ]
+    firsts = [await anext(stream) for stream in streams]
+    # Only the instance with a role took them.
+    report = await inflight(snc)
+    assert {s.instance_id for s in report.sequences} == {holder}
+
+    reply = await snc.request(
+        FLEET_NOTICE, encode({"instance_id": holder, "grace_s": 1.0}), timeout=30
+    )
+    assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.headers
+    results = await asyncio.wait_for(
+        asyncio.gather(*(collect(s, f) for s, f in zip(streams, firsts, strict=True))), 300
+    )
+
+    for prompt, chunks in zip(PROMPTS, results, strict=True):
+        assert [c.index for c in chunks] == list(range(len(chunks)))  # no gap, no repeat
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == hf_greedy(tiny_model_dir, tokenizer.encode(prompt), MAX_TOKENS)
+        assert chunks[-1].finish_reason == "length"
+
+    # The holder is gone (SIGKILL at its deadline); new work is served by the other instance.
+    async def holder_gone() -> bool:
+        infos = await discover(snc, SERVICE_EXECUTOR, window_s=0.5)
+        return holder not in {info["metadata"]["instance_id"] for info in infos}
+
+    await eventually(holder_gone, "the preempted executor to be killed", timeout_s=60)
+    after = await client.generate("After the preemption", max_tokens=8, temperature=0.0)
+    assert after.token_ids == hf_greedy(tiny_model_dir, tokenizer.encode("After the preemption"), 8)
+    log = (spot_cluster.log_dir / "scheduler.log").read_text()
+    # The requests left the dying instance by their move time, before its SIGKILL.
+    assert '"plan.applied"' in log and '"request.moved"' in log
