@@ -107,3 +107,60 @@ async def test_requests_stream_through_a_preemption_with_a_grace_period(
     log = (spot_cluster.log_dir / "scheduler.log").read_text()
     # The requests left the dying instance by their move time, before its SIGKILL.
     assert '"plan.applied"' in log and '"request.moved"' in log
+
+
+async def stream_all(
+    client: SpotserveClient, prompts: list[str], max_tokens: int
+) -> tuple[list[AsyncIterator[TokenChunk]], list[TokenChunk]]:
+    streams = [
+        client.stream(prompt, max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        for prompt in prompts
+    ]
+    return streams, [await anext(stream) for stream in streams]
+
+
+async def finish_and_check(
+    streams: list[AsyncIterator[TokenChunk]],
+    firsts: list[TokenChunk],
+    prompts: list[str],
+    max_tokens: int,
+    model_dir: Path,
+    tokenizer: TextTokenizer,
+) -> None:
+    results = await asyncio.wait_for(
+        asyncio.gather(*(collect(s, f) for s, f in zip(streams, firsts, strict=True))), 300
+    )
+    for prompt, chunks in zip(prompts, results, strict=True):
+        assert [c.index for c in chunks] == list(range(len(chunks)))
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == hf_greedy(model_dir, tokenizer.encode(prompt), max_tokens)
+
+
+async def test_an_instance_joins_then_one_dies_without_grace_while_requests_stream(
+    spot_cluster: LocalCluster, snc: Client, tiny_model_dir: Path, tokenizer: TextTokenizer
+) -> None:
+    client = SpotserveClient(snc)
+    prompts = [f"Joining while streaming {i}" for i in range(3)]
+    streams, firsts = await stream_all(client, prompts, 300)
+    before = await all_plans(snc)
+    reply = await snc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
+    added = decode(reply.data)["instance_ids"][0]
+
+    async def plan_with_added() -> Plan | None:
+        plans = await all_plans(snc)
+        return plans[-1] if plans[-1].fleet_seq > before[-1].fleet_seq else None
+
+    await eventually(plan_with_added, f"a plan after {added} joined", timeout_s=180)
+    await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+
+    # Now the serving instance dies with no grace at all: the requests it serves resume from
+    # their committed tokens elsewhere (the prefill is recomputed), nothing lost or repeated.
+    streams, firsts = await stream_all(client, prompts, 300)
+    serving = {s.instance_id for s in (await inflight(snc)).sequences}
+    assert len(serving) == 1
+    victim = serving.pop()
+    reply = await snc.request(
+        FLEET_NOTICE, encode({"instance_id": victim, "grace_s": 0.0}), timeout=30
+    )
+    assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.headers
+    await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
