@@ -3,20 +3,31 @@
 Synchronous and not thread-safe: the service runs every call in one dedicated thread. A step
 takes a ragged batch: new sequences are prefilled one by one (each gets a KV slot), and all
 single-token continuations run together as one decode batch with per-row positions.
+
+Pipeline stage (``layers=(first, last)``): ``run_stage`` takes a :class:`StageBatch` (one
+micro-batch: the scheduler's steps, plus the previous stage's hidden states past the first stage)
+and returns the batch for the next stage, or, on the last stage, the sampled tokens. Each stage
+keeps its own KV slots for its layers and the same per-sequence bookkeeping, so release, offload
+and upload work per stage exactly as on a whole model. Tensor parallel (``tp``): every rank runs
+the same calls with the same inputs; the collectives inside make their results identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from shared.model.llama import Transformer, WeightsSource, load_transformer
+from shared.model.llama import Layers, Transformer, WeightsSource, load_transformer
+from shared.model.parallel import TensorParallel
 from shared.model.sampling import SamplingParams, sample_tokens, validate_sampling
 from shared.model.tokenizer import TextTokenizer, read_eos_token_ids
+
+_T = TypeVar("_T")
 
 
 class EngineError(Exception):
@@ -56,6 +67,59 @@ class SequenceStep:
     sample_index: int
 
 
+@dataclass(frozen=True)
+class StageBatch:
+    """One micro-batch on its way through a pipeline.
+
+    ``seqs``: the steps as the scheduler sent them (every stage sees the same ones: the token
+    counts, the sampling parameters for the last stage). ``positions``: each sequence's start
+    position (its cached length); the first stage fills it in, later stages check it against
+    their own KV cache. ``hidden``: past the first stage, the previous stage's output
+    [sum of len(token_ids), dim], rows in ``seqs`` order, each sequence's tokens in order.
+    """
+
+    seqs: list[SequenceStep]
+    positions: list[int] | None = None
+    hidden: Tensor | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain values and one tensor, for ``shared.codec.encode`` (msgpack)."""
+        return {
+            "seqs": [
+                [s.request_id, s.token_ids, s.temperature, s.top_p, s.seed, s.sample_index]
+                for s in self.seqs
+            ],
+            "positions": self.positions,
+            "hidden": self.hidden,
+        }
+
+    @classmethod
+    def from_wire(cls, payload: dict[str, Any]) -> StageBatch:
+        """The inverse of :meth:`to_wire` (after ``shared.codec.decode``)."""
+        try:
+            seqs = [
+                SequenceStep(str(rid), list(tokens), float(temp), float(top_p), int(seed), int(i))
+                for rid, tokens, temp, top_p, seed, i in payload["seqs"]
+            ]
+            positions = payload.get("positions")
+            hidden = payload.get("hidden")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidStepError(f"malformed stage batch: {exc!r}") from None
+        if hidden is not None and not isinstance(hidden, Tensor):
+            raise InvalidStepError("a stage batch's hidden states must be a tensor")
+        return cls(seqs, None if positions is None else [int(p) for p in positions], hidden)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What ``run_stage`` produced: ``next`` (not the last stage) for the next stage; on the last
+    stage the sampled ``tokens`` and the float32 ``logits`` [len(seqs), vocab] they came from."""
+
+    next: StageBatch | None = None
+    tokens: dict[str, int] | None = None
+    logits: Tensor | None = None
+
+
 @dataclass
 class _Sequence:
     slot: int
@@ -84,6 +148,9 @@ class Engine:
         max_seq_len: int | None = None,
         host_slots: int = 0,
         weights: WeightsSource | None = None,
+        *,
+        layers: Layers | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
@@ -91,7 +158,11 @@ class Engine:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.model_dir = Path(model_dir)
         self.model: Transformer = load_transformer(
-            self.model_dir, torch.device(device) if device else None, weights=weights
+            self.model_dir,
+            torch.device(device) if device else None,
+            weights=weights,
+            layers=layers,
+            tp=tp,
         )
         limit = self.model.args.max_position_embeddings
         self.max_seq_len = limit if max_seq_len is None else min(max_seq_len, limit)
@@ -111,6 +182,19 @@ class Engine:
     @property
     def vocab_size(self) -> int:
         return self.model.args.vocab_size
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        """The decoder layers (first, last) this engine holds."""
+        return self.model.first_layer, self.model.last_layer
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.model.is_first
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.model.is_last
 
     @property
     def context_length(self) -> int:
@@ -144,29 +228,45 @@ class Engine:
     # -- the work --------------------------------------------------------------------------
 
     def step(self, seqs: list[SequenceStep]) -> dict[str, int]:
-        """Run one iteration; return the sampled token of each sequence (request_id -> id)."""
+        """Run one iteration; return the sampled token of each sequence (request_id -> id).
+        A whole model only: a pipeline stage runs ``run_stage``."""
         if not seqs:
             return {}
+        if not (self.model.is_first and self.model.is_last):
+            raise EngineError(f"this engine holds layers {self.layers}: use run_stage")
         plan = self._plan(seqs)
-        logits: dict[str, Tensor] = {}
-        allocated: dict[str, int] = {}
-        try:
-            for seq in plan.new:
-                allocated[seq.request_id] = self.cache.allocate()
-                logits[seq.request_id] = self._prefill(seq, allocated[seq.request_id], 0)
-            for seq in plan.extend:
-                known = self._sequences[seq.request_id]
-                logits[seq.request_id] = self._prefill(seq, known.slot, known.length)
-            if plan.decode:
-                logits.update(self._decode(plan.decode))
-            tokens = self._sample(seqs, logits)
-        except BaseException:
-            # The cache positions written are past every sequence's length: harmless garbage.
-            for slot in allocated.values():
-                self.cache.free(slot)
-            raise
-        self._commit(seqs, allocated)
-        return tokens
+        return self._run(seqs, plan, None, lambda logits: self._sample(seqs, logits)[0])
+
+    def run_stage(self, batch: StageBatch) -> StageResult:
+        """Run one micro-batch through this stage's layers (all or nothing, like ``step``).
+
+        First stage: ``batch.hidden`` is None and the tokens are embedded. Later stages: the
+        previous stage's hidden states, and ``batch.positions`` must match this stage's cache.
+        Not the last stage: returns ``next``, the batch to send on (positions filled in, hidden
+        states [rows, dim] in the model's dtype). Last stage: ``tokens`` sampled per sequence
+        exactly as ``step`` samples them, and their ``logits``."""
+        seqs = batch.seqs
+        plan = self._plan(seqs) if seqs else _Plan(new=[], extend=[], decode=[])
+        positions = [self.sequence_length(seq.request_id) for seq in seqs]
+        if batch.positions is not None and list(batch.positions) != positions:
+            raise InvalidStepError(
+                f"stage {self.layers} holds positions {positions} of {[s.request_id for s in seqs]}"
+                f", the batch says {list(batch.positions)}"
+            )
+        inputs = self._stage_inputs(batch)
+
+        def finish(outputs: dict[str, Tensor]) -> StageResult:
+            if not self.model.is_last:
+                rows = [outputs[seq.request_id] for seq in seqs]
+                empty = torch.empty(0, self.model.args.dim, dtype=self.model.dtype)
+                hidden = torch.cat(rows) if rows else empty.to(self.device)
+                return StageResult(next=StageBatch(seqs, positions, hidden))
+            if not seqs:
+                return StageResult(tokens={})
+            tokens, logits = self._sample(seqs, outputs)
+            return StageResult(tokens=tokens, logits=logits)
+
+        return self._run(seqs, plan, inputs, finish)
 
     def release(self, request_ids: Iterable[str]) -> None:
         """Free the slots (and host copies) of these sequences; unknown ids are ignored."""
@@ -215,6 +315,57 @@ class Engine:
             self._sequences[request_id] = _Sequence(slot=slot, length=copy.length)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _run(
+        self,
+        seqs: list[SequenceStep],
+        plan: _Plan,
+        inputs: dict[str, Tensor] | None,
+        finish: Callable[[dict[str, Tensor]], _T],
+    ) -> _T:
+        """Prefill new and extended sequences one by one, decode the rest as one batch, then
+        ``finish(outputs)`` (logits on the last stage, else hidden states, per sequence); commit
+        the new lengths only when all of it succeeded, and return what ``finish`` made."""
+        outputs: dict[str, Tensor] = {}
+        allocated: dict[str, int] = {}
+        try:
+            for seq in plan.new:
+                allocated[seq.request_id] = self.cache.allocate()
+                outputs[seq.request_id] = self._prefill(seq, allocated[seq.request_id], 0, inputs)
+            for seq in plan.extend:
+                known = self._sequences[seq.request_id]
+                outputs[seq.request_id] = self._prefill(seq, known.slot, known.length, inputs)
+            if plan.decode:
+                outputs.update(self._decode(plan.decode, inputs))
+            result = finish(outputs)
+        except BaseException:
+            # The cache positions written are past every sequence's length: harmless garbage.
+            for slot in allocated.values():
+                self.cache.free(slot)
+            raise
+        self._commit(seqs, allocated)
+        return result
+
+    def _stage_inputs(self, batch: StageBatch) -> dict[str, Tensor] | None:
+        """Past the first stage, each sequence's rows of the incoming hidden states."""
+        if self.model.is_first:
+            if batch.hidden is not None:
+                raise InvalidStepError("the first stage embeds token ids, not hidden states")
+            return None
+        hidden = batch.hidden
+        rows = sum(len(seq.token_ids) for seq in batch.seqs)
+        if hidden is None or tuple(hidden.shape) != (rows, self.model.args.dim):
+            shape = None if hidden is None else list(hidden.shape)
+            raise InvalidStepError(
+                f"stage {self.layers} needs hidden states [{rows}, {self.model.args.dim}] for "
+                f"this batch, got {shape}"
+            )
+        hidden = hidden.to(self.device, self.model.dtype)
+        inputs, start = {}, 0
+        for seq in batch.seqs:
+            inputs[seq.request_id] = hidden[start : start + len(seq.token_ids)]
+            start += len(seq.token_ids)
+        return inputs
 
     def _plan(self, seqs: list[SequenceStep]) -> _Plan:
         """Validate the whole batch before any compute, and split it by kind of work."""
@@ -270,26 +421,41 @@ class Engine:
                 f"{self.max_seq_len}"
             )
 
-    def _prefill(self, seq: SequenceStep, slot: int, start_pos: int) -> Tensor:
-        ids = torch.tensor(seq.token_ids, dtype=torch.long, device=self.device)
-        return self.model.prefill(ids, slot, start_pos)
+    def _prefill(
+        self, seq: SequenceStep, slot: int, start_pos: int, inputs: dict[str, Tensor] | None
+    ) -> Tensor:
+        if inputs is None:
+            x = torch.tensor(seq.token_ids, dtype=torch.long, device=self.device)
+        else:
+            x = inputs[seq.request_id]
+        return self.model.prefill(x, slot, start_pos)
 
-    def _decode(self, seqs: list[SequenceStep]) -> dict[str, Tensor]:
+    def _decode(
+        self, seqs: list[SequenceStep], inputs: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
         known = [self._sequences[seq.request_id] for seq in seqs]
         positions = [sequence.length for sequence in known]
-        logits = self.model.decode_one_token(
-            self._long([seq.token_ids[0] for seq in seqs]),
+        if inputs is None:
+            x = self._long([seq.token_ids[0] for seq in seqs])
+        else:
+            x = torch.cat([inputs[seq.request_id] for seq in seqs])
+        out = self.model.decode_one_token(
+            x,
             self._long([sequence.slot for sequence in known]),
             self._long(positions),
             max_len=max(positions) + 1,  # known here: saves a device sync
         )
-        return {seq.request_id: logits[row] for row, seq in enumerate(seqs)}
+        if not self.model.is_last:
+            out = out[:, None]  # hidden rows [1, dim]: one token each, like a prefill's [T, dim]
+        return {seq.request_id: out[row] for row, seq in enumerate(seqs)}
 
-    def _sample(self, seqs: list[SequenceStep], logits: dict[str, Tensor]) -> dict[str, int]:
+    def _sample(
+        self, seqs: list[SequenceStep], logits: dict[str, Tensor]
+    ) -> tuple[dict[str, int], Tensor]:
         stacked = torch.stack([logits[seq.request_id] for seq in seqs])
         params = [SamplingParams(s.temperature, s.top_p, s.seed, s.sample_index) for s in seqs]
         tokens = sample_tokens(stacked, params)
-        return {seq.request_id: token for seq, token in zip(seqs, tokens, strict=True)}
+        return {seq.request_id: token for seq, token in zip(seqs, tokens, strict=True)}, stacked
 
     def _commit(self, seqs: list[SequenceStep], allocated: dict[str, int]) -> None:
         for seq in seqs:

@@ -2,8 +2,17 @@
 
 Covers Llama, Mistral and Qwen2 checkpoints in the Hugging Face layout. Module names mirror HF's
 (``layers.{i}.self_attn.q_proj`` …) so a checkpoint loads by stripping the ``model.`` prefix, and
-the projections stay separate matrices so they can later be sharded one by one. The layers are a
-plain ``ModuleList`` driven by ``run_layers``: a pipeline stage can run a slice of them.
+the projections stay separate matrices so they can be sharded one by one.
+
+Parallelism, explicit in the module tree:
+- a pipeline stage (``layers=(first, last)``) builds only those decoder layers (``self.layers[i]``
+  is layer ``first + i``), the embeddings only when first is 0, the final norm and LM head only
+  when last is the final layer; its KV cache holds its layers only. ``prefill`` and
+  ``decode_one_token`` take token ids on the first stage, hidden states on later ones, and return
+  logits on the last stage, hidden states (for the next stage) on the others.
+- tensor parallel degree M (``tp``): each rank holds n_heads/M query and n_kv_heads/M KV heads
+  (and 1/M of the MLP and of the vocabulary), its KV cache only its heads; see ``parallel.py``.
+The whole model (one stage, M=1) builds exactly the modules it always did.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from shared.model.parallel import TensorParallel, column_linear, row_linear
 
 # model_type -> the causal-LM architecture of that family.
 SUPPORTED_MODEL_TYPES = {
@@ -311,15 +322,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        # Index of this layer's K/V in the cache: its position within the stage.
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        degree = tp.world_size if tp is not None else 1
+        # This rank's heads (all of them without tensor parallelism).
+        self.n_heads, self.n_kv_heads = args.n_heads // degree, args.n_kv_heads // degree
+        self.head_dim = args.head_dim
         q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.q_proj = nn.Linear(args.dim, q_out, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(q_out, args.dim, bias=args.o_bias)
+        self.q_proj = column_linear(args.dim, q_out, args.qkv_bias, tp)
+        self.k_proj = column_linear(args.dim, kv_out, args.qkv_bias, tp)
+        self.v_proj = column_linear(args.dim, kv_out, args.qkv_bias, tp)
+        self.o_proj = row_linear(q_out, args.dim, args.o_bias, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, view: CacheView) -> Tensor:
         batch, length, _ = x.shape
@@ -343,21 +358,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.gate_proj = column_linear(args.dim, args.intermediate_size, False, tp)
+        self.up_proj = column_linear(args.dim, args.intermediate_size, False, tp)
+        self.down_proj = row_linear(args.intermediate_size, args.dim, False, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer_idx)
-        self.mlp = MLP(args)
+        self.self_attn = Attention(args, layer_idx, tp)
+        self.mlp = MLP(args, tp)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
@@ -366,15 +381,58 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+Layers = tuple[int, int]  # (first, last) decoder layers of a pipeline stage, inclusive
+
+
+def check_parallel(args: ModelArgs, layers: Layers | None, tp: TensorParallel | None) -> Layers:
+    """The stage's (first, last) layers; ValueError when the stage or the TP degree cannot be."""
+    first, last = layers if layers is not None else (0, args.n_layers - 1)
+    if not 0 <= first <= last < args.n_layers:
+        raise ValueError(f"layers {first}..{last} are not a stage of layers 0..{args.n_layers - 1}")
+    degree = tp.world_size if tp is not None else 1
+    sizes = {
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "intermediate_size": args.intermediate_size,
+    }
+    if not args.tie_word_embeddings:  # a tied head is the embedding: replicated, not split
+        sizes["vocab_size"] = args.vocab_size
+    for key, size in sizes.items():
+        if size % degree:
+            raise ValueError(
+                f"{key} {size} is not divisible by the tensor-parallel degree {degree}"
+            )
+    return first, last
+
+
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(
+        self,
+        args: ModelArgs,
+        layers: Layers | None = None,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
+        tp = tp if tp is not None and tp.world_size > 1 else None
+        first, last = check_parallel(args, layers, tp)
+        self.first_layer, self.last_layer, self.tp = first, last, tp
+        self.is_first, self.is_last = first == 0, last == args.n_layers - 1
+        self.embed_tokens: nn.Embedding | None = None
+        if self.is_first:  # the embedding is replicated across tensor-parallel ranks
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        # self.layers[i] is decoder layer first + i; its K/V is cache layer i.
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, i - first, tp) for i in range(first, last + 1)
+        )
+        self.norm: RMSNorm | None = None
+        self.lm_head: nn.Linear | None = None
+        if self.is_last:
+            self.norm = RMSNorm(args.dim, args.norm_eps)
+            # A tied head is the (replicated) embedding: whole on every rank, nothing to gather.
+            head_tp = None if args.tie_word_embeddings else tp
+            self.lm_head = column_linear(args.dim, args.vocab_size, False, head_tp, gather=True)
+        if args.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
         self.kv_cache: KVCache | None = None
         # float32 rope tables, made with the cache (not buffers, so .to(bf16) cannot round them).
@@ -383,11 +441,35 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self._anchor().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self._anchor().dtype
+
+    def _anchor(self) -> Tensor:
+        if self.embed_tokens is not None:
+            return self.embed_tokens.weight
+        return self.layers[0].input_layernorm.weight
+
+    @property
+    def n_local_kv_heads(self) -> int:
+        """KV heads this rank holds (and caches)."""
+        return self.args.n_kv_heads // (self.tp.world_size if self.tp is not None else 1)
+
+    def hf_layer_name(self, name: str) -> str | None:
+        """This module's name for a checkpoint tensor (``model.`` prefix removed), or None when
+        this stage does not hold it. A tied head past the first stage is the embedding."""
+        if name.startswith("layers."):
+            index, rest = name.removeprefix("layers.").split(".", 1)
+            local = int(index) - self.first_layer
+            return f"layers.{local}.{rest}" if 0 <= local < len(self.layers) else None
+        if name.startswith("embed_tokens."):
+            if self.is_first:
+                return name
+            tied_head = self.is_last and self.args.tie_word_embeddings
+            return "lm_head.weight" if tied_head and name == "embed_tokens.weight" else None
+        return name if self.is_last else None
 
     def setup_caches(self, num_slots: int, max_seq_len: int) -> KVCache:
         """Allocate the KV cache and the rope tables (replacing any previous cache)."""
@@ -397,15 +479,24 @@ class Transformer(nn.Module):
             )
         a = self.args
         self.kv_cache = KVCache(
-            a.n_layers, num_slots, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, self.device
+            len(self.layers),
+            num_slots,
+            self.n_local_kv_heads,
+            max_seq_len,
+            a.head_dim,
+            self.dtype,
+            self.device,
         )
         self._cos, self._sin = rope_tables(a, max_seq_len, self.device)
         return self.kv_cache
 
     @torch.inference_mode()
     def prefill(self, token_ids: Tensor, slot: int, start_pos: int = 0) -> Tensor:
-        """Run T tokens of one sequence at positions start_pos.. into ``slot``; float32 logits
-        [vocab] of the last position."""
+        """Run T tokens of one sequence at positions start_pos.. into ``slot``.
+
+        ``token_ids`` [T] on the first stage, the previous stage's hidden states [T, dim] on a
+        later one. Returns float32 logits [vocab] of the last position on the last stage, else
+        the hidden states [T, dim] for the next stage."""
         cache, cos, sin = self._cache()
         length = int(token_ids.shape[0])
         if length == 0 or start_pos < 0 or start_pos + length > cache.max_seq_len:
@@ -415,15 +506,17 @@ class Transformer(nn.Module):
             )
         view = PrefillView(cache, slot, start_pos, length)
         span = slice(start_pos, start_pos + length)
-        h = self.embed_tokens(token_ids.to(self.device)[None, :])
+        h = self._stage_input(token_ids)[None]
         h = self.run_layers(h, cos[span], sin[span], view)
-        return self.head(h[:, -1])[0]
+        return self.head(h[:, -1])[0] if self.is_last else h[0]
 
     @torch.inference_mode()
     def decode_one_token(
         self, token_ids: Tensor, slots: Tensor, positions: Tensor, max_len: int | None = None
     ) -> Tensor:
-        """One token per row at its own slot and position; float32 logits [B, vocab].
+        """One token per row at its own slot and position; float32 logits [B, vocab] on the last
+        stage, else hidden states [B, dim]. ``token_ids`` [B] on the first stage, else the
+        previous stage's hidden states [B, dim].
 
         ``max_len`` (max(positions) + 1) may be given to skip a device sync; slots must be
         distinct.
@@ -435,19 +528,33 @@ class Transformer(nn.Module):
         view = DecodeView(cache, slots.to(self.device), positions, max_len)
         # [B, D] -> [B, 1, 1, D]: broadcasts over heads and the single query position.
         cos_b, sin_b = cos[positions][:, None, None, :], sin[positions][:, None, None, :]
-        h = self.embed_tokens(token_ids.to(self.device)[:, None])
+        h = self._stage_input(token_ids)[:, None]
         h = self.run_layers(h, cos_b, sin_b, view)
-        return self.head(h[:, -1])
+        return self.head(h[:, -1]) if self.is_last else h[:, -1]
+
+    def _stage_input(self, x: Tensor) -> Tensor:
+        """Token ids [N] -> embeddings [N, dim] on the first stage; a later stage's input is
+        already hidden states [N, dim]."""
+        embed = self.embed_tokens
+        if embed is not None:
+            return embed(x.to(embed.weight.device))
+        if x.dim() != 2 or x.shape[1] != self.args.dim:
+            raise ValueError(
+                f"layers {self.first_layer}..{self.last_layer} take hidden states [N, "
+                f"{self.args.dim}], got shape {list(x.shape)}"
+            )
+        return x.to(self.device, self.dtype)
 
     def run_layers(self, h: Tensor, cos: Tensor, sin: Tensor, view: CacheView) -> Tensor:
-        """Apply the decoder layers (a pipeline stage would own a slice of ``self.layers``)."""
+        """Apply this stage's decoder layers."""
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, view)
         return h
 
     def head(self, h: Tensor) -> Tensor:
-        """Final norm and LM head; logits always float32."""
+        """Final norm and LM head (last stage only); logits always float32, whole vocabulary."""
+        assert self.norm is not None and self.lm_head is not None, "not the last stage"
         return self.lm_head(self.norm(h)).float()
 
     def _cache(self) -> tuple[KVCache, Tensor, Tensor]:
@@ -478,22 +585,28 @@ def load_transformer(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     weights: WeightsSource | None = None,
+    *,
+    layers: Layers | None = None,
+    tp: TensorParallel | None = None,
 ) -> Transformer:
     """Build a Transformer from an HF directory (config.json + safetensors, sharded or not,
-    or spotserve's converted format); ``weights`` replaces reading the tensors from the dir."""
+    or spotserve's converted format); ``weights`` replaces reading the tensors from the dir.
+
+    ``layers`` (first, last) builds one pipeline stage and reads only its tensors (a converted
+    checkpoint: only their byte ranges). ``tp`` builds this rank's shard: read as such from a
+    checkpoint converted with the same degree, else cut from the whole tensors."""
     model_dir = Path(model_dir)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     args = ModelArgs.from_hf_config(config)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, layers, tp)
     if weights is not None:
-        state = _checkpoint_names(weights(device), dtype)
+        state = _checkpoint_names(weights(device), dtype, model)
     else:
-        state = _read_state_dict(model_dir, device, dtype)
-    if args.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+        state = _read_state_dict(model_dir, device, dtype, model)
+    state = _stage_state(state, model)
     missing = sorted(set(model.state_dict()) - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
@@ -502,20 +615,38 @@ def load_transformer(
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict(state, assign=True)
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and model.embed_tokens is not None and model.lm_head is not None:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)
 
 
+def _stage_state(state: dict[str, Tensor], model: Transformer) -> dict[str, Tensor]:
+    """Checkpoint names (``model.`` removed) -> the module's: only the stage's tensors, layers
+    renumbered from the stage's first, whole tensors cut to the rank's shard."""
+    expected = model.state_dict()  # meta tensors: the shapes this stage and rank hold
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        local = model.hf_layer_name(name)
+        if local is None:
+            continue
+        if model.tp is not None and local in expected and tensor.shape != expected[local].shape:
+            tensor = model.tp.shard(name, tensor)
+        out[local] = tensor
+    tied = model.args.tie_word_embeddings and model.lm_head is not None
+    if tied and "embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
 def _read_state_dict(
-    model_dir: Path, device: torch.device, dtype: torch.dtype
+    model_dir: Path, device: torch.device, dtype: torch.dtype, model: Transformer
 ) -> dict[str, Tensor]:
     from safetensors import safe_open
 
     from shared.loading.format import is_converted
 
     if is_converted(model_dir):
-        return _read_converted(model_dir, device, dtype)
+        return _read_converted(model_dir, device, dtype, model)
     state: dict[str, Tensor] = {}
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
@@ -524,24 +655,44 @@ def _read_state_dict(
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
                 key = name.removeprefix("model.")
-                state[key] = handle.get_tensor(name).to(dtype)
+                if model.hf_layer_name(key) is not None:  # another stage's: not read at all
+                    state[key] = handle.get_tensor(name).to(dtype)
     return state
 
 
-def _read_converted(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """spotserve's loading-optimized format: one allocation on the device, tensors as views."""
+def _read_converted(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, model: Transformer
+) -> dict[str, Tensor]:
+    """spotserve's loading-optimized format: one allocation on the device, tensors as views;
+    a stage reads only its byte ranges, a rank only its shard when the degrees match."""
+    from shared.loading.format import read_index
     from shared.loading.reader import load_checkpoint
 
-    return _checkpoint_names(load_checkpoint(model_dir, device=device), dtype)
+    whole = model.is_first and model.is_last
+    layers = None if whole else (model.first_layer, model.last_layer)
+    tp = model.tp
+    rank = None
+    if tp is not None and read_index(model_dir).tp_degree == tp.world_size:
+        rank = tp.rank
+    loaded = load_checkpoint(model_dir, device=device, layers=layers, tp_rank=rank)
+    if model.args.tie_word_embeddings and model.is_last and not model.is_first:
+        # The tied head is the embedding, which only the first stage's ranges hold.
+        first = load_checkpoint(model_dir, device=device, layers=(0, 0), tp_rank=rank)
+        loaded["model.embed_tokens.weight"] = first["model.embed_tokens.weight"]
+    return _checkpoint_names(loaded, dtype, model)
 
 
-def _checkpoint_names(loaded: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """HF tensor names -> this module's (rope frequencies are recomputed, not loaded)."""
-    return {
-        name.removeprefix("model."): tensor.to(dtype)
-        for name, tensor in loaded.items()
-        if not name.endswith("rotary_emb.inv_freq")
-    }
+def _checkpoint_names(
+    loaded: dict[str, Tensor], dtype: torch.dtype, model: Transformer
+) -> dict[str, Tensor]:
+    """HF tensor names -> without ``model.``, only those the stage holds (rope frequencies are
+    recomputed, not loaded)."""
+    state = {}
+    for name, tensor in loaded.items():
+        key = name.removeprefix("model.")
+        if not name.endswith("rotary_emb.inv_freq") and model.hf_layer_name(key) is not None:
+            state[key] = tensor.to(dtype)
+    return state
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
