@@ -38,6 +38,39 @@ def greedy(request_id: str, token: int, index: int) -> SequenceStep:
     return SequenceStep(request_id, [token], 0.0, 1.0, 0, index)
 
 
+@pytest.mark.parametrize("host_slots", [0, 2])
+def test_a_kv_cache_exported_to_another_engine_decodes_on_identically(
+    tiny_model_dir: Path, host_slots: int
+) -> None:
+    source = Engine(tiny_model_dir, max_slots=2, host_slots=2)
+    destination = Engine(tiny_model_dir, max_slots=2, host_slots=host_slots)
+    token = source.step([SequenceStep("a", list(range(5, 60)), 0.0, 1.0, 0, 0)])["a"]
+    for index in range(1, 4):
+        token = source.step([greedy("a", token, index)])["a"]
+    length, tensors = source.export_kv("a")
+    assert length == 58 and set(tensors) == {f"{i}.{kv}" for i in range(4) for kv in "kv"}
+    # The codec round trip an executor-to-executor transfer makes.
+    from shared.codec import decode, encode
+
+    tensors = decode(encode(tensors))
+    landed = destination.import_kv("a", length, tensors)
+    assert landed == ("host" if host_slots else "device")
+    if landed == "host":
+        destination.upload(["a"])
+    here, there = token, token
+    for index in range(4, 20):
+        here = source.step([greedy("a", here, index)])["a"]
+        there = destination.step([greedy("a", there, index)])["a"]
+        assert here == there
+    with pytest.raises(InvalidStepError, match="already has a KV cache"):
+        destination.import_kv("a", length, tensors)
+    tensors.pop("3.v")
+    with pytest.raises(InvalidStepError, match="layer 3"):
+        destination.import_kv("b", length, tensors)
+    with pytest.raises(UnknownSequenceError):
+        source.export_kv("nope")
+
+
 def test_offload_then_upload_is_bit_exact(tiny_model_dir: Path) -> None:
     engine = Engine(tiny_model_dir, max_slots=2, host_slots=2)
     first = engine.step([SequenceStep("a", list(range(5, 60)), 0.0, 1.0, 0, 0)])

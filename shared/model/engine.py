@@ -314,6 +314,51 @@ class Engine:
             self.cache.copy_in(slot, copy.layers)
             self._sequences[request_id] = _Sequence(slot=slot, length=copy.length)
 
+    def export_kv(self, request_id: str) -> tuple[int, dict[str, Tensor]]:
+        """A sequence's KV cache as named host tensors (``<layer>.k``/``<layer>.v``, the
+        stage's local layers), for another executor; the sequence stays here until released."""
+        if request_id in self._sequences:
+            sequence = self._sequences[request_id]
+            layers = self.cache.copy_out(sequence.slot, sequence.length, pin_memory=False)
+            length = sequence.length
+        elif request_id in self._host:
+            length, layers = self._host[request_id].length, self._host[request_id].layers
+        else:
+            raise UnknownSequenceError(f"no KV cache of {request_id} here")
+        tensors = {}
+        for layer, (k, v) in enumerate(layers):
+            tensors[f"{layer}.k"], tensors[f"{layer}.v"] = k, v
+        return length, tensors
+
+    def import_kv(self, request_id: str, length: int, tensors: dict[str, Tensor]) -> str:
+        """Take a KV cache exported by another executor: into the host swap when it has room
+        (the scheduler uploads it before the sequence runs), else into a free device slot.
+        Returns where it landed, "host" or "device"."""
+        if request_id in self._sequences or request_id in self._host:
+            raise InvalidStepError(f"{request_id} already has a KV cache here")
+        layers = []
+        for layer in range(len(self.cache.k)):
+            k, v = tensors.get(f"{layer}.k"), tensors.get(f"{layer}.v")
+            expected = (*self.cache.k[layer].shape[1:2], length, self.cache.k[layer].shape[3])
+            if k is None or v is None or tuple(k.shape) != expected or k.shape != v.shape:
+                raise InvalidStepError(
+                    f"KV cache of {request_id}: layer {layer} should be {expected}, got"
+                    f" {None if k is None else tuple(k.shape)}"
+                )
+            dtype = self.cache.k[layer].dtype
+            layers.append((k.to(dtype), v.to(dtype)))
+        if length > self.max_seq_len:
+            raise InvalidStepError(f"KV cache of {length} positions exceeds {self.max_seq_len}")
+        if len(self._host) < self.host_slots:
+            self._host[request_id] = _HostCopy(length=length, layers=layers)
+            return "host"
+        if self.cache.num_free == 0:
+            raise NoFreeSlotError(f"no room for the KV cache of {request_id}")
+        slot = self.cache.allocate()
+        self.cache.copy_in(slot, layers)
+        self._sequences[request_id] = _Sequence(slot=slot, length=length)
+        return "device"
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _run(
