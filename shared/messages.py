@@ -403,3 +403,86 @@ class Plan(InternalModel):
     decision_s: float = Field(ge=0)
     # The arrival rate the configuration was chosen for (req/s).
     arrival_rate_rps: float = Field(default=0.0, ge=0)
+
+
+# -- tensor transfer (shared.transfer) -----------------------------------------------------------
+# Peer-to-peer tensor streaming: offer (request/reply) -> chunks against credits -> acks.
+# Chunk sequence numbers run over the tensors in offer order; tensor i owns the chunks
+# [first_seq(i), first_seq(i) + ceil(nbytes_i / chunk_bytes)). Ranges are [start, end).
+
+TransferId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+SeqRange = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+MAX_TRANSFER_TENSORS = 100_000
+
+
+class TensorSpec(InternalModel):
+    name: str = Field(min_length=1, max_length=512)
+    dtype: str = Field(min_length=1, max_length=32)  # torch dtype name, e.g. "bfloat16"
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=32)
+    nbytes: int = Field(ge=0)
+    # CRC32 of the tensor's bytes when the sender knows it up front; otherwise it travels in a
+    # header of the tensor's last chunk.
+    crc32: int | None = Field(default=None, ge=0, lt=2**32)
+
+
+class TransferOffer(InternalModel):
+    v: int = SCHEMA_VERSION
+    transfer_id: TransferId
+    source: str = Field(min_length=1, max_length=128)
+    tensors: list[TensorSpec] = Field(max_length=MAX_TRANSFER_TENSORS)
+    total_bytes: int = Field(ge=0)
+    chunk_bytes: int = Field(ge=1)
+    window: int = Field(ge=1, le=4096)  # chunks the sender would like in flight
+    ack_subject: str = Field(min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TransferOffer:
+        names = [spec.name for spec in self.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("tensor names must be unique")
+        if sum(spec.nbytes for spec in self.tensors) != self.total_bytes:
+            raise ValueError("total_bytes is not the sum of the tensors' nbytes")
+        return self
+
+
+class TransferAccept(InternalModel):
+    transfer_id: str
+    # accepted: new; resumed: the receiver already holds part of it (send only `missing`);
+    # complete: it already arrived whole (nothing to send).
+    state: Literal["accepted", "resumed", "complete"]
+    session: int = Field(ge=0)
+    window: int = Field(ge=1)  # granted: never more than this many chunks unacknowledged
+    missing: list[SeqRange] = Field(default_factory=list)
+
+
+class TransferAck(InternalModel):
+    """receiver -> sender's ack subject: credit, resend requests, the end (or a failure)."""
+
+    transfer_id: str
+    session: int
+    # Cumulative: the sender may have sent at most this many chunks in this session.
+    granted: int = Field(ge=0)
+    resend: list[SeqRange] = Field(default_factory=list)
+    done: bool = False
+    error: str | None = None
+
+
+class TransferStatusRequest(InternalModel):
+    transfer_id: TransferId
+    session: int = Field(ge=0)
+    sent: int = Field(ge=0)  # chunks published in this session, resends included
+    next_seq: int = Field(ge=0)  # every sequence number below this was sent at least once
+
+
+class TransferStatusReply(InternalModel):
+    transfer_id: str
+    state: Literal["active", "complete", "failed", "unknown", "superseded"]
+    granted: int = Field(default=0, ge=0)
+    missing: list[SeqRange] = Field(default_factory=list)
+    error: str | None = None
+
+
+class TransferAbort(InternalModel):
+    transfer_id: TransferId
+    session: int = Field(ge=0)
+    reason: str = Field(default="", max_length=1024)

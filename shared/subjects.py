@@ -227,3 +227,35 @@ async def ensure_streams(js: JetStreamContext) -> None:
         except BadRequestError:
             # Exists with other settings (an older version): bring it to ours.
             await js.update_stream(config)
+
+
+# -- tensor transfer (shared.transfer: executor to executor, peer to peer) ----------------------
+# A receiver (TensorInbox) subscribes to ``spotserve.v1.transfer.<instance>.>``: offers and
+# status probes are requests; chunks are published to ``….data.<transfer_id>`` against credits
+# the receiver grants on the sender's own ack subject (an inbox named in the offer).
+TRANSFER_SUBJECT_PREFIX = f"{API_PREFIX}.transfer"
+
+
+def transfer_inbox_subject(instance_id: str) -> str:
+    """Everything addressed to one instance's tensor inbox (a wildcard subscription)."""
+    return f"{TRANSFER_SUBJECT_PREFIX}.{instance_id}.>"
+
+
+def transfer_offer_subject(instance_id: str) -> str:
+    """TransferOffer -> TransferAccept (or an error reply)."""
+    return f"{TRANSFER_SUBJECT_PREFIX}.{instance_id}.offer"
+
+
+def transfer_status_subject(instance_id: str) -> str:
+    """TransferStatusRequest -> TransferStatusReply (a sender that heard nothing for a while)."""
+    return f"{TRANSFER_SUBJECT_PREFIX}.{instance_id}.status"
+
+
+def transfer_abort_subject(instance_id: str) -> str:
+    """TransferAbort (no reply): the sender gives up; the receiver frees the transfer."""
+    return f"{TRANSFER_SUBJECT_PREFIX}.{instance_id}.abort"
+
+
+def transfer_data_subject(instance_id: str, transfer_id: str) -> str:
+    """Raw chunk bytes of one transfer; sequence number etc. in the message headers."""
+    return f"{TRANSFER_SUBJECT_PREFIX}.{instance_id}.data.{transfer_id}"
