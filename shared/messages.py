@@ -228,6 +228,27 @@ class LoaderInventory(InternalModel):
         return None if not bandwidth else self.queue_s + nbytes / bandwidth
 
 
+class KvMigrateCommand(InternalModel):
+    """scheduler -> the executor holding a request's KV cache: send it to ``destination``."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    destination: str = Field(min_length=1, max_length=128)
+    transfer_id: str = Field(min_length=1, max_length=128)
+
+
+class KvAdoptCommand(InternalModel):
+    """scheduler -> the new holder: take the KV cache arriving as ``transfer_id``."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    transfer_id: str = Field(min_length=1, max_length=128)
+
+
+class KvMoveReply(InternalModel):
+    request_id: str
+    nbytes: int = 0
+    landed: str | None = None  # adopt: "host" (the scheduler uploads it before it runs)
+
+
 class ReleaseCommand(InternalModel):
     request_ids: list[str]
 

@@ -60,6 +60,16 @@ def executor_step_subject(instance_id: str) -> str:
     return f"{API_PREFIX}.executor.{instance_id}.step"
 
 
+def executor_migrate_subject(instance_id: str) -> str:
+    """Send one request's KV cache to another executor (KvMigrateCommand -> KvMoveReply)."""
+    return f"{API_PREFIX}.executor.{instance_id}.migrate"
+
+
+def executor_adopt_subject(instance_id: str) -> str:
+    """Take a KV cache another executor sends (KvAdoptCommand -> KvMoveReply)."""
+    return f"{API_PREFIX}.executor.{instance_id}.adopt"
+
+
 def executor_release_subject(instance_id: str) -> str:
     """Free the KV cache of finished or abandoned requests on one executor instance."""
     return f"{API_PREFIX}.executor.{instance_id}.release"

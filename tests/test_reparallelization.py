@@ -105,8 +105,10 @@ async def test_requests_stream_through_a_preemption_with_a_grace_period(
     after = await client.generate("After the preemption", max_tokens=8, temperature=0.0)
     assert after.token_ids == hf_greedy(tiny_model_dir, tokenizer.encode("After the preemption"), 8)
     log = (spot_cluster.log_dir / "scheduler.log").read_text()
-    # The requests left the dying instance by their move time, before its SIGKILL.
+    # The requests left the dying instance by their move time, before its SIGKILL, with their
+    # KV caches streamed peer to peer (no prefill recomputed).
     assert '"plan.applied"' in log and '"request.moved"' in log
+    assert '"with_cache": true' in log
 
 
 async def stream_all(

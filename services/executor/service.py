@@ -29,6 +29,9 @@ from shared.messages import (
     ErrorCode,
     HostLease,
     InstanceRecord,
+    KvAdoptCommand,
+    KvMigrateCommand,
+    KvMoveReply,
     ReleaseCommand,
     StepCommand,
     StepResult,
@@ -43,10 +46,21 @@ from shared.runtime import (
     resolve_model,
 )
 from shared.subjects import (
+    executor_adopt_subject,
+    executor_migrate_subject,
     executor_release_subject,
     executor_step_subject,
     instances_bucket,
 )
+from shared.transfer import (
+    TensorInbox,
+    TransferError,
+    TransferFailedError,
+    send_tensors,
+)
+
+# A KV cache is at most a few hundred MB: this bounds sending it and waiting for it.
+KV_TRANSFER_TIMEOUT_S = 60.0
 
 
 class Executor:
@@ -62,6 +76,8 @@ class Executor:
         self.instance_id = instance_id
         self.log = context.log.bind(instance_id=instance_id)
         self._compute = compute
+        # KV caches other executors send here (a plan moves their requests to this instance).
+        self.inbox = TensorInbox(context.nc, instance_id)
 
     async def on_step(self, request: Request) -> None:
         try:
@@ -90,6 +106,69 @@ class Executor:
             # step, queued behind them on the same thread, finds the caches in place.
             future = loop.run_in_executor(self._compute, self._prefetch, command.prefetch)
             future.add_done_callback(self._prefetch_done)
+
+    async def on_migrate(self, request: Request) -> None:
+        """Send one request's KV cache to another executor, peer to peer (shared.transfer);
+        freed here once the receiver has it, checked."""
+        try:
+            command = KvMigrateCommand.model_validate(decode(request.data))
+        except (DecodeError, ValidationError) as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad migrate command: {exc}")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            length, tensors = await loop.run_in_executor(
+                self._compute, self.engine.export_kv, command.request_id
+            )
+            tensors["length"] = torch.tensor(length, dtype=torch.int64)
+            stats = await send_tensors(
+                self.context.nc,
+                command.destination,
+                tensors,
+                transfer_id=command.transfer_id,
+                source=self.instance_id,
+                timeout_s=KV_TRANSFER_TIMEOUT_S,
+            )
+        except EngineError as exc:
+            await request.respond_error(str(ErrorCode.NOT_FOUND), str(exc))
+            return
+        except (TransferError, TimeoutError) as exc:
+            self.log.warning("kv.migrate_failed", request_id=command.request_id, error=str(exc))
+            await request.respond_error(str(ErrorCode.UNAVAILABLE), f"transfer failed: {exc}")
+            return
+        await loop.run_in_executor(self._compute, self.engine.release, [command.request_id])
+        self.log.info(
+            "kv.migrated",
+            request_id=command.request_id,
+            destination=command.destination,
+            nbytes=stats.bytes_sent,
+        )
+        reply = KvMoveReply(request_id=command.request_id, nbytes=stats.bytes_sent)
+        await request.respond(encode(reply))
+
+    async def on_adopt(self, request: Request) -> None:
+        """Take a KV cache arriving from another executor into host memory (the scheduler
+        uploads it before the request runs here)."""
+        try:
+            command = KvAdoptCommand.model_validate(decode(request.data))
+        except (DecodeError, ValidationError) as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad adopt command: {exc}")
+            return
+        try:
+            received = await self.inbox.receive(command.transfer_id, KV_TRANSFER_TIMEOUT_S)
+            tensors = dict(received.tensors)
+            length = int(tensors.pop("length"))
+            landed = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self.engine.import_kv, command.request_id, length, tensors, "host"
+            )
+        except (TransferFailedError, TimeoutError, KeyError) as exc:
+            await request.respond_error(str(ErrorCode.UNAVAILABLE), f"no KV cache arrived: {exc}")
+            return
+        except EngineError as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
+            return
+        reply = KvMoveReply(request_id=command.request_id, nbytes=received.nbytes, landed=landed)
+        await request.respond(encode(reply))
 
     def _run_step(self, command: StepCommand, steps: list[SequenceStep]) -> dict[str, int]:
         if command.release_all:
@@ -265,6 +344,13 @@ async def serve(context: ServiceContext) -> None:
     await service.add_endpoint(
         name="release", subject=executor_release_subject(instance_id), handler=executor.on_release
     )
+    await service.add_endpoint(
+        name="migrate", subject=executor_migrate_subject(instance_id), handler=executor.on_migrate
+    )
+    await service.add_endpoint(
+        name="adopt", subject=executor_adopt_subject(instance_id), handler=executor.on_adopt
+    )
+    await executor.inbox.start()
     price_class = context.settings.monitor.price_class
     registration = Registration(
         context,
@@ -288,4 +374,5 @@ async def serve(context: ServiceContext) -> None:
     await context.stop.wait()
     await registration.stop()
     await service.stop()
+    await executor.inbox.stop()
     executor.close()

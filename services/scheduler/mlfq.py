@@ -116,6 +116,10 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
         if sequence in self._jobs:
             sequence.lose_cache()
 
+    def rebind(self, sequence: Sequence, instance_id: str) -> None:
+        if sequence in self._jobs:
+            sequence.executor = instance_id  # the binding is all there is; its place is kept
+
     def remove(self, sequence: Sequence) -> None:
         job = self._jobs.pop(sequence, None)
         if job is not None:

@@ -73,6 +73,11 @@ class SchedulerPolicy(ABC):
         keeps its place; its cache is recomputed wherever it runs next."""
 
     @abstractmethod
+    def rebind(self, sequence: Sequence, instance_id: str) -> None:
+        """Its KV cache moved to another executor (a plan migrated it): it runs there next,
+        keeping its place."""
+
+    @abstractmethod
     def remove(self, sequence: Sequence) -> None:
         """Drop a sequence (failed or aborted) wherever it is."""
 
@@ -128,6 +133,13 @@ class FcfsPolicy(SchedulerPolicy):
             running.remove(sequence)
             sequence.lose_cache()
             self._wait_again([sequence])
+
+    def rebind(self, sequence: Sequence, instance_id: str) -> None:
+        running = self.running.get(sequence.executor or "", [])
+        if sequence in running:
+            running.remove(sequence)
+        sequence.executor = instance_id
+        self.running.setdefault(instance_id, []).append(sequence)
 
     def _wait_again(self, sequences: list[Sequence]) -> None:
         # They arrived before (most of) the waiting ones: merge back in arrival order.

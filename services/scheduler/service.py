@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from shared.messages import (
     ErrorReply,
     InflightReport,
     InflightSequence,
+    KvAdoptCommand,
+    KvMigrateCommand,
     Plan,
     ReleaseCommand,
     StepCommand,
@@ -57,6 +60,8 @@ from shared.subjects import (
     SCHEDULER_INFLIGHT,
     SERVICE_EXECUTOR,
     TOKENS_STREAM,
+    executor_adopt_subject,
+    executor_migrate_subject,
     executor_release_subject,
     executor_step_subject,
     scheduler_consumer_config,
@@ -74,6 +79,13 @@ class StepFailedError(Exception):
         self.executor_lost = executor_lost
 
 
+@dataclass(frozen=True)
+class PlannedMove:
+    at_tokens: int  # generated-token count
+    move_by: float  # wall-clock time (the planner's clock)
+    carry_cache: bool  # "migrate": send the KV cache along; else recompute it there
+
+
 @dataclass
 class ExecutorHandle:
     view: ExecutorView
@@ -85,9 +97,8 @@ class ExecutorHandle:
     # Set when the executor is considered dead: an in-flight step stops waiting for it.
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    # Requests a plan moves off this executor -> (generated-token count, wall-clock time) at
-    # which they move, whichever comes first.
-    moves: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # Requests a plan moves off this executor -> when they move (whichever comes first).
+    moves: dict[str, PlannedMove] = field(default_factory=dict)
 
 
 @dataclass
@@ -157,8 +168,11 @@ class Scheduler:
             # cost model's estimate may be optimistic). The KV cache is recomputed on the new
             # holder from the committed tokens.
             steps = decision.decode_steps if decision.action != "recompute" else 0
-            move_by = decision.move_by if decision.move_by is not None else float("inf")
-            handle.moves[sequence.request_id] = (len(sequence.generated) + steps, move_by)
+            handle.moves[sequence.request_id] = PlannedMove(
+                at_tokens=len(sequence.generated) + steps,
+                move_by=decision.move_by if decision.move_by is not None else float("inf"),
+                carry_cache=decision.action == "migrate",
+            )
             moved += decision.action != "finish"
         self.log.info(
             "plan.applied",
@@ -172,26 +186,95 @@ class Scheduler:
     def _serves(self, instance_id: str) -> bool:
         return self.plan is None or any(r.instance_id == instance_id for r in self.plan.roles)
 
-    def _apply_moves(self, handle: ExecutorHandle) -> None:
-        """Between two iterations of ``handle``: move off the requests whose time has come."""
+    async def _apply_moves(self, handle: ExecutorHandle) -> None:
+        """Between two iterations of ``handle``: move off the requests whose time has come,
+        with their KV cache when the plan says "migrate", else to be recomputed elsewhere."""
         here = handle.view.instance_id
         now = time.time()  # move_by is the planner's wall clock: same host or NTP-synced
-        for request_id, (at_tokens, move_by) in list(handle.moves.items()):
+        for request_id, move in list(handle.moves.items()):
             sequence = self.held.get(request_id)
             if sequence is None or sequence.finished or sequence.executor != here:
                 del handle.moves[request_id]
-            elif len(sequence.generated) >= at_tokens or now >= move_by:
-                del handle.moves[request_id]
+                continue
+            if len(sequence.generated) < move.at_tokens and now < move.move_by:
+                continue
+            del handle.moves[request_id]
+            destination = self._least_loaded_server(exclude=here)
+            carried = False
+            if move.carry_cache and destination is not None and sequence.kv_location != "none":
+                carried = await self._carry_cache(sequence, here, destination)
+            if carried:
+                assert destination is not None
+                self.policy.rebind(sequence, destination)
+                sequence.kv_location = "host"  # adopted into host memory; uploaded to run
+                self.executors[destination].wake.set()
+            else:
                 self.policy.requeue(sequence)
                 handle.pending_release.append(request_id)
-                self.log.info(
-                    "request.moved",
-                    request_id=request_id,
-                    source=here,
-                    generated=len(sequence.generated),
-                )
                 for other in self.executors.values():
                     other.wake.set()
+            self.log.info(
+                "request.moved",
+                request_id=request_id,
+                source=here,
+                destination=destination if carried else None,
+                with_cache=carried,
+                generated=len(sequence.generated),
+            )
+
+    def _least_loaded_server(self, exclude: str) -> str | None:
+        serving = [
+            instance_id
+            for instance_id, handle in self.executors.items()
+            if instance_id != exclude and handle.view.accepts_new and not handle.gone.is_set()
+        ]
+        bound = {i: 0 for i in serving}
+        for sequence in self.held.values():
+            if sequence.executor in bound:
+                bound[sequence.executor] += 1
+        return min(serving, key=lambda i: (bound[i], i)) if serving else None
+
+    async def _carry_cache(self, sequence: Sequence, source: str, destination: str) -> bool:
+        """Move a request's KV cache source -> destination, peer to peer; False if anything
+        failed (the request then recomputes its cache instead: nothing is lost)."""
+        transfer_id = f"kv-{sequence.request_id}-{uuid.uuid4().hex[:8]}"
+        adopt = KvAdoptCommand(request_id=sequence.request_id, transfer_id=transfer_id)
+        migrate = KvMigrateCommand(
+            request_id=sequence.request_id, destination=destination, transfer_id=transfer_id
+        )
+        timeout = self.settings.step_timeout_s
+        adopting = asyncio.create_task(
+            self.context.nc.request(
+                executor_adopt_subject(destination), encode(adopt), timeout=timeout
+            )
+        )
+        try:
+            sent = await self.context.nc.request(
+                executor_migrate_subject(source), encode(migrate), timeout=timeout
+            )
+            if ERROR_CODE_HEADER in (sent.headers or {}):
+                adopting.cancel()  # nothing is coming: do not wait for the receiver's timeout
+                self.log.warning(
+                    "kv.move_refused",
+                    request_id=sequence.request_id,
+                    error=(sent.headers or {}).get(ERROR_HEADER),
+                )
+                return False
+            adopted = await adopting
+        except (TimeoutError, NatsError) as exc:
+            adopting.cancel()
+            self.log.warning("kv.move_failed", request_id=sequence.request_id, error=repr(exc))
+            return False
+        for reply in (adopted, sent):
+            headers = reply.headers or {}
+            if ERROR_CODE_HEADER in headers:
+                self.log.warning(
+                    "kv.move_refused",
+                    request_id=sequence.request_id,
+                    error=headers.get(ERROR_HEADER),
+                )
+                return False
+        return True
 
     async def on_inflight(self, request: Request) -> None:
         """nats.micro handler: the requests held now, with where their KV caches are."""
@@ -371,7 +454,7 @@ class Scheduler:
     async def _executor_loop(self, handle: ExecutorHandle) -> None:
         while not handle.gone.is_set() and not self.context.stop.is_set():
             planned = time.perf_counter()
-            self._apply_moves(handle)
+            await self._apply_moves(handle)
             batch = self.policy.schedule(handle.view)
             if not batch:
                 if handle.pending_release:

@@ -330,10 +330,12 @@ class Engine:
             tensors[f"{layer}.k"], tensors[f"{layer}.v"] = k, v
         return length, tensors
 
-    def import_kv(self, request_id: str, length: int, tensors: dict[str, Tensor]) -> str:
+    def import_kv(
+        self, request_id: str, length: int, tensors: dict[str, Tensor], into: str = "auto"
+    ) -> str:
         """Take a KV cache exported by another executor: into the host swap when it has room
-        (the scheduler uploads it before the sequence runs), else into a free device slot.
-        Returns where it landed, "host" or "device"."""
+        (the scheduler uploads it before the sequence runs), else into a free device slot;
+        ``into="host"`` always parks it in host memory. Returns where it landed."""
         if request_id in self._sequences or request_id in self._host:
             raise InvalidStepError(f"{request_id} already has a KV cache here")
         layers = []
@@ -349,7 +351,7 @@ class Engine:
             layers.append((k.to(dtype), v.to(dtype)))
         if length > self.max_seq_len:
             raise InvalidStepError(f"KV cache of {length} positions exceeds {self.max_seq_len}")
-        if len(self._host) < self.host_slots:
+        if into == "host" or len(self._host) < self.host_slots:
             self._host[request_id] = _HostCopy(length=length, layers=layers)
             return "host"
         if self.cache.num_free == 0:
