@@ -2,7 +2,8 @@
 
 - spotserve, grace G: the serving instance gets a notice with a grace period while requests
   stream; the planner moves its role to the other (already loaded) instance and the requests
-  follow the just-in-time arrangement;
+  follow the just-in-time arrangement (finish in place when the grace period allows, else
+  decode on, then move with their KV caches streamed peer to peer);
 - spotserve, no grace: the same notice with grace 0 (the instance is SIGKILLed at once; its
   requests resume from their committed tokens);
 - restart-and-reload: every executor is killed and a fresh instance loads the model through
@@ -11,7 +12,7 @@
 For each: seconds from the event until the system serves a new request again, and the largest
 gap between two chunks a streaming request sees across the event (next to its median gap).
 
-    python -m bench.reparallelize [--size tiny] [--requests 4] [--max-tokens 400] [--grace 5]
+    python -m bench.reparallelize [--size tiny] [--requests 4] [--max-tokens 400] [--graces 5,1]
 """
 
 from __future__ import annotations
@@ -156,12 +157,15 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=400)
-    parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument(
+        "--graces", default="5,1", help="grace periods to try, comma separated (seconds)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("SPOTSERVE_LOG__LEVEL", "warning")
     model_dir = ensure_model(default_model_dir(args.size), args.size)
-    scenarios = [
-        (f"spotserve, grace {args.grace:g} s", args.grace),
+    graces = [float(g) for g in args.graces.split(",")]
+    scenarios: list[tuple[str, float | None]] = [
+        *((f"spotserve, grace {g:g} s", g) for g in graces),
         ("spotserve, no grace", 0.0),
         ("restart-and-reload", None),
     ]
