@@ -166,6 +166,9 @@ class PlannerSettings(BaseModel):
     max_batch: int = Field(default=4, ge=1)
     # Use every replica that fits (more throughput) instead of the fewest that meet the rate.
     fill_spare: bool = False
+    # Largest pipeline degree P the planner may choose. 1 while executors serve whole models
+    # (pipeline-stage serving is not wired into the executors yet); None: any that fits.
+    max_pipeline: int | None = Field(default=1, ge=1)
     # Events arriving within this window become one reconfiguration.
     debounce_s: float = Field(default=0.5, gt=0)
     # Re-plan when the arrival rate moves by more than this fraction.

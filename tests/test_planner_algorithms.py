@@ -134,6 +134,11 @@ def test_a_model_that_does_not_fit_one_device_is_split() -> None:
         search(t4("30b"), fleet(1), 0.1, INPUT, OUTPUT, MAX_BATCH)
     result = search(t4("30b"), fleet(2), 0.1, INPUT, OUTPUT, MAX_BATCH)
     assert result.config.pipeline >= 2 and result.instances == 2
+    # Capped at P=1 (executors serving whole models), 30B has nowhere to go.
+    with pytest.raises(NoFeasibleConfig):
+        search(t4("30b"), fleet(2), 0.1, INPUT, OUTPUT, MAX_BATCH, max_pipeline=1)
+    capped = search(t4("6_7b"), fleet(2), 0.1, INPUT, OUTPUT, MAX_BATCH, max_pipeline=1)
+    assert capped.config.pipeline == 1
 
 
 def test_too_little_capacity_needs_on_demand_and_takes_max_throughput() -> None:

@@ -166,3 +166,40 @@ async def test_an_instance_joins_then_one_dies_without_grace_while_requests_stre
     )
     assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.headers
     await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def three_instances(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    env = {**ENV, "SPOTSERVE_PLANNER__FILL_SPARE": "true"}  # every instance serves a replica
+    with isolated_cluster(tmp_path_factory, "three", tiny_model_dir, 3, env) as cluster:
+        yield cluster
+
+
+async def test_two_preemptions_at_once_while_an_instance_joins(
+    three_instances: LocalCluster, tiny_model_dir: Path, tokenizer: TextTokenizer
+) -> None:
+    nc = await connect(three_instances.nats_url, NatsSettings(), name="t", deadline_s=10)
+    try:
+
+        async def three_replicas() -> Plan | None:
+            plans = await all_plans(nc)
+            last = plans[-1] if plans else None
+            return last if last and len({r.instance_id for r in last.roles}) == 3 else None
+
+        await eventually(three_replicas, "a plan with three replicas", timeout_s=180)
+        client = SpotserveClient(nc)
+        prompts = [f"Two at once {i}" for i in range(6)]
+        streams, firsts = await stream_all(client, prompts, 300)
+        serving = sorted({s.instance_id for s in (await inflight(nc)).sequences} - {None})
+        assert len(serving) >= 2, serving
+        # Two notices at once; their requests move (with their caches) to the third instance
+        # while a fourth joins.
+        for victim in serving[:2]:
+            body = encode({"instance_id": victim, "grace_s": 1.0})
+            await nc.request(FLEET_NOTICE, body, timeout=30)
+        await nc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
+        await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+    finally:
+        await nc.close()

@@ -194,8 +194,10 @@ def search(
     prefer: ParallelConfig | None = None,
     fill_spare: bool = False,
     gpipe_prefill: bool = False,
+    max_pipeline: int | None = None,
 ) -> SearchResult:
-    """The configuration for these (surviving) instances and this arrival rate."""
+    """The configuration for these (surviving) instances and this arrival rate; ``max_pipeline``
+    caps P (e.g. 1 while the executors serve whole models only)."""
     if not instances:
         raise NoFeasibleConfig("no live instances")
     memory = usable_memory(profile, instances, memory_reserve_fraction)
@@ -205,7 +207,7 @@ def search(
         capacities = devices // tensor
         groups = int(capacities.sum())
         pipelines = np.array(
-            [p for p in range(1, min(profile.num_layers, groups) + 1)
+            [p for p in range(1, min(profile.num_layers, groups, max_pipeline or groups) + 1)
              if valid_pipeline(profile.num_layers, p)]
         )  # fmt: skip
         for batch in range(1, max_batch + 1):

@@ -75,6 +75,7 @@ class PlannerSettings:
     fill_spare: bool = False  # costmodel.search: every replica that fits, not the fewest
     gpipe_prefill: bool = False  # costmodel: t1 without DESIGN.md's / m1
     keep_previous: bool = True  # keep the previous (P, M, B) while its latency is similar
+    max_pipeline: int | None = None  # cap on P (None: any that fits)
     kv_bandwidth_bytes_s: float = 1e9  # KV caches off a dying instance, over NATS
     kv_overhead_s: float = 0.5  # set-up and acknowledgement of a cache hand-over
 
@@ -102,7 +103,7 @@ class SpotServePolicy:
             profile, view.live, view.arrival_rate_rps, s.input_tokens, s.output_tokens,
             s.max_batch, tolerance=s.tolerance, memory_reserve_fraction=s.memory_reserve_fraction,
             prefer=previous.config if previous and s.keep_previous else None,
-            fill_spare=s.fill_spare, gpipe_prefill=s.gpipe_prefill,
+            fill_spare=s.fill_spare, gpipe_prefill=s.gpipe_prefill, max_pipeline=s.max_pipeline,
         )  # fmt: skip
         config = result.config
         t_config = time.perf_counter()

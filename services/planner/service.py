@@ -279,6 +279,7 @@ def policy_settings(settings: PlannerSettings) -> PolicySettings:
         output_tokens=settings.output_tokens,
         max_batch=settings.max_batch,
         fill_spare=settings.fill_spare,
+        max_pipeline=settings.max_pipeline,
     )
 
 
