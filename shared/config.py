@@ -94,6 +94,8 @@ class ExecutorSettings(BaseModel):
     host_kv_slots: int = Field(default=64, ge=0)
     max_seq_len: int | None = None
     torch_threads: int | None = Field(default=None, ge=1)
+    # Device memory this instance registers for the planner; None: what the device has.
+    device_memory_bytes: int | None = Field(default=None, ge=0)
 
 
 class LoaderSettings(BaseModel):

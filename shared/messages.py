@@ -7,7 +7,7 @@ clear 400 instead of a silently ignored option.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -157,6 +157,18 @@ class StepCommand(InternalModel):
     offload: list[str] = Field(default_factory=list)
     upload: list[str] = Field(default_factory=list)
     # Uploads of the sequences next in line, after the step, as far as free slots allow.
+    prefetch: list[str] = Field(default_factory=list)
+
+
+class StageCommand(InternalModel):
+    """pipeline stage k -> stage k+1: the micro-batch (``StageBatch.to_wire()``: the steps,
+    positions, hidden states) and the KV-cache commands every stage applies the same way."""
+
+    batch: dict[str, Any]
+    release: list[str] = Field(default_factory=list)
+    release_all: bool = False
+    offload: list[str] = Field(default_factory=list)
+    upload: list[str] = Field(default_factory=list)
     prefetch: list[str] = Field(default_factory=list)
 
 

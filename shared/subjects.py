@@ -60,6 +60,11 @@ def executor_step_subject(instance_id: str) -> str:
     return f"{API_PREFIX}.executor.{instance_id}.step"
 
 
+def executor_stage_subject(instance_id: str) -> str:
+    """The next pipeline stage's part of a micro-batch (StageCommand -> StepResult)."""
+    return f"{API_PREFIX}.executor.{instance_id}.stage"
+
+
 def executor_migrate_subject(instance_id: str) -> str:
     """Send one request's KV cache to another executor (KvMigrateCommand -> KvMoveReply)."""
     return f"{API_PREFIX}.executor.{instance_id}.migrate"

@@ -203,3 +203,48 @@ async def test_two_preemptions_at_once_while_an_instance_joins(
         await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
     finally:
         await nc.close()
+
+
+@pytest.fixture(scope="module")
+def small_instances(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    # Instances that register 16 MB of device memory: the tiny model (about 20 MB of weights)
+    # fits no single one, so the planner makes a two-stage pipeline across both.
+    env = {
+        **ENV,
+        "SPOTSERVE_EXECUTOR__DEVICE_MEMORY_BYTES": "16000000",
+        "SPOTSERVE_PLANNER__MAX_PIPELINE": "4",
+    }
+    with isolated_cluster(tmp_path_factory, "pipeline", tiny_model_dir, 2, env) as cluster:
+        yield cluster
+
+
+async def test_a_two_stage_pipeline_across_instances_generates_like_one_model(
+    small_instances: LocalCluster, tiny_model_dir: Path, tokenizer: TextTokenizer
+) -> None:
+    nc = await connect(small_instances.nats_url, NatsSettings(), name="t", deadline_s=10)
+    try:
+
+        async def pipeline_plan() -> Plan | None:
+            plans = await all_plans(nc)
+            return plans[-1] if plans and plans[-1].config.pipeline == 2 else None
+
+        plan = await eventually(pipeline_plan, "a two-stage plan", timeout_s=180)
+        stages = sorted(plan.roles, key=lambda role: role.stage)
+        assert [(r.first_layer, r.last_layer) for r in stages] == [(0, 1), (2, 3)]
+
+        def roles_taken() -> bool:
+            logs = [small_instances.log_dir / f"executor-{i}.log" for i in range(2)]
+            return all('"role.taken"' in log.read_text() for log in logs)
+
+        await eventually(roles_taken, "both executors to load their stages", timeout_s=120)
+        client = SpotserveClient(nc)
+        prompts = [f"Through the pipeline {i}" for i in range(3)]
+        streams, firsts = await stream_all(client, prompts, 40)
+        # Only the first stage's instance is addressed by the scheduler.
+        held = {s.instance_id for s in (await inflight(nc)).sequences} - {None}
+        assert held == {stages[0].instance_id}
+        await finish_and_check(streams, firsts, prompts, 40, tiny_model_dir, tokenizer)
+    finally:
+        await nc.close()

@@ -12,18 +12,21 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import torch
 from nats.errors import Error as NatsError
+from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
-from nats.micro.request import Request
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from pydantic import ValidationError
 
 from shared.codec import DecodeError, decode, encode
+from shared.loading.format import Layers
 from shared.loading.hostpool import load_from_host_pool
 from shared.messages import (
     ErrorCode,
@@ -32,11 +35,13 @@ from shared.messages import (
     KvAdoptCommand,
     KvMigrateCommand,
     KvMoveReply,
+    Plan,
     ReleaseCommand,
+    StageCommand,
     StepCommand,
     StepResult,
 )
-from shared.model.engine import Engine, EngineError, SequenceStep
+from shared.model.engine import Engine, EngineError, SequenceStep, StageBatch, StageResult
 from shared.model.profile import device_memory_bytes
 from shared.runtime import (
     ServiceContext,
@@ -46,9 +51,12 @@ from shared.runtime import (
     resolve_model,
 )
 from shared.subjects import (
+    PLANS_STREAM,
+    PLANS_SUBJECT,
     executor_adopt_subject,
     executor_migrate_subject,
     executor_release_subject,
+    executor_stage_subject,
     executor_step_subject,
     instances_bucket,
 )
@@ -78,6 +86,10 @@ class Executor:
         self._compute = compute
         # KV caches other executors send here (a plan moves their requests to this instance).
         self.inbox = TensorInbox(context.nc, instance_id)
+        # Builds this instance's engine for a layer range (None: the whole model).
+        self.build: Callable[[Layers | None], Engine] | None = None
+        self.plan_epoch = 0
+        self.next_stage: str | None = None  # the instance serving the next pipeline stage
 
     async def on_step(self, request: Request) -> None:
         try:
@@ -89,6 +101,9 @@ class Executor:
         steps = [SequenceStep(**sequence.model_dump()) for sequence in command.sequences]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        if not self.engine.is_last_stage:
+            await self._run_pipelined(request, command, steps, started)
+            return
         try:
             tokens = await loop.run_in_executor(self._compute, self._run_step, command, steps)
         except EngineError as exc:
@@ -106,6 +121,138 @@ class Executor:
             # step, queued behind them on the same thread, finds the caches in place.
             future = loop.run_in_executor(self._compute, self._prefetch, command.prefetch)
             future.add_done_callback(self._prefetch_done)
+
+    # ---- pipeline stages ----
+
+    async def _run_pipelined(
+        self, request: Request, command: StepCommand, steps: list[SequenceStep], started: float
+    ) -> None:
+        """First stage of a pipeline: run this stage, hand the micro-batch on, reply with the
+        tokens the last stage sampled."""
+        stage = StageCommand(
+            batch=StageBatch(steps).to_wire(),
+            release=command.release,
+            release_all=command.release_all,
+            offload=command.offload,
+            upload=command.upload,
+            prefetch=command.prefetch,
+        )
+        reply = await self._stage_and_forward(stage)
+        if isinstance(reply, tuple):
+            await request.respond_error(*reply)
+            return
+        result = StepResult(tokens=reply, compute_s=time.perf_counter() - started)
+        await request.respond(encode(result))
+
+    async def on_stage(self, request: Request) -> None:
+        """A later pipeline stage: the previous stage's micro-batch arrives here."""
+        try:
+            stage = StageCommand.model_validate(decode(request.data))
+        except (DecodeError, ValidationError) as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad stage command: {exc}")
+            return
+        started = time.perf_counter()
+        reply = await self._stage_and_forward(stage)
+        if isinstance(reply, tuple):
+            await request.respond_error(*reply)
+            return
+        result = StepResult(tokens=reply, compute_s=time.perf_counter() - started)
+        await request.respond(encode(result))
+
+    async def _stage_and_forward(self, stage: StageCommand) -> dict[str, int] | tuple[str, str]:
+        """This stage's part, then the next stage's (recursively): the sampled tokens, or an
+        (error code, message) pair."""
+        loop = asyncio.get_running_loop()
+        try:
+            batch = StageBatch.from_wire(stage.batch)
+            outcome = await loop.run_in_executor(self._compute, self._run_stage, stage, batch)
+        except EngineError as exc:
+            self.log.warning("stage.refused", error=str(exc))
+            return str(ErrorCode.BAD_REQUEST), str(exc)
+        if stage.prefetch:
+            future = loop.run_in_executor(self._compute, self._prefetch, stage.prefetch)
+            future.add_done_callback(self._prefetch_done)
+        if outcome.tokens is not None:
+            return outcome.tokens
+        if self.next_stage is None or outcome.next is None:
+            return str(ErrorCode.UNAVAILABLE), "no next pipeline stage in the current plan"
+        forward = stage.model_copy(update={"batch": outcome.next.to_wire()})
+        try:
+            reply = await self.context.nc.request(
+                executor_stage_subject(self.next_stage),
+                encode(forward),
+                timeout=self.context.settings.scheduler.step_timeout_s,
+            )
+        except (TimeoutError, NatsError) as exc:
+            return str(ErrorCode.UNAVAILABLE), f"next stage {self.next_stage}: {exc!r}"
+        headers = reply.headers or {}
+        if ERROR_CODE_HEADER in headers:
+            return headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, "")
+        return StepResult.model_validate(decode(reply.data)).tokens
+
+    def _run_stage(self, stage: StageCommand, batch: StageBatch) -> StageResult:
+        if stage.release_all:
+            self.engine.release(self.engine.sequence_ids())
+        elif stage.release:
+            self.engine.release(stage.release)
+        if stage.offload:
+            self.engine.offload(stage.offload)
+        if stage.upload:
+            self.engine.upload(stage.upload)
+        if not batch.seqs:
+            return StageResult(tokens={})
+        return self.engine.run_stage(batch)
+
+    async def follow_plans(self) -> None:
+        """Take this instance's role from each new plan: rebuild the engine for its layer range
+        (reading only those bytes) when the range changes; remember the next stage."""
+        subscription = await self.context.js.subscribe(
+            PLANS_SUBJECT, stream=PLANS_STREAM, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST,
+        )  # fmt: skip
+        try:
+            while not self.context.stop.is_set():
+                try:
+                    message = await subscription.next_msg(timeout=1.0)
+                except TimeoutError:
+                    continue
+                try:
+                    plan = Plan.model_validate(decode(message.data))
+                except (DecodeError, ValidationError) as exc:
+                    self.log.error("plan.unreadable", error=str(exc))
+                    continue
+                if plan.epoch > self.plan_epoch:
+                    self.plan_epoch = plan.epoch
+                    await self.take_role(plan)
+        finally:
+            await subscription.unsubscribe()
+
+    async def take_role(self, plan: Plan) -> None:
+        role = next((r for r in plan.roles if r.instance_id == self.instance_id), None)
+        if role is None or self.build is None:
+            return  # no role: keep serving what is here (e.g. finishing within a grace period)
+        following = next(
+            (r for r in plan.roles if r.replica == role.replica and r.stage == role.stage + 1),
+            None,
+        )
+        self.next_stage = following.instance_id if following else None
+        wanted = (role.first_layer, role.last_layer)
+        if wanted == self.engine.layers:
+            return
+        last = self.engine.model.args.n_layers - 1
+        layers = None if wanted == (0, last) else wanted
+        started = time.perf_counter()
+        # On the compute thread: steps already queued run first, later ones find the new engine.
+        self.engine = await asyncio.get_running_loop().run_in_executor(
+            self._compute, self.build, layers
+        )
+        self.log.info(
+            "role.taken",
+            epoch=plan.epoch,
+            layers=layers,
+            next_stage=self.next_stage,
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     async def on_migrate(self, request: Request) -> None:
         """Send one request's KV cache to another executor, peer to peer (shared.transfer);
@@ -301,6 +448,18 @@ async def serve(context: ServiceContext) -> None:
     # thread's team of workers exists beside the one that computes.
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
+    def build(layers: Layers | None) -> Engine:
+        """An engine for a layer range (a pipeline stage) or the whole model, read from the
+        node's disk copy (only the stage's byte ranges)."""
+        return Engine(
+            model_dir,
+            device=settings.device,
+            max_slots=settings.max_slots,
+            max_seq_len=settings.max_seq_len,
+            host_slots=settings.host_kv_slots,
+            layers=layers,
+        )
+
     def load() -> Engine:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -327,6 +486,7 @@ async def serve(context: ServiceContext) -> None:
         seconds=round(time.perf_counter() - started, 3),
     )
     executor = Executor(context, engine, instance_id, compute)
+    executor.build = build
     service = await context.add_micro_service(
         "Runs decoding iterations of one instance's model",
         metadata={
@@ -350,7 +510,11 @@ async def serve(context: ServiceContext) -> None:
     await service.add_endpoint(
         name="adopt", subject=executor_adopt_subject(instance_id), handler=executor.on_adopt
     )
+    await service.add_endpoint(
+        name="stage", subject=executor_stage_subject(instance_id), handler=executor.on_stage
+    )
     await executor.inbox.start()
+    plans = asyncio.create_task(executor.follow_plans(), name="plans")
     price_class = context.settings.monitor.price_class
     registration = Registration(
         context,
@@ -359,7 +523,9 @@ async def serve(context: ServiceContext) -> None:
             node=node_name(context.settings),
             devices=1,
             device_kind=engine.device.type,
-            device_memory_bytes=device_memory_bytes(engine.device),
+            device_memory_bytes=settings.device_memory_bytes
+            if settings.device_memory_bytes is not None
+            else device_memory_bytes(engine.device),
             price_class=price_class,
             price_per_hour=context.settings.monitor.spot_price_per_hour
             if price_class == "spot"
@@ -372,6 +538,7 @@ async def serve(context: ServiceContext) -> None:
     await registration.start()
     executor.log.info("executor.ready", device=str(engine.device), model=str(model_dir))
     await context.stop.wait()
+    plans.cancel()
     await registration.stop()
     await service.stop()
     await executor.inbox.stop()

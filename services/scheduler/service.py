@@ -184,7 +184,11 @@ class Scheduler:
             handle.wake.set()
 
     def _serves(self, instance_id: str) -> bool:
-        return self.plan is None or any(r.instance_id == instance_id for r in self.plan.roles)
+        """Whether new requests may go to this instance: it heads a replica (a pipeline's first
+        stage; later stages get their work from the stage before)."""
+        if self.plan is None:
+            return True
+        return any(r.instance_id == instance_id and r.stage == 0 for r in self.plan.roles)
 
     async def _apply_moves(self, handle: ExecutorHandle) -> None:
         """Between two iterations of ``handle``: move off the requests whose time has come,
@@ -201,7 +205,13 @@ class Scheduler:
             del handle.moves[request_id]
             destination = self._least_loaded_server(exclude=here)
             carried = False
-            if move.carry_cache and destination is not None and sequence.kv_location != "none":
+            whole_models = self.plan is None or self.plan.config.pipeline == 1
+            if (
+                move.carry_cache
+                and whole_models  # a stage's cache is only part of it: recompute instead
+                and destination is not None
+                and sequence.kv_location != "none"
+            ):
                 carried = await self._carry_cache(sequence, here, destination)
             if carried:
                 assert destination is not None
