@@ -96,6 +96,9 @@ class ExecutorSettings(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)
     # Device memory this instance registers for the planner; None: what the device has.
     device_memory_bytes: int | None = Field(default=None, ge=0)
+    # Largest pipeline-stage message sent inline; larger hidden states stream through
+    # shared.transfer. None: the NATS server's max payload (less room for headers).
+    stage_message_bytes: int | None = Field(default=None, ge=1024)
 
 
 class LoaderSettings(BaseModel):

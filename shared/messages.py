@@ -165,6 +165,8 @@ class StageCommand(InternalModel):
     positions, hidden states) and the KV-cache commands every stage applies the same way."""
 
     batch: dict[str, Any]
+    # Hidden states too large for one message come separately through shared.transfer.
+    hidden_transfer: str | None = None
     release: list[str] = Field(default_factory=list)
     release_all: bool = False
     offload: list[str] = Field(default_factory=list)

@@ -215,6 +215,8 @@ def small_instances(
         **ENV,
         "SPOTSERVE_EXECUTOR__DEVICE_MEMORY_BYTES": "16000000",
         "SPOTSERVE_PLANNER__MAX_PIPELINE": "4",
+        # Prefills' hidden states go through shared.transfer (chunked), decodes' inline.
+        "SPOTSERVE_EXECUTOR__STAGE_MESSAGE_BYTES": "16384",
     }
     with isolated_cluster(tmp_path_factory, "pipeline", tiny_model_dir, 2, env) as cluster:
         yield cluster
@@ -246,5 +248,9 @@ async def test_a_two_stage_pipeline_across_instances_generates_like_one_model(
         held = {s.instance_id for s in (await inflight(nc)).sequences} - {None}
         assert held == {stages[0].instance_id}
         await finish_and_check(streams, firsts, prompts, 40, tiny_model_dir, tokenizer)
+        # A long prompt: its hidden states (tokens x dim) are far over the inline limit.
+        long_prompt = " ".join(f"word{i}" for i in range(120))
+        completion = await client.generate(long_prompt, max_tokens=8, temperature=0.0)
+        assert completion.token_ids == hf_greedy(tiny_model_dir, tokenizer.encode(long_prompt), 8)
     finally:
         await nc.close()

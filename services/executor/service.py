@@ -69,6 +69,8 @@ from shared.transfer import (
 
 # A KV cache is at most a few hundred MB: this bounds sending it and waiting for it.
 KV_TRANSFER_TIMEOUT_S = 60.0
+# Room under the server's max payload for a stage command's headers.
+STAGE_HEADER_ROOM = 64 * 1024
 
 
 class Executor:
@@ -152,6 +154,13 @@ class Executor:
             await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad stage command: {exc}")
             return
         started = time.perf_counter()
+        if stage.hidden_transfer is not None:
+            try:
+                received = await self.inbox.receive(stage.hidden_transfer, KV_TRANSFER_TIMEOUT_S)
+            except (TransferFailedError, TimeoutError) as exc:
+                await request.respond_error(str(ErrorCode.UNAVAILABLE), f"no activations: {exc}")
+                return
+            stage.batch["hidden"] = received.tensors.get("hidden")
         reply = await self._stage_and_forward(stage)
         if isinstance(reply, tuple):
             await request.respond_error(*reply)
@@ -176,14 +185,39 @@ class Executor:
             return outcome.tokens
         if self.next_stage is None or outcome.next is None:
             return str(ErrorCode.UNAVAILABLE), "no next pipeline stage in the current plan"
-        forward = stage.model_copy(update={"batch": outcome.next.to_wire()})
+        wire = outcome.next.to_wire()
+        body = encode(stage.model_copy(update={"batch": wire, "hidden_transfer": None}))
+        sending = None
+        limit = self.context.settings.executor.stage_message_bytes or (
+            self.context.nc.max_payload - STAGE_HEADER_ROOM
+        )
+        if len(body) > limit:
+            # Too large for one message: the hidden states stream through shared.transfer
+            # (chunked, flow controlled) while the command itself goes as usual.
+            transfer_id = f"act-{uuid.uuid4().hex}"
+            hidden = wire.pop("hidden")
+            body = encode(stage.model_copy(update={"batch": wire, "hidden_transfer": transfer_id}))
+            sending = asyncio.create_task(
+                send_tensors(
+                    self.context.nc,
+                    self.next_stage,
+                    {"hidden": hidden},
+                    transfer_id=transfer_id,
+                    source=self.instance_id,
+                    timeout_s=KV_TRANSFER_TIMEOUT_S,
+                )
+            )
         try:
             reply = await self.context.nc.request(
                 executor_stage_subject(self.next_stage),
-                encode(forward),
+                body,
                 timeout=self.context.settings.scheduler.step_timeout_s,
             )
-        except (TimeoutError, NatsError) as exc:
+            if sending is not None:
+                await sending
+        except (TimeoutError, NatsError, TransferError) as exc:
+            if sending is not None:
+                sending.cancel()
             return str(ErrorCode.UNAVAILABLE), f"next stage {self.next_stage}: {exc!r}"
         headers = reply.headers or {}
         if ERROR_CODE_HEADER in headers:
