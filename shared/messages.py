@@ -257,6 +257,15 @@ class KvAdoptCommand(InternalModel):
     transfer_id: str = Field(min_length=1, max_length=128)
 
 
+class WeightsSendCommand(InternalModel):
+    """new holder -> a peer named by the plan: send me these layers' weights (HF names;
+    -1 the embeddings, L the final norm and head)."""
+
+    layers: list[int]
+    destination: str = Field(min_length=1, max_length=128)
+    transfer_id: str = Field(min_length=1, max_length=128)
+
+
 class KvMoveReply(InternalModel):
     request_id: str
     nbytes: int = 0

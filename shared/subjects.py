@@ -65,6 +65,11 @@ def executor_stage_subject(instance_id: str) -> str:
     return f"{API_PREFIX}.executor.{instance_id}.stage"
 
 
+def executor_weights_subject(instance_id: str) -> str:
+    """Send some of this executor's layers to a peer (WeightsSendCommand -> KvMoveReply)."""
+    return f"{API_PREFIX}.executor.{instance_id}.weights"
+
+
 def executor_migrate_subject(instance_id: str) -> str:
     """Send one request's KV cache to another executor (KvMigrateCommand -> KvMoveReply)."""
     return f"{API_PREFIX}.executor.{instance_id}.migrate"

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from nats.aio.client import Client
 
 from shared.bus import connect
@@ -253,4 +254,45 @@ async def test_a_two_stage_pipeline_across_instances_generates_like_one_model(
         completion = await client.generate(long_prompt, max_tokens=8, temperature=0.0)
         assert completion.token_ids == hf_greedy(tiny_model_dir, tokenizer.encode(long_prompt), 8)
     finally:
+        await nc.close()
+
+
+async def test_a_stage_sends_its_weights_to_a_peer_under_checkpoint_names(
+    small_instances: LocalCluster, tiny_model_dir: Path
+) -> None:
+    """What a new stage holder asks a peer for (the plan's peer-to-peer weight transfers)."""
+    from safetensors.torch import load_file
+
+    from shared.messages import WeightsSendCommand
+    from shared.subjects import executor_weights_subject
+    from shared.transfer import TensorInbox
+
+    nc = await connect(small_instances.nats_url, NatsSettings(), name="t", deadline_s=10)
+    inbox = TensorInbox(nc, "test-peer")
+    await inbox.start()
+    try:
+        plan = (await all_plans(nc))[-1]
+        last_stage = max(plan.roles, key=lambda role: role.stage)
+        command = WeightsSendCommand(layers=[2, 3, 4], destination="test-peer", transfer_id="w1")
+        reply = await nc.request(
+            executor_weights_subject(last_stage.instance_id), encode(command), timeout=60
+        )
+        assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.headers
+        received = (await inbox.receive("w1", timeout_s=60)).tensors
+        source = load_file(str(tiny_model_dir / "model.safetensors"))
+        expected = {
+            name
+            for name in source
+            if name.startswith(("model.layers.2.", "model.layers.3.", "model.norm.", "lm_head."))
+        }
+        assert set(received) == expected
+        assert all(torch.equal(received[name], source[name]) for name in expected)
+        # Layers it does not hold are refused, clearly.
+        command = WeightsSendCommand(layers=[0], destination="test-peer", transfer_id="w2")
+        reply = await nc.request(
+            executor_weights_subject(last_stage.instance_id), encode(command), timeout=60
+        )
+        assert (reply.headers or {}).get("Nats-Service-Error-Code") == "404"
+    finally:
+        await inbox.stop()
         await nc.close()

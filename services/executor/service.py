@@ -40,8 +40,10 @@ from shared.messages import (
     StageCommand,
     StepCommand,
     StepResult,
+    WeightsSendCommand,
 )
 from shared.model.engine import Engine, EngineError, SequenceStep, StageBatch, StageResult
+from shared.model.llama import WeightsSource
 from shared.model.profile import device_memory_bytes
 from shared.runtime import (
     ServiceContext,
@@ -58,6 +60,7 @@ from shared.subjects import (
     executor_release_subject,
     executor_stage_subject,
     executor_step_subject,
+    executor_weights_subject,
     instances_bucket,
 )
 from shared.transfer import (
@@ -89,7 +92,7 @@ class Executor:
         # KV caches other executors send here (a plan moves their requests to this instance).
         self.inbox = TensorInbox(context.nc, instance_id)
         # Builds this instance's engine for a layer range (None: the whole model).
-        self.build: Callable[[Layers | None], Engine] | None = None
+        self.build: Callable[[Layers | None, WeightsSource | None], Engine] | None = None
         self.plan_epoch = 0
         self.next_stage: str | None = None  # the instance serving the next pipeline stage
 
@@ -276,17 +279,107 @@ class Executor:
         last = self.engine.model.args.n_layers - 1
         layers = None if wanted == (0, last) else wanted
         started = time.perf_counter()
+        state, from_peers = await self._gather_weights(plan, wanted, last)
+        loop = asyncio.get_running_loop()
         # On the compute thread: steps already queued run first, later ones find the new engine.
-        self.engine = await asyncio.get_running_loop().run_in_executor(
-            self._compute, self.build, layers
-        )
+        if state is None:
+            self.engine = await loop.run_in_executor(self._compute, self.build, layers)
+        else:
+            self.engine = await loop.run_in_executor(
+                self._compute, partial(self.build, layers, lambda _device: state)
+            )
         self.log.info(
             "role.taken",
             epoch=plan.epoch,
             layers=layers,
             next_stage=self.next_stage,
+            from_peers=from_peers,
             seconds=round(time.perf_counter() - started, 3),
         )
+
+    async def _gather_weights(
+        self, plan: Plan, wanted: Layers, last: int
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, list[int]]]:
+        """The new stage's tensors: what this engine already holds, plus what the plan says
+        peers send (streamed peer to peer). (None, ...) when some layer has to come from the
+        loader or a peer failed: the caller then reads the whole stage from the node's disk."""
+        needed = set(range(wanted[0], wanted[1] + 1))
+        needed |= {-1} if wanted[0] == 0 else set()
+        needed |= {last + 1} if wanted[1] == last else set()
+        held = held_layers(self.engine, last) & needed
+        sources: dict[str, list[int]] = {}
+        for transfer in plan.transfers:
+            if (
+                transfer.kind == "weights"
+                and transfer.instance_id == self.instance_id
+                and transfer.layer in needed - held
+                and transfer.source_instance not in (None, self.instance_id)
+            ):
+                layers = sources.setdefault(str(transfer.source_instance), [])
+                if transfer.layer not in layers:
+                    layers.append(transfer.layer)
+        if needed - held - {layer for layers in sources.values() for layer in layers}:
+            return None, {}
+        state = await asyncio.get_running_loop().run_in_executor(
+            self._compute, checkpoint_tensors, self.engine, sorted(held), last
+        )
+        for source, layers in sources.items():
+            received = await self._fetch_weights(source, layers)
+            if received is None:
+                return None, {}
+            state.update(received)
+        return state, sources
+
+    async def _fetch_weights(
+        self, source: str, layers: list[int]
+    ) -> dict[str, torch.Tensor] | None:
+        transfer_id = f"w-{uuid.uuid4().hex}"
+        command = WeightsSendCommand(
+            layers=sorted(layers), destination=self.instance_id, transfer_id=transfer_id
+        )
+        receiving = asyncio.create_task(self.inbox.receive(transfer_id, KV_TRANSFER_TIMEOUT_S))
+        try:
+            reply = await self.context.nc.request(
+                executor_weights_subject(source), encode(command), timeout=KV_TRANSFER_TIMEOUT_S
+            )
+            if ERROR_CODE_HEADER in (reply.headers or {}):
+                raise TransferError((reply.headers or {}).get(ERROR_HEADER, "refused"))
+            received = await receiving
+        except (TimeoutError, NatsError, TransferError, TransferFailedError) as exc:
+            receiving.cancel()
+            self.log.warning("weights.fetch_failed", source=source, error=repr(exc))
+            return None
+        return dict(received.tensors)
+
+    async def on_weights(self, request: Request) -> None:
+        """Send some of this engine's layers to a peer taking a role that needs them."""
+        try:
+            command = WeightsSendCommand.model_validate(decode(request.data))
+        except (DecodeError, ValidationError) as exc:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad weights command: {exc}")
+            return
+        last = self.engine.model.args.n_layers - 1
+        missing = set(command.layers) - held_layers(self.engine, last)
+        if missing:
+            await request.respond_error(str(ErrorCode.NOT_FOUND), f"not held here: {missing}")
+            return
+        tensors = await asyncio.get_running_loop().run_in_executor(
+            self._compute, checkpoint_tensors, self.engine, command.layers, last
+        )
+        try:
+            stats = await send_tensors(
+                self.context.nc,
+                command.destination,
+                tensors,
+                transfer_id=command.transfer_id,
+                source=self.instance_id,
+                timeout_s=KV_TRANSFER_TIMEOUT_S,
+            )
+        except (TransferError, TimeoutError) as exc:
+            await request.respond_error(str(ErrorCode.UNAVAILABLE), f"transfer failed: {exc}")
+            return
+        self.log.info("weights.sent", destination=command.destination, layers=command.layers)
+        await request.respond(encode(KvMoveReply(request_id="", nbytes=stats.bytes_sent)))
 
     async def on_migrate(self, request: Request) -> None:
         """Send one request's KV cache to another executor, peer to peer (shared.transfer);
@@ -392,6 +485,33 @@ class Executor:
         self._compute.shutdown(wait=True)
 
 
+def held_layers(engine: Engine, last: int) -> set[int]:
+    """Layers an engine holds, with -1 for the embeddings and last+1 for the norm and head."""
+    first, final = engine.layers
+    held = set(range(first, final + 1))
+    held |= {-1} if engine.is_first_stage else set()
+    held |= {last + 1} if engine.is_last_stage else set()
+    return held
+
+
+def checkpoint_tensors(engine: Engine, layers: list[int], last: int) -> dict[str, torch.Tensor]:
+    """An engine's weights for these layers under their checkpoint (HF) names."""
+    model = engine.model
+    tensors = {}
+    for name, parameter in model.named_parameters():
+        if name.startswith("layers."):
+            index, rest = name.removeprefix("layers.").split(".", 1)
+            layer = model.first_layer + int(index)
+            if layer in layers:
+                tensors[f"model.layers.{layer}.{rest}"] = parameter.detach()
+        elif name.startswith("embed_tokens."):
+            if -1 in layers:
+                tensors[f"model.{name}"] = parameter.detach()
+        elif last + 1 in layers:
+            tensors[name if name.startswith("lm_head.") else f"model.{name}"] = parameter.detach()
+    return tensors
+
+
 def warm_up(engine: Engine) -> None:
     """One prefill and one decode before serving: the first real request should not pay for
     the kernels' first-call setup."""
@@ -482,15 +602,17 @@ async def serve(context: ServiceContext) -> None:
     # thread's team of workers exists beside the one that computes.
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
-    def build(layers: Layers | None) -> Engine:
-        """An engine for a layer range (a pipeline stage) or the whole model, read from the
-        node's disk copy (only the stage's byte ranges)."""
+    def build(layers: Layers | None, weights: WeightsSource | None = None) -> Engine:
+        """An engine for a layer range (a pipeline stage) or the whole model: from ``weights``
+        (tensors gathered from peers) or read from the node's disk copy (only the stage's byte
+        ranges)."""
         return Engine(
             model_dir,
             device=settings.device,
             max_slots=settings.max_slots,
             max_seq_len=settings.max_seq_len,
             host_slots=settings.host_kv_slots,
+            weights=weights,
             layers=layers,
         )
 
@@ -546,6 +668,9 @@ async def serve(context: ServiceContext) -> None:
     )
     await service.add_endpoint(
         name="stage", subject=executor_stage_subject(instance_id), handler=executor.on_stage
+    )
+    await service.add_endpoint(
+        name="weights", subject=executor_weights_subject(instance_id), handler=executor.on_weights
     )
     await executor.inbox.start()
     plans = asyncio.create_task(executor.follow_plans(), name="plans")
