@@ -6,6 +6,7 @@ completes with the greedy output of an uninterrupted run, its stream without gap
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -201,6 +202,65 @@ async def test_two_preemptions_at_once_while_an_instance_joins(
             body = encode({"instance_id": victim, "grace_s": 1.0})
             await nc.request(FLEET_NOTICE, body, timeout=30)
         await nc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
+        await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+    finally:
+        await nc.close()
+
+
+def moved_requests(cluster: LocalCluster) -> list[dict[str, object]]:
+    """The scheduler's "request.moved" log records so far."""
+    records = []
+    for line in (cluster.log_dir / "scheduler.log").read_text().splitlines():
+        if '"request.moved"' in line:
+            records.append(json.loads(line))
+    return records
+
+
+async def test_a_second_preemption_arrives_while_caches_move(
+    three_instances: LocalCluster, tiny_model_dir: Path, tokenizer: TextTokenizer
+) -> None:
+    nc = await connect(three_instances.nats_url, NatsSettings(), name="t", deadline_s=10)
+    try:
+        before = await all_plans(nc)
+        await nc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
+
+        async def three_live_replicas() -> Plan | None:
+            plans = await all_plans(nc)
+            last = plans[-1]
+            fresh = last.fleet_seq > before[-1].fleet_seq
+            return last if fresh and len({r.instance_id for r in last.roles}) == 3 else None
+
+        await eventually(three_live_replicas, "three replicas again", timeout_s=180)
+        client = SpotserveClient(nc)
+        prompts = [f"Second preemption {i}" for i in range(6)]
+        streams, firsts = await stream_all(client, prompts, 300)
+        sequences = (await inflight(nc)).sequences
+        counts: dict[str, int] = {}
+        for sequence in sequences:
+            if sequence.instance_id:
+                counts[sequence.instance_id] = counts.get(sequence.instance_id, 0) + 1
+        first_victim = max(counts, key=counts.__getitem__)
+        seen = len(moved_requests(three_instances))
+        body = encode({"instance_id": first_victim, "grace_s": 1.5})
+        await nc.request(FLEET_NOTICE, body, timeout=30)
+
+        # As soon as requests start leaving it, the instance now serving the most is preempted.
+        def left_first_victim() -> list[dict[str, object]]:
+            records = moved_requests(three_instances)[seen:]
+            return [r for r in records if r["source"] == first_victim]
+
+        await eventually(left_first_victim, "a request moved off the first victim", timeout_s=60)
+
+        async def busiest_other() -> str | None:
+            held: dict[str, int] = {}
+            for sequence in (await inflight(nc)).sequences:
+                if sequence.instance_id not in (None, first_victim):
+                    held[sequence.instance_id] = held.get(sequence.instance_id, 0) + 1
+            return max(held, key=held.__getitem__) if held else None
+
+        second_victim = await eventually(busiest_other, "requests on another instance")
+        body = encode({"instance_id": second_victim, "grace_s": 1.5})
+        await nc.request(FLEET_NOTICE, body, timeout=30)
         await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
     finally:
         await nc.close()
