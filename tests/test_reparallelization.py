@@ -6,6 +6,7 @@ completes with the greedy output of an uninterrupted run, its stream without gap
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,11 +21,12 @@ from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.config import NatsSettings
 from shared.messages import InflightReport, Plan, TokenChunk
+from shared.model.engine import Engine, SequenceStep
 from shared.model.tokenizer import TextTokenizer
 from shared.runtime import discover
 from shared.subjects import FLEET_NOTICE, SCHEDULER_INFLIGHT, SERVICE_EXECUTOR
 from tests.helpers import eventually, isolated_cluster
-from tests.test_end_to_end import hf_greedy
+from tests.test_end_to_end import hf_greedy as transformers_greedy
 from tests.test_planner_service import all_plans
 
 ENV = {
@@ -35,7 +37,32 @@ ENV = {
     "SPOTSERVE_SCHEDULER__DISCOVERY_INTERVAL_S": "0.5",
 }
 PROMPTS = [f"Preempted request number {i} says" for i in range(4)]
-MAX_TOKENS = 400
+# Long enough that no request can finish inside the short grace periods used here, whatever
+# the machine's speed: the just-in-time arrangement must move them.
+MAX_TOKENS = 800
+
+
+@functools.cache
+def reference_engine(model_dir: Path) -> Engine:
+    return Engine(model_dir, max_slots=1)
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """The uninterrupted greedy output: transformers for short outputs, the project's engine
+    (equal to transformers, tests/test_end_to_end.py) in-process for long ones."""
+    if max_tokens <= 40:
+        return transformers_greedy(model_dir, prompt_ids, max_tokens)
+    engine = reference_engine(model_dir)
+    tokens: list[int] = []
+    step = SequenceStep("reference", prompt_ids, 0.0, 1.0, 0, 0)
+    try:
+        for index in range(max_tokens):
+            token = engine.step([step])["reference"]
+            tokens.append(token)
+            step = SequenceStep("reference", [token], 0.0, 1.0, 0, index + 1)
+    finally:
+        engine.release(["reference"])
+    return tokens
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +172,7 @@ async def test_an_instance_joins_then_one_dies_without_grace_while_requests_stre
 ) -> None:
     client = SpotserveClient(snc)
     prompts = [f"Joining while streaming {i}" for i in range(3)]
-    streams, firsts = await stream_all(client, prompts, 300)
+    streams, firsts = await stream_all(client, prompts, MAX_TOKENS)
     before = await all_plans(snc)
     reply = await snc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
     added = decode(reply.data)["instance_ids"][0]
@@ -155,11 +182,11 @@ async def test_an_instance_joins_then_one_dies_without_grace_while_requests_stre
         return plans[-1] if plans[-1].fleet_seq > before[-1].fleet_seq else None
 
     await eventually(plan_with_added, f"a plan after {added} joined", timeout_s=180)
-    await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+    await finish_and_check(streams, firsts, prompts, MAX_TOKENS, tiny_model_dir, tokenizer)
 
     # Now the serving instance dies with no grace at all: the requests it serves resume from
     # their committed tokens elsewhere (the prefill is recomputed), nothing lost or repeated.
-    streams, firsts = await stream_all(client, prompts, 300)
+    streams, firsts = await stream_all(client, prompts, MAX_TOKENS)
     serving = {s.instance_id for s in (await inflight(snc)).sequences}
     assert len(serving) == 1
     victim = serving.pop()
@@ -167,7 +194,7 @@ async def test_an_instance_joins_then_one_dies_without_grace_while_requests_stre
         FLEET_NOTICE, encode({"instance_id": victim, "grace_s": 0.0}), timeout=30
     )
     assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.headers
-    await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+    await finish_and_check(streams, firsts, prompts, MAX_TOKENS, tiny_model_dir, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +220,7 @@ async def test_two_preemptions_at_once_while_an_instance_joins(
         await eventually(three_replicas, "a plan with three replicas", timeout_s=180)
         client = SpotserveClient(nc)
         prompts = [f"Two at once {i}" for i in range(6)]
-        streams, firsts = await stream_all(client, prompts, 300)
+        streams, firsts = await stream_all(client, prompts, MAX_TOKENS)
         serving = sorted({s.instance_id for s in (await inflight(nc)).sequences} - {None})
         assert len(serving) >= 2, serving
         # Two notices at once; their requests move (with their caches) to the third instance
@@ -202,7 +229,7 @@ async def test_two_preemptions_at_once_while_an_instance_joins(
             body = encode({"instance_id": victim, "grace_s": 1.0})
             await nc.request(FLEET_NOTICE, body, timeout=30)
         await nc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
-        await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+        await finish_and_check(streams, firsts, prompts, MAX_TOKENS, tiny_model_dir, tokenizer)
     finally:
         await nc.close()
 
@@ -233,7 +260,7 @@ async def test_a_second_preemption_arrives_while_caches_move(
         await eventually(three_live_replicas, "three replicas again", timeout_s=180)
         client = SpotserveClient(nc)
         prompts = [f"Second preemption {i}" for i in range(6)]
-        streams, firsts = await stream_all(client, prompts, 300)
+        streams, firsts = await stream_all(client, prompts, MAX_TOKENS)
         sequences = (await inflight(nc)).sequences
         counts: dict[str, int] = {}
         for sequence in sequences:
@@ -241,7 +268,7 @@ async def test_a_second_preemption_arrives_while_caches_move(
                 counts[sequence.instance_id] = counts.get(sequence.instance_id, 0) + 1
         first_victim = max(counts, key=counts.__getitem__)
         seen = len(moved_requests(three_instances))
-        body = encode({"instance_id": first_victim, "grace_s": 1.5})
+        body = encode({"instance_id": first_victim, "grace_s": 1.0})
         await nc.request(FLEET_NOTICE, body, timeout=30)
 
         # As soon as requests start leaving it, the instance now serving the most is preempted.
@@ -259,9 +286,9 @@ async def test_a_second_preemption_arrives_while_caches_move(
             return max(held, key=held.__getitem__) if held else None
 
         second_victim = await eventually(busiest_other, "requests on another instance")
-        body = encode({"instance_id": second_victim, "grace_s": 1.5})
+        body = encode({"instance_id": second_victim, "grace_s": 1.0})
         await nc.request(FLEET_NOTICE, body, timeout=30)
-        await finish_and_check(streams, firsts, prompts, 300, tiny_model_dir, tokenizer)
+        await finish_and_check(streams, firsts, prompts, MAX_TOKENS, tiny_model_dir, tokenizer)
     finally:
         await nc.close()
 
