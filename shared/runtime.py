@@ -10,23 +10,40 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.micro import add_service
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service, ServiceConfig
+from pydantic import BaseModel, ValidationError
 
 from shared import __version__
 from shared.bus import NatsUnavailableError, connect, connect_jetstream, resolve_nats_url
-from shared.codec import decode, encode
+from shared.codec import DecodeError, decode, encode
 from shared.config import ConfigurationError, ModelSettings, Settings
 from shared.logging import configure_logging
-from shared.messages import FetchModelReply, FetchModelRequest, HostLease, ReleaseLeaseRequest
-from shared.subjects import loader_fetch_subject, loader_release_subject, srv_subject
+from shared.messages import (
+    ErrorCode,
+    FetchModelReply,
+    FetchModelRequest,
+    HostLease,
+    Plan,
+    ReleaseLeaseRequest,
+)
+from shared.subjects import (
+    PLANS_STREAM,
+    PLANS_SUBJECT,
+    loader_fetch_subject,
+    loader_release_subject,
+    srv_subject,
+)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass
@@ -195,3 +212,39 @@ def registration_only(description: str) -> ServiceBody:
         await context.stop.wait()
 
     return body
+
+
+async def parse_request(request: Request, model: type[ModelT], what: str) -> ModelT | None:
+    """A nats.micro request's body as ``model``; None after answering 400 when it is not one."""
+    try:
+        return model.model_validate(decode(request.data))
+    except (DecodeError, ValidationError) as exc:
+        await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad {what}: {exc}")
+        return None
+
+
+async def follow_plans(context: ServiceContext, on_plan: Callable[[Plan], Awaitable[None]]) -> None:
+    """Hand each new plan to ``on_plan``, from the current one on, until the service stops. A
+    plan whose epoch is not newer than the last one handed over is stale and never acted on."""
+    subscription = await context.js.subscribe(
+        PLANS_SUBJECT, stream=PLANS_STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST
+    )
+    epoch = 0
+    try:
+        while not context.stop.is_set():
+            try:
+                message = await subscription.next_msg(timeout=1.0)
+            except TimeoutError:
+                continue
+            try:
+                plan = Plan.model_validate(decode(message.data))
+            except (DecodeError, ValidationError) as exc:
+                context.log.error("plan.unreadable", error=str(exc))
+                continue
+            if plan.epoch <= epoch:
+                context.log.warning("plan.stale", epoch=plan.epoch, current=epoch)
+                continue
+            epoch = plan.epoch
+            await on_plan(plan)
+    finally:
+        await subscription.unsubscribe()

@@ -110,7 +110,6 @@ INSTANCES_BUCKET = "spotserve-instances"
 # Fleet events (joined, preempt-notice, lost, left), in order, written only by the monitor.
 FLEET_STREAM = "SPOTSERVE_FLEET"
 FLEET_SUBJECT_PREFIX = f"{API_PREFIX}.fleet.events"
-PLANNER_FLEET_CONSUMER = "planner"
 # Requests to the monitor (nats.micro endpoints of its "fleet" group).
 FLEET_NOTICE = f"{API_PREFIX}.fleet.notice"  # PreemptNotice -> FleetEvent
 FLEET_ADD = f"{API_PREFIX}.fleet.add"  # AddInstancesRequest -> AddInstancesReply
@@ -220,17 +219,6 @@ def plans_stream_config() -> StreamConfig:
         max_msg_size=8 * 1024 * 1024,
         discard=DiscardPolicy.OLD,
         duplicate_window=600.0,
-    )
-
-
-def planner_fleet_consumer_config() -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=PLANNER_FLEET_CONSUMER,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=60.0,
-        max_deliver=-1,
-        filter_subject=f"{FLEET_SUBJECT_PREFIX}.*",
     )
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.client import Client
 
+from shared.bus import connect
 from shared.cluster import LocalCluster
+from shared.config import NatsSettings
 from shared.natsserver import EmbeddedNatsServer
 
 
@@ -69,3 +72,13 @@ async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 60.
         if loop.time() > give_up:
             raise AssertionError(f"gave up after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def connected(cluster: LocalCluster) -> AsyncIterator[Client]:
+    """A NATS connection to a test cluster, closed on the way out."""
+    nc = await connect(cluster.nats_url, NatsSettings(), name="test", deadline_s=10)
+    try:
+        yield nc
+    finally:
+        await nc.close()

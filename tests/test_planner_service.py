@@ -13,11 +13,9 @@ from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError
 
-from shared.bus import connect
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
-from shared.config import NatsSettings
 from shared.messages import ArrivalRate, InflightReport, InflightSequence, Plan
 from shared.subjects import (
     ARRIVAL_RATE_KEY,
@@ -27,7 +25,7 @@ from shared.subjects import (
     SCHEDULER_INFLIGHT,
     load_bucket,
 )
-from tests.helpers import eventually, isolated_cluster
+from tests.helpers import connected, eventually, isolated_cluster
 
 ENV = {
     "SPOTSERVE_MONITOR__HEARTBEAT_S": "0.25",
@@ -49,9 +47,8 @@ def planning_cluster(
 
 @pytest.fixture
 async def pnc(planning_cluster: LocalCluster) -> AsyncIterator[Client]:
-    nc = await connect(planning_cluster.nats_url, NatsSettings(), name="t", deadline_s=10)
-    yield nc
-    await nc.close()
+    async with connected(planning_cluster) as nc:
+        yield nc
 
 
 async def all_plans(nc: Client) -> list[Plan]:

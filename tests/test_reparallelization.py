@@ -25,7 +25,7 @@ from shared.model.engine import Engine, SequenceStep
 from shared.model.tokenizer import TextTokenizer
 from shared.runtime import discover
 from shared.subjects import FLEET_NOTICE, SCHEDULER_INFLIGHT, SERVICE_EXECUTOR
-from tests.helpers import eventually, isolated_cluster
+from tests.helpers import connected, eventually, isolated_cluster
 from tests.test_end_to_end import hf_greedy as transformers_greedy
 from tests.test_planner_service import all_plans
 
@@ -75,9 +75,8 @@ def spot_cluster(
 
 @pytest.fixture
 async def snc(spot_cluster: LocalCluster) -> AsyncIterator[Client]:
-    nc = await connect(spot_cluster.nats_url, NatsSettings(), name="t", deadline_s=10)
-    yield nc
-    await nc.close()
+    async with connected(spot_cluster) as nc:
+        yield nc
 
 
 async def collect(stream: AsyncIterator[TokenChunk], first: TokenChunk) -> list[TokenChunk]:
@@ -209,8 +208,7 @@ def three_instances(
 async def test_two_preemptions_at_once_while_an_instance_joins(
     three_instances: LocalCluster, tiny_model_dir: Path, tokenizer: TextTokenizer
 ) -> None:
-    nc = await connect(three_instances.nats_url, NatsSettings(), name="t", deadline_s=10)
-    try:
+    async with connected(three_instances) as nc:
 
         async def three_replicas() -> Plan | None:
             plans = await all_plans(nc)
@@ -230,8 +228,6 @@ async def test_two_preemptions_at_once_while_an_instance_joins(
             await nc.request(FLEET_NOTICE, body, timeout=30)
         await nc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
         await finish_and_check(streams, firsts, prompts, MAX_TOKENS, tiny_model_dir, tokenizer)
-    finally:
-        await nc.close()
 
 
 def moved_requests(cluster: LocalCluster) -> list[dict[str, object]]:
@@ -246,8 +242,7 @@ def moved_requests(cluster: LocalCluster) -> list[dict[str, object]]:
 async def test_a_second_preemption_arrives_while_caches_move(
     three_instances: LocalCluster, tiny_model_dir: Path, tokenizer: TextTokenizer
 ) -> None:
-    nc = await connect(three_instances.nats_url, NatsSettings(), name="t", deadline_s=10)
-    try:
+    async with connected(three_instances) as nc:
         before = await all_plans(nc)
         await nc.request("spotserve.v1.fleet.add", encode({"count": 1}), timeout=60)
 
@@ -289,8 +284,6 @@ async def test_a_second_preemption_arrives_while_caches_move(
         body = encode({"instance_id": second_victim, "grace_s": 1.0})
         await nc.request(FLEET_NOTICE, body, timeout=30)
         await finish_and_check(streams, firsts, prompts, MAX_TOKENS, tiny_model_dir, tokenizer)
-    finally:
-        await nc.close()
 
 
 @pytest.fixture(scope="module")
@@ -313,8 +306,7 @@ def small_instances(
 async def test_a_two_stage_pipeline_across_instances_generates_like_one_model(
     small_instances: LocalCluster, tiny_model_dir: Path, tokenizer: TextTokenizer
 ) -> None:
-    nc = await connect(small_instances.nats_url, NatsSettings(), name="t", deadline_s=10)
-    try:
+    async with connected(small_instances) as nc:
 
         async def pipeline_plan() -> Plan | None:
             plans = await all_plans(nc)
@@ -340,8 +332,6 @@ async def test_a_two_stage_pipeline_across_instances_generates_like_one_model(
         long_prompt = " ".join(f"word{i}" for i in range(120))
         completion = await client.generate(long_prompt, max_tokens=8, temperature=0.0)
         assert completion.token_ids == hf_greedy(tiny_model_dir, tokenizer.encode(long_prompt), 8)
-    finally:
-        await nc.close()
 
 
 async def test_a_stage_sends_its_weights_to_a_peer_under_checkpoint_names(

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from nats.errors import Error as NatsError
-from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
@@ -48,13 +47,13 @@ from shared.model.profile import device_memory_bytes
 from shared.runtime import (
     ServiceContext,
     fetch_model,
+    follow_plans,
     node_name,
+    parse_request,
     release_host_lease,
     resolve_model,
 )
 from shared.subjects import (
-    PLANS_STREAM,
-    PLANS_SUBJECT,
     executor_adopt_subject,
     executor_migrate_subject,
     executor_release_subject,
@@ -93,14 +92,11 @@ class Executor:
         self.inbox = TensorInbox(context.nc, instance_id)
         # Builds this instance's engine for a layer range (None: the whole model).
         self.build: Callable[[Layers | None, WeightsSource | None], Engine] | None = None
-        self.plan_epoch = 0
         self.next_stage: str | None = None  # the instance serving the next pipeline stage
 
     async def on_step(self, request: Request) -> None:
-        try:
-            command = StepCommand.model_validate(decode(request.data))
-        except (DecodeError, ValidationError) as exc:
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad step command: {exc}")
+        command = await parse_request(request, StepCommand, "step command")
+        if command is None:
             return
         # The wire model and the engine's step carry the same fields.
         steps = [SequenceStep(**sequence.model_dump()) for sequence in command.sequences]
@@ -151,10 +147,8 @@ class Executor:
 
     async def on_stage(self, request: Request) -> None:
         """A later pipeline stage: the previous stage's micro-batch arrives here."""
-        try:
-            stage = StageCommand.model_validate(decode(request.data))
-        except (DecodeError, ValidationError) as exc:
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad stage command: {exc}")
+        stage = await parse_request(request, StageCommand, "stage command")
+        if stage is None:
             return
         started = time.perf_counter()
         if stage.hidden_transfer is not None:
@@ -228,43 +222,14 @@ class Executor:
         return StepResult.model_validate(decode(reply.data)).tokens
 
     def _run_stage(self, stage: StageCommand, batch: StageBatch) -> StageResult:
-        if stage.release_all:
-            self.engine.release(self.engine.sequence_ids())
-        elif stage.release:
-            self.engine.release(stage.release)
-        if stage.offload:
-            self.engine.offload(stage.offload)
-        if stage.upload:
-            self.engine.upload(stage.upload)
+        self._apply_kv_commands(stage)
         if not batch.seqs:
             return StageResult(tokens={})
         return self.engine.run_stage(batch)
 
-    async def follow_plans(self) -> None:
-        """Take this instance's role from each new plan: rebuild the engine for its layer range
-        (reading only those bytes) when the range changes; remember the next stage."""
-        subscription = await self.context.js.subscribe(
-            PLANS_SUBJECT, stream=PLANS_STREAM, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST,
-        )  # fmt: skip
-        try:
-            while not self.context.stop.is_set():
-                try:
-                    message = await subscription.next_msg(timeout=1.0)
-                except TimeoutError:
-                    continue
-                try:
-                    plan = Plan.model_validate(decode(message.data))
-                except (DecodeError, ValidationError) as exc:
-                    self.log.error("plan.unreadable", error=str(exc))
-                    continue
-                if plan.epoch > self.plan_epoch:
-                    self.plan_epoch = plan.epoch
-                    await self.take_role(plan)
-        finally:
-            await subscription.unsubscribe()
-
     async def take_role(self, plan: Plan) -> None:
+        """Take this instance's role from a new plan: rebuild the engine for its layer range
+        when the range changes; remember the next stage."""
         role = next((r for r in plan.roles if r.instance_id == self.instance_id), None)
         if role is None or self.build is None:
             return  # no role: keep serving what is here (e.g. finishing within a grace period)
@@ -353,10 +318,8 @@ class Executor:
 
     async def on_weights(self, request: Request) -> None:
         """Send some of this engine's layers to a peer taking a role that needs them."""
-        try:
-            command = WeightsSendCommand.model_validate(decode(request.data))
-        except (DecodeError, ValidationError) as exc:
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad weights command: {exc}")
+        command = await parse_request(request, WeightsSendCommand, "weights command")
+        if command is None:
             return
         last = self.engine.model.args.n_layers - 1
         missing = set(command.layers) - held_layers(self.engine, last)
@@ -384,10 +347,8 @@ class Executor:
     async def on_migrate(self, request: Request) -> None:
         """Send one request's KV cache to another executor, peer to peer (shared.transfer);
         freed here once the receiver has it, checked."""
-        try:
-            command = KvMigrateCommand.model_validate(decode(request.data))
-        except (DecodeError, ValidationError) as exc:
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad migrate command: {exc}")
+        command = await parse_request(request, KvMigrateCommand, "migrate command")
+        if command is None:
             return
         loop = asyncio.get_running_loop()
         try:
@@ -423,10 +384,8 @@ class Executor:
     async def on_adopt(self, request: Request) -> None:
         """Take a KV cache arriving from another executor into host memory (the scheduler
         uploads it before the request runs here)."""
-        try:
-            command = KvAdoptCommand.model_validate(decode(request.data))
-        except (DecodeError, ValidationError) as exc:
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad adopt command: {exc}")
+        command = await parse_request(request, KvAdoptCommand, "adopt command")
+        if command is None:
             return
         try:
             received = await self.inbox.receive(command.transfer_id, KV_TRANSFER_TIMEOUT_S)
@@ -445,6 +404,11 @@ class Executor:
         await request.respond(encode(reply))
 
     def _run_step(self, command: StepCommand, steps: list[SequenceStep]) -> dict[str, int]:
+        self._apply_kv_commands(command)
+        return self.engine.step(steps) if steps else {}
+
+    def _apply_kv_commands(self, command: StepCommand | StageCommand) -> None:
+        """Before a step, in this order: release, offload, upload (every stage alike)."""
         if command.release_all:
             self.engine.release(self.engine.sequence_ids())
         elif command.release:
@@ -453,7 +417,6 @@ class Executor:
             self.engine.offload(command.offload)
         if command.upload:
             self.engine.upload(command.upload)
-        return self.engine.step(steps) if steps else {}
 
     def _prefetch(self, request_ids: list[str]) -> list[str]:
         """Upload what is offloaded here, as far as slots are free; returns what was not."""
@@ -472,10 +435,8 @@ class Executor:
             self.log.warning("prefetch.incomplete", not_uploaded=future.result())
 
     async def on_release(self, request: Request) -> None:
-        try:
-            command = ReleaseCommand.model_validate(decode(request.data))
-        except (DecodeError, ValidationError) as exc:
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad release command: {exc}")
+        command = await parse_request(request, ReleaseCommand, "release command")
+        if command is None:
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._compute, self.engine.release, command.request_ids)
@@ -673,7 +634,7 @@ async def serve(context: ServiceContext) -> None:
         name="weights", subject=executor_weights_subject(instance_id), handler=executor.on_weights
     )
     await executor.inbox.start()
-    plans = asyncio.create_task(executor.follow_plans(), name="plans")
+    plans = asyncio.create_task(follow_plans(context, executor.take_role), name="plans")
     price_class = context.settings.monitor.price_class
     registration = Registration(
         context,

@@ -41,7 +41,7 @@ from shared.messages import (
     ReleaseLeaseRequest,
     Tier,
 )
-from shared.runtime import ServiceContext
+from shared.runtime import ServiceContext, parse_request
 from shared.subjects import loader_fetch_subject, loader_release_subject
 
 
@@ -128,10 +128,8 @@ class Loader:
             return tier, self.pool.lease(name, self.context.settings.loader.host_lease_s)
 
     async def on_release(self, request: Request) -> None:
-        try:
-            body = ReleaseLeaseRequest.model_validate(decode(request.data))
-        except (DecodeError, ValidationError) as exc:
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad release request: {exc}")
+        body = await parse_request(request, ReleaseLeaseRequest, "release request")
+        if body is None:
             return
         released = self.pool is not None and self.pool.release(body.lease_id)
         await request.respond(encode({"released": released}))

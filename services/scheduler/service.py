@@ -50,10 +50,8 @@ from shared.messages import (
 )
 from shared.model.profile import find_profile, load_profile
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext, discover, resolve_model
+from shared.runtime import ServiceContext, discover, follow_plans, resolve_model
 from shared.subjects import (
-    PLANS_STREAM,
-    PLANS_SUBJECT,
     REQUESTS_STREAM,
     REQUESTS_SUBJECT,
     SCHEDULER_CONSUMER,
@@ -124,36 +122,11 @@ class Scheduler:
 
     # ---- acting on the planner's plans ----
 
-    async def follow_plans(self) -> None:
-        """Act on each new plan; a plan whose epoch is not newer than the current one is stale
-        and ignored. Without a planner, every executor serves (no plan ever arrives)."""
-        subscription = await self.context.js.subscribe(
-            PLANS_SUBJECT,
-            stream=PLANS_STREAM,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST,
-        )
-        try:
-            while not self.context.stop.is_set():
-                try:
-                    message = await subscription.next_msg(timeout=1.0)
-                except TimeoutError:
-                    continue
-                try:
-                    plan = Plan.model_validate(decode(message.data))
-                except (DecodeError, ValidationError) as exc:
-                    self.log.error("plan.unreadable", error=str(exc))
-                    continue
-                if self.plan is not None and plan.epoch <= self.plan.epoch:
-                    self.log.warning("plan.stale", epoch=plan.epoch, current=self.plan.epoch)
-                    continue
-                self.apply_plan(plan)
-        finally:
-            await subscription.unsubscribe()
-
-    def apply_plan(self, plan: Plan) -> None:
+    async def apply_plan(self, plan: Plan) -> None:
         """New requests go only to instances with a role; the just-in-time arrangement says
-        which requests on dying instances move, and after how many more tokens."""
+        which requests on dying instances move, and after how many more tokens. (Plans come
+        through shared.runtime.follow_plans: newer epochs only; without a planner, none come
+        and every executor serves.)"""
         self.plan = plan
         for instance_id, handle in self.executors.items():
             handle.view = replace(handle.view, accepts_new=self._serves(instance_id))
@@ -193,6 +166,8 @@ class Scheduler:
     async def _apply_moves(self, handle: ExecutorHandle) -> None:
         """Between two iterations of ``handle``: move off the requests whose time has come,
         with their KV cache when the plan says "migrate", else to be recomputed elsewhere."""
+        if not handle.moves:
+            return  # the per-iteration path: nothing to do outside reconfigurations
         here = handle.view.instance_id
         now = time.time()  # move_by is the planner's wall clock: same host or NTP-synced
         for request_id, move in list(handle.moves.items()):
@@ -734,7 +709,7 @@ async def serve(context: ServiceContext) -> None:
         asyncio.create_task(scheduler.consume(), name="consume"),
         asyncio.create_task(scheduler.discover_executors(), name="discover"),
         asyncio.create_task(scheduler.keepalive(), name="keepalive"),
-        asyncio.create_task(scheduler.follow_plans(), name="plans"),
+        asyncio.create_task(follow_plans(context, scheduler.apply_plan), name="plans"),
     ]
     publisher = asyncio.create_task(scheduler.publish(), name="publish")
     context.log.info("scheduler.ready", policy=context.settings.scheduler.policy)

@@ -62,7 +62,7 @@ from shared.loading.format import (
     is_converted,
     read_index,
 )
-from shared.subjects import INVENTORY_BUCKET, MODELS_BUCKET
+from shared.subjects import INVENTORY_BUCKET, MODELS_BUCKET, key_value_bucket
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STREAM = OBJ_STREAM_TEMPLATE.format(bucket=MODELS_BUCKET)
@@ -117,10 +117,7 @@ async def models_bucket(js: JetStreamContext) -> ObjectStore:
 
 
 async def inventory_bucket(js: JetStreamContext) -> KeyValue:
-    try:
-        return await js.key_value(INVENTORY_BUCKET)
-    except (BucketNotFoundError, NotFoundError):
-        return await js.create_key_value(KeyValueConfig(bucket=INVENTORY_BUCKET, history=1))
+    return await key_value_bucket(js, KeyValueConfig(bucket=INVENTORY_BUCKET, history=1))
 
 
 async def push_model(js: JetStreamContext, directory: Path, name: str) -> int:

@@ -11,6 +11,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -100,14 +101,26 @@ def find_profile(model_dir: Path) -> Path | None:
     return next((path for path in (cuda, cpu) if path.exists()), None)
 
 
+ProfileT = TypeVar("ProfileT", bound=BaseModel)
+
+
 def load_profile(path: Path) -> ModelProfile | None:
+    return _load(path, ModelProfile)
+
+
+def save_profile(profile: ModelProfile, path: Path) -> None:
+    _save(profile, path)
+
+
+def _load(path: Path, model: type[ProfileT]) -> ProfileT | None:
     try:
-        return ModelProfile.model_validate_json(path.read_text())
+        return model.model_validate_json(path.read_text())
     except FileNotFoundError:
         return None
 
 
-def save_profile(profile: ModelProfile, path: Path) -> None:
+def _save(profile: BaseModel, path: Path) -> None:
+    """Written whole or not at all (a temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(profile.model_dump_json(indent=2))
@@ -188,17 +201,11 @@ def default_parallel_profile_path(model_dir: Path, device: str) -> Path:
 
 
 def load_parallel_profile(path: Path) -> ParallelProfile | None:
-    try:
-        return ParallelProfile.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        return None
+    return _load(path, ParallelProfile)
 
 
 def save_parallel_profile(profile: ParallelProfile, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(profile.model_dump_json(indent=2))
-    tmp.replace(path)
+    _save(profile, path)
 
 
 def measure_parallel_profile(
