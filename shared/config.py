@@ -99,6 +99,9 @@ class ExecutorSettings(BaseModel):
     # Largest pipeline-stage message sent inline; larger hidden states stream through
     # shared.transfer. None: the NATS server's max payload (less room for headers).
     stage_message_bytes: int | None = Field(default=None, ge=1024)
+    # A pipeline's first stage splits each iteration's batch into this many micro-batches, so
+    # the stages work on different ones at once. None: one per pipeline stage.
+    micro_batches: int | None = Field(default=None, ge=1)
 
 
 class LoaderSettings(BaseModel):

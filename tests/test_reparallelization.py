@@ -298,6 +298,7 @@ def small_instances(
         "SPOTSERVE_PLANNER__MAX_PIPELINE": "4",
         # Prefills' hidden states go through shared.transfer (chunked), decodes' inline.
         "SPOTSERVE_EXECUTOR__STAGE_MESSAGE_BYTES": "16384",
+        "SPOTSERVE_LOG__LEVEL": "debug",  # the first stage's per-iteration micro-batch record
     }
     with isolated_cluster(tmp_path_factory, "pipeline", tiny_model_dir, 2, env) as cluster:
         yield cluster
@@ -328,6 +329,17 @@ async def test_a_two_stage_pipeline_across_instances_generates_like_one_model(
         held = {s.instance_id for s in (await inflight(nc)).sequences} - {None}
         assert held == {stages[0].instance_id}
         await finish_and_check(streams, firsts, prompts, 40, tiny_model_dir, tokenizer)
+        # Each iteration's batch went as micro-batches (one per stage), and the second stage
+        # still had one while the first computed the next.
+        index = stages[0].instance_id.removeprefix("instance-")
+        first_log = small_instances.log_dir / f"executor-{index}.log"
+        records = [
+            json.loads(line)
+            for line in first_log.read_text().splitlines()
+            if "pipeline.step" in line
+        ]
+        assert any(record["micro_batches"] == 2 for record in records)
+        assert sum(record["overlapped"] for record in records) > 0
         # A long prompt: its hidden states (tokens x dim) are far over the inline limit.
         long_prompt = " ".join(f"word{i}" for i in range(120))
         completion = await client.generate(long_prompt, max_tokens=8, temperature=0.0)

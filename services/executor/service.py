@@ -74,6 +74,9 @@ KV_TRANSFER_TIMEOUT_S = 60.0
 # Room under the server's max payload for a stage command's headers.
 STAGE_HEADER_ROOM = 64 * 1024
 
+Tokens = dict[str, int]  # request_id -> the token sampled for it
+ErrorReply = tuple[str, str]  # (error code, message) for the caller
+
 
 class Executor:
     def __init__(
@@ -93,6 +96,9 @@ class Executor:
         # Builds this instance's engine for a layer range (None: the whole model).
         self.build: Callable[[Layers | None, WeightsSource | None], Engine] | None = None
         self.next_stage: str | None = None  # the instance serving the next pipeline stage
+        self.pipeline_stages = 1  # stages of this instance's replica under the current plan
+        # Micro-batches this stage has run and is handing on (replies still to come).
+        self._handing_on: set[asyncio.Task[None]] = set()
 
     async def on_step(self, request: Request) -> None:
         command = await parse_request(request, StepCommand, "step command")
@@ -128,25 +134,55 @@ class Executor:
     async def _run_pipelined(
         self, request: Request, command: StepCommand, steps: list[SequenceStep], started: float
     ) -> None:
-        """First stage of a pipeline: run this stage, hand the micro-batch on, reply with the
-        tokens the last stage sampled."""
-        stage = StageCommand(
-            batch=StageBatch(steps).to_wire(),
-            release=command.release,
-            release_all=command.release_all,
-            offload=command.offload,
-            upload=command.upload,
-            prefetch=command.prefetch,
+        """First stage of a pipeline: split the batch into micro-batches and run them through
+        this stage one after another, each handed on as soon as it is done, so that the later
+        stages work on one while this stage computes the next. Replies once the last stage
+        has sampled every micro-batch."""
+        parts = split_micro_batches(steps, self._micro_batch_count())
+        forwards: list[asyncio.Task[Tokens | ErrorReply]] = []
+        overlapped = 0
+        failure: ErrorReply | None = None
+        for index, part in enumerate(parts):
+            first, last = index == 0, index == len(parts) - 1
+            stage = StageCommand(
+                batch=StageBatch(part).to_wire(),
+                # The KV commands ride on the first micro-batch: every stage takes them in order.
+                release=command.release if first else [],
+                release_all=command.release_all and first,
+                offload=command.offload if first else [],
+                upload=command.upload if first else [],
+                prefetch=command.prefetch if last else [],
+            )
+            outcome = await self._compute_stage(stage)
+            # An earlier micro-batch still at the later stages when this one is done here: the
+            # stages worked at the same time.
+            overlapped += any(not forward.done() for forward in forwards)
+            if isinstance(outcome, tuple):
+                failure = outcome
+                break
+            forwards.append(asyncio.create_task(self._forward(stage, outcome)))
+        tokens: Tokens = {}
+        for reply in await asyncio.gather(*forwards):
+            if isinstance(reply, tuple):
+                failure = failure or reply
+            else:
+                tokens.update(reply)
+        self.log.debug(
+            "pipeline.step", micro_batches=len(parts), overlapped=overlapped, failed=bool(failure)
         )
-        reply = await self._stage_and_forward(stage)
-        if isinstance(reply, tuple):
-            await request.respond_error(*reply)
+        if failure is not None:
+            await request.respond_error(*failure)
             return
-        result = StepResult(tokens=reply, compute_s=time.perf_counter() - started)
+        result = StepResult(tokens=tokens, compute_s=time.perf_counter() - started)
         await request.respond(encode(result))
 
+    def _micro_batch_count(self) -> int:
+        return self.context.settings.executor.micro_batches or self.pipeline_stages
+
     async def on_stage(self, request: Request) -> None:
-        """A later pipeline stage: the previous stage's micro-batch arrives here."""
+        """A later pipeline stage: the previous stage's micro-batch arrives here. Micro-batches
+        are computed in the order they arrive (this handler takes the next message once the
+        compute is done); handing one on and waiting for its tokens happens beside that."""
         stage = await parse_request(request, StageCommand, "stage command")
         if stage is None:
             return
@@ -158,16 +194,29 @@ class Executor:
                 await request.respond_error(str(ErrorCode.UNAVAILABLE), f"no activations: {exc}")
                 return
             stage.batch["hidden"] = received.tensors.get("hidden")
-        reply = await self._stage_and_forward(stage)
-        if isinstance(reply, tuple):
-            await request.respond_error(*reply)
+        outcome = await self._compute_stage(stage)
+        if isinstance(outcome, tuple):
+            await request.respond_error(*outcome)
             return
-        result = StepResult(tokens=reply, compute_s=time.perf_counter() - started)
-        await request.respond(encode(result))
+        task = asyncio.create_task(self._forward_and_respond(request, stage, outcome, started))
+        self._handing_on.add(task)
+        task.add_done_callback(self._handing_on.discard)
 
-    async def _stage_and_forward(self, stage: StageCommand) -> dict[str, int] | tuple[str, str]:
-        """This stage's part, then the next stage's (recursively): the sampled tokens, or an
-        (error code, message) pair."""
+    async def _forward_and_respond(
+        self, request: Request, stage: StageCommand, outcome: StageResult, started: float
+    ) -> None:
+        reply = await self._forward(stage, outcome)
+        try:
+            if isinstance(reply, tuple):
+                await request.respond_error(*reply)
+                return
+            result = StepResult(tokens=reply, compute_s=time.perf_counter() - started)
+            await request.respond(encode(result))
+        except NatsError as exc:  # the previous stage went away; it recovers on its own
+            self.log.warning("stage.reply_failed", error=repr(exc))
+
+    async def _compute_stage(self, stage: StageCommand) -> StageResult | ErrorReply:
+        """This stage's part of a micro-batch (on the compute thread), or an error reply."""
         loop = asyncio.get_running_loop()
         try:
             batch = StageBatch.from_wire(stage.batch)
@@ -175,9 +224,17 @@ class Executor:
         except EngineError as exc:
             self.log.warning("stage.refused", error=str(exc))
             return str(ErrorCode.BAD_REQUEST), str(exc)
+        except Exception as exc:
+            self.log.exception("stage.failed")
+            return str(ErrorCode.INTERNAL), f"stage failed: {exc!r}"
         if stage.prefetch:
             future = loop.run_in_executor(self._compute, self._prefetch, stage.prefetch)
             future.add_done_callback(self._prefetch_done)
+        return outcome
+
+    async def _forward(self, stage: StageCommand, outcome: StageResult) -> Tokens | ErrorReply:
+        """The sampled tokens of a micro-batch this stage has run: its own (the last stage) or
+        the next stage's, once it has them."""
         if outcome.tokens is not None:
             return outcome.tokens
         if self.next_stage is None or outcome.next is None:
@@ -223,9 +280,12 @@ class Executor:
 
     def _run_stage(self, stage: StageCommand, batch: StageBatch) -> StageResult:
         self._apply_kv_commands(stage)
-        if not batch.seqs:
+        if batch.seqs:
+            return self.engine.run_stage(batch)
+        if self.engine.is_last_stage:
             return StageResult(tokens={})
-        return self.engine.run_stage(batch)
+        # Nothing to compute, but the KV commands go on to the later stages all the same.
+        return StageResult(next=StageBatch([], []))
 
     async def take_role(self, plan: Plan) -> None:
         """Take this instance's role from a new plan: rebuild the engine for its layer range
@@ -238,6 +298,7 @@ class Executor:
             None,
         )
         self.next_stage = following.instance_id if following else None
+        self.pipeline_stages = len({r.stage for r in plan.roles if r.replica == role.replica})
         wanted = (role.first_layer, role.last_layer)
         if wanted == self.engine.layers:
             return
@@ -438,12 +499,33 @@ class Executor:
         command = await parse_request(request, ReleaseCommand, "release command")
         if command is None:
             return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._compute, self.engine.release, command.request_ids)
+        # Through the whole pipeline: every stage holds a part of these caches.
+        stage = StageCommand(batch=StageBatch([], []).to_wire(), release=command.request_ids)
+        outcome = await self._compute_stage(stage)
+        if not isinstance(outcome, tuple):
+            outcome = await self._forward(stage, outcome)
+        if isinstance(outcome, tuple):
+            await request.respond_error(*outcome)
+            return
         await request.respond(encode({"released": len(command.request_ids)}))
 
     def close(self) -> None:
+        for task in self._handing_on:
+            task.cancel()
         self._compute.shutdown(wait=True)
+
+
+def split_micro_batches(steps: list[SequenceStep], count: int) -> list[list[SequenceStep]]:
+    """At most ``count`` contiguous micro-batches of near-equal size (one, maybe empty, when
+    there is nothing to split)."""
+    count = max(1, min(count, len(steps)))
+    size, extra = divmod(len(steps), count)
+    parts, start = [], 0
+    for index in range(count):
+        end = start + size + (index < extra)
+        parts.append(steps[start:end])
+        start = end
+    return parts
 
 
 def held_layers(engine: Engine, last: int) -> set[int]:
