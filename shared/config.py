@@ -102,6 +102,10 @@ class ExecutorSettings(BaseModel):
     # A pipeline's first stage splits each iteration's batch into this many micro-batches, so
     # the stages work on different ones at once. None: one per pipeline stage.
     micro_batches: int | None = Field(default=None, ge=1)
+    # Tensor-parallel degree M: this instance's local devices, one rank (process) each, all
+    # holding a shard of the same layers. The planner gives such an instance roles of M = its
+    # devices (set the planner's tensor_degrees to include it).
+    tensor_parallel: int = Field(default=1, ge=1)
 
 
 class LoaderSettings(BaseModel):
@@ -174,9 +178,12 @@ class PlannerSettings(BaseModel):
     max_batch: int = Field(default=4, ge=1)
     # Use every replica that fits (more throughput) instead of the fewest that meet the rate.
     fill_spare: bool = False
-    # Largest pipeline degree P the planner may choose. 1 while executors serve whole models
-    # (pipeline-stage serving is not wired into the executors yet); None: any that fits.
+    # Largest pipeline degree P the planner may choose. 1 by default: instances that each hold
+    # the whole model need no inter-stage hops; None: any that fits.
     max_pipeline: int | None = Field(default=1, ge=1)
+    # Tensor-parallel degrees the profile measures (1 always). An executor serves one group of
+    # M = its tensor_parallel ranks, so an instance of M devices takes roles of that M only.
+    tensor_degrees: list[int] = Field(default_factory=lambda: [1])
     # Events arriving within this window become one reconfiguration.
     debounce_s: float = Field(default=0.5, gt=0)
     # Re-plan when the arrival rate moves by more than this fraction.

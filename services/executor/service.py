@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from nats.js.kv import KeyValue
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from pydantic import ValidationError
 
+from services.executor.ranks import EngineSpec, RankFailedError, ShardedEngine
 from shared.codec import DecodeError, decode, encode
 from shared.loading.format import Layers
 from shared.loading.hostpool import load_from_host_pool
@@ -74,6 +76,12 @@ KV_TRANSFER_TIMEOUT_S = 60.0
 # Room under the server's max payload for a stage command's headers.
 STAGE_HEADER_ROOM = 64 * 1024
 
+# Seconds between checks that every tensor-parallel rank is alive.
+RANK_WATCH_S = 1.0
+# Exit status of an executor that lost a tensor-parallel rank (the instance cannot serve).
+EXIT_RANK_LOST = 70
+
+AnyEngine = Engine | ShardedEngine
 Tokens = dict[str, int]  # request_id -> the token sampled for it
 ErrorReply = tuple[str, str]  # (error code, message) for the caller
 
@@ -82,7 +90,7 @@ class Executor:
     def __init__(
         self,
         context: ServiceContext,
-        engine: Engine,
+        engine: AnyEngine,
         instance_id: str,
         compute: ThreadPoolExecutor,
     ) -> None:
@@ -94,7 +102,7 @@ class Executor:
         # KV caches other executors send here (a plan moves their requests to this instance).
         self.inbox = TensorInbox(context.nc, instance_id)
         # Builds this instance's engine for a layer range (None: the whole model).
-        self.build: Callable[[Layers | None, WeightsSource | None], Engine] | None = None
+        self.build: Callable[[Layers | None, WeightsSource | None], AnyEngine] | None = None
         self.next_stage: str | None = None  # the instance serving the next pipeline stage
         self.pipeline_stages = 1  # stages of this instance's replica under the current plan
         # Micro-batches this stage has run and is handing on (replies still to come).
@@ -113,6 +121,8 @@ class Executor:
             return
         try:
             tokens = await loop.run_in_executor(self._compute, self._run_step, command, steps)
+        except RankFailedError as exc:
+            self.rank_lost(exc)
         except EngineError as exc:
             self.log.warning("step.refused", error=str(exc))
             await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
@@ -221,6 +231,8 @@ class Executor:
         try:
             batch = StageBatch.from_wire(stage.batch)
             outcome = await loop.run_in_executor(self._compute, self._run_stage, stage, batch)
+        except RankFailedError as exc:
+            self.rank_lost(exc)
         except EngineError as exc:
             self.log.warning("stage.refused", error=str(exc))
             return str(ErrorCode.BAD_REQUEST), str(exc)
@@ -297,6 +309,15 @@ class Executor:
             (r for r in plan.roles if r.replica == role.replica and r.stage == role.stage + 1),
             None,
         )
+        ranks = self.engine.world_size if isinstance(self.engine, ShardedEngine) else 1
+        if plan.config.tensor != ranks:
+            self.log.error(
+                "role.unsupported",
+                epoch=plan.epoch,
+                plan_tensor=plan.config.tensor,
+                reason=f"this instance runs {ranks} tensor-parallel ranks",
+            )
+            return
         self.next_stage = following.instance_id if following else None
         self.pipeline_stages = len({r.stage for r in plan.roles if r.replica == role.replica})
         wanted = (role.first_layer, role.last_layer)
@@ -332,6 +353,8 @@ class Executor:
         needed = set(range(wanted[0], wanted[1] + 1))
         needed |= {-1} if wanted[0] == 0 else set()
         needed |= {last + 1} if wanted[1] == last else set()
+        if isinstance(self.engine, ShardedEngine):
+            return None, {}  # every rank reads its shard of the stage from the node's disk
         held = held_layers(self.engine, last) & needed
         sources: dict[str, list[int]] = {}
         for transfer in plan.transfers:
@@ -381,6 +404,11 @@ class Executor:
         """Send some of this engine's layers to a peer taking a role that needs them."""
         command = await parse_request(request, WeightsSendCommand, "weights command")
         if command is None:
+            return
+        if isinstance(self.engine, ShardedEngine):
+            await request.respond_error(
+                str(ErrorCode.NOT_FOUND), "tensor-parallel shards here: read the layers from disk"
+            )
             return
         last = self.engine.model.args.n_layers - 1
         missing = set(command.layers) - held_layers(self.engine, last)
@@ -509,9 +537,27 @@ class Executor:
             return
         await request.respond(encode({"released": len(command.request_ids)}))
 
+    async def watch_ranks(self) -> None:
+        """An instance that lost a tensor-parallel rank cannot compute (its all-reduces would
+        wait for the dead rank): it ends at once, like a preempted instance without grace, and
+        its requests resume elsewhere from their committed tokens."""
+        while isinstance(self.engine, ShardedEngine):
+            dead = self.engine.dead_ranks()
+            if dead:
+                self.rank_lost(RankFailedError(f"tensor-parallel ranks {dead} died"))
+            await asyncio.sleep(RANK_WATCH_S)
+
+    def rank_lost(self, exc: RankFailedError) -> None:
+        self.log.critical("executor.rank_lost", error=str(exc))
+        # Not a graceful stop: the compute thread may be stuck in a collective with the dead
+        # rank, and a clean shutdown would wait for it.
+        os._exit(EXIT_RANK_LOST)
+
     def close(self) -> None:
         for task in self._handing_on:
             task.cancel()
+        if isinstance(self.engine, ShardedEngine):
+            self._compute.submit(self.engine.close).result()
         self._compute.shutdown(wait=True)
 
 
@@ -528,7 +574,7 @@ def split_micro_batches(steps: list[SequenceStep], count: int) -> list[list[Sequ
     return parts
 
 
-def held_layers(engine: Engine, last: int) -> set[int]:
+def held_layers(engine: AnyEngine, last: int) -> set[int]:
     """Layers an engine holds, with -1 for the embeddings and last+1 for the norm and head."""
     first, final = engine.layers
     held = set(range(first, final + 1))
@@ -555,7 +601,7 @@ def checkpoint_tensors(engine: Engine, layers: list[int], last: int) -> dict[str
     return tensors
 
 
-def warm_up(engine: Engine) -> None:
+def warm_up(engine: AnyEngine) -> None:
     """One prefill and one decode before serving: the first real request should not pay for
     the kernels' first-call setup."""
     first = engine.step([SequenceStep("warm-up", [0] * 16, 0.0, 1.0, 0, 0)])
@@ -633,22 +679,35 @@ class Registration:
 async def serve(context: ServiceContext) -> None:
     settings = context.settings.executor
     instance_id = settings.instance_id or default_instance_id()
+    ranks = settings.tensor_parallel
     lease: HostLease | None = None
     if context.settings.model.name is None:
         model_dir = await resolve_model(context)
     else:
-        # Through this node's loader: from its host-memory pool when the model fits there.
-        fetched = await fetch_model(context, host_lease=True)
+        # Through this node's loader: from its host-memory pool when the model fits there (one
+        # rank; tensor-parallel ranks read their shards from the node's disk copy).
+        fetched = await fetch_model(context, host_lease=ranks == 1)
         model_dir, lease = Path(fetched.path), fetched.host
     # One thread does all torch work, loading included: the engine and its KV cache are not
     # thread-safe, steps are ordered, and CPU (OpenMP) kernels run ~40% slower when a second
     # thread's team of workers exists beside the one that computes.
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    spec = EngineSpec(
+        model_dir=model_dir,
+        device=settings.device,
+        max_slots=settings.max_slots,
+        max_seq_len=settings.max_seq_len,
+        host_slots=settings.host_kv_slots,
+        torch_threads=settings.torch_threads,
+    )
 
-    def build(layers: Layers | None, weights: WeightsSource | None = None) -> Engine:
+    def build(layers: Layers | None, weights: WeightsSource | None = None) -> AnyEngine:
         """An engine for a layer range (a pipeline stage) or the whole model: from ``weights``
         (tensors gathered from peers) or read from the node's disk copy (only the stage's byte
-        ranges)."""
+        ranges; with tensor parallelism, every rank its shard)."""
+        if isinstance(executor.engine, ShardedEngine):
+            executor.engine.rebuild(replace(spec, layers=layers))
+            return executor.engine
         return Engine(
             model_dir,
             device=settings.device,
@@ -659,17 +718,21 @@ async def serve(context: ServiceContext) -> None:
             layers=layers,
         )
 
-    def load() -> Engine:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        engine = Engine(
-            model_dir,
-            device=settings.device,
-            max_slots=settings.max_slots,
-            max_seq_len=settings.max_seq_len,
-            host_slots=settings.host_kv_slots,
-            weights=partial(load_from_host_pool, lease) if lease else None,
-        )
+    def load() -> AnyEngine:
+        engine: AnyEngine
+        if ranks > 1:
+            engine = ShardedEngine(spec, ranks)
+        else:
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            engine = Engine(
+                model_dir,
+                device=settings.device,
+                max_slots=settings.max_slots,
+                max_seq_len=settings.max_seq_len,
+                host_slots=settings.host_kv_slots,
+                weights=partial(load_from_host_pool, lease) if lease else None,
+            )
         warm_up(engine)
         return engine
 
@@ -682,6 +745,7 @@ async def serve(context: ServiceContext) -> None:
     context.log.info(
         "model.loaded",
         source="host-pool" if lease else "disk",
+        tensor_parallel=ranks,
         seconds=round(time.perf_counter() - started, 3),
     )
     executor = Executor(context, engine, instance_id, compute)
@@ -693,6 +757,7 @@ async def serve(context: ServiceContext) -> None:
             "max_slots": str(settings.max_slots),
             "host_kv_slots": str(settings.host_kv_slots),
             "device": str(engine.device),
+            "tensor_parallel": str(ranks),
             "model": str(model_dir),
         },
     )
@@ -717,13 +782,14 @@ async def serve(context: ServiceContext) -> None:
     )
     await executor.inbox.start()
     plans = asyncio.create_task(follow_plans(context, executor.take_role), name="plans")
+    watch = asyncio.create_task(executor.watch_ranks(), name="ranks")
     price_class = context.settings.monitor.price_class
     registration = Registration(
         context,
         InstanceRecord(
             instance_id=instance_id,
             node=node_name(context.settings),
-            devices=1,
+            devices=ranks,
             device_kind=engine.device.type,
             device_memory_bytes=settings.device_memory_bytes
             if settings.device_memory_bytes is not None
@@ -741,6 +807,7 @@ async def serve(context: ServiceContext) -> None:
     executor.log.info("executor.ready", device=str(engine.device), model=str(model_dir))
     await context.stop.wait()
     plans.cancel()
+    watch.cancel()
     await registration.stop()
     await service.stop()
     await executor.inbox.stop()

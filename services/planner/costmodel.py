@@ -195,16 +195,18 @@ def search(
     fill_spare: bool = False,
     gpipe_prefill: bool = False,
     max_pipeline: int | None = None,
+    whole_instance_groups: bool = False,
 ) -> SearchResult:
     """The configuration for these (surviving) instances and this arrival rate; ``max_pipeline``
-    caps P (e.g. 1 while the executors serve whole models only)."""
+    caps P. ``whole_instance_groups``: an instance holds one tensor-parallel group of all its
+    devices (M = its devices) or nothing, as spotserve's executors serve."""
     if not instances:
         raise NoFeasibleConfig("no live instances")
     memory = usable_memory(profile, instances, memory_reserve_fraction)
     devices = np.array(sorted((i.devices for i in instances), reverse=True))
     rows: list[np.ndarray] = []
     for tensor in tensor_degrees(profile, int(devices.max())):
-        capacities = devices // tensor
+        capacities = (devices == tensor).astype(int) if whole_instance_groups else devices // tensor
         groups = int(capacities.sum())
         pipelines = np.array(
             [p for p in range(1, min(profile.num_layers, groups, max_pipeline or groups) + 1)

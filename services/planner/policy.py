@@ -76,6 +76,8 @@ class PlannerSettings:
     gpipe_prefill: bool = False  # costmodel: t1 without DESIGN.md's / m1
     keep_previous: bool = True  # keep the previous (P, M, B) while its latency is similar
     max_pipeline: int | None = None  # cap on P (None: any that fits)
+    # An instance takes one tensor-parallel group of all its devices, or no role.
+    whole_instance_groups: bool = False
     kv_bandwidth_bytes_s: float = 1e9  # KV caches off a dying instance, over NATS
     kv_overhead_s: float = 0.5  # set-up and acknowledgement of a cache hand-over
 
@@ -104,6 +106,7 @@ class SpotServePolicy:
             s.max_batch, tolerance=s.tolerance, memory_reserve_fraction=s.memory_reserve_fraction,
             prefer=previous.config if previous and s.keep_previous else None,
             fill_spare=s.fill_spare, gpipe_prefill=s.gpipe_prefill, max_pipeline=s.max_pipeline,
+            whole_instance_groups=s.whole_instance_groups,
         )  # fmt: skip
         config = result.config
         t_config = time.perf_counter()
@@ -127,7 +130,10 @@ class SpotServePolicy:
             kv_by_replica[move.old_replica] = kv_by_replica.get(move.old_replica, 0) + move.kv_bytes
         t_jit = time.perf_counter()
 
-        mapping = self.mapper(old_roles, view.live, config, profile, kv_by_replica)
+        hosts = view.live
+        if s.whole_instance_groups:  # only instances whose devices make one group of this M
+            hosts = [i for i in view.live if i.devices == config.tensor]
+        mapping = self.mapper(old_roles, hosts, config, profile, kv_by_replica)
         t_mapping = time.perf_counter()
 
         reserve = 1.0 - s.memory_reserve_fraction

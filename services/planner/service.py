@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -280,6 +281,7 @@ def policy_settings(settings: PlannerSettings) -> PolicySettings:
         max_batch=settings.max_batch,
         fill_spare=settings.fill_spare,
         max_pipeline=settings.max_pipeline,
+        whole_instance_groups=True,  # what the executors serve
     )
 
 
@@ -289,10 +291,13 @@ async def load_or_measure_profile(context: ServiceContext) -> ParallelProfile:
     model_dir = await resolve_model(context)
     device = context.settings.executor.device or "cpu"
     path = context.settings.planner.profile_path or default_parallel_profile_path(model_dir, device)
+    degrees = tuple(context.settings.planner.tensor_degrees)
     profile = await asyncio.to_thread(load_parallel_profile, path)
-    if profile is None:
-        context.log.info("planner.profiling", model=str(model_dir), device=device)
-        profile = await asyncio.to_thread(measure_parallel_profile, model_dir, device)
+    if profile is None or not set(degrees) <= set(profile.tensor_degrees()):
+        context.log.info("planner.profiling", model=str(model_dir), device=device, tensor=degrees)
+        profile = await asyncio.to_thread(
+            partial(measure_parallel_profile, model_dir, device, tensor_degrees=degrees)
+        )
         await asyncio.to_thread(save_parallel_profile, profile, path)
     hidden = await asyncio.to_thread(_hidden_size, model_dir)
     activation = 4 * hidden  # bytes per token of float32 activations between stages

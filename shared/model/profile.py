@@ -11,11 +11,17 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, Field
 
 from shared.config import spotserve_home
+
+if TYPE_CHECKING:
+    import torch
+
+    from shared.model.engine import Engine
+    from shared.model.parallel import TensorParallel
 
 DEFAULT_PREFILL_LENGTHS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -214,19 +220,62 @@ def measure_parallel_profile(
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
     prefill_tokens: int = 128,
     repeats: int = 3,
+    tensor_degrees: tuple[int, ...] = (1,),
 ) -> ParallelProfile:
-    """Per-layer prefill/decode seconds of the engine on this device, by micro-batch size.
-
-    Measured for tensor degree M=1 only: the engine has no tensor-parallel forward yet, so an
-    instance counts as one device. The pipeline send cost is left at 0: the planner measures
-    it over its own NATS link."""
-    import torch
-
-    from shared.model.engine import Engine, SequenceStep
+    """Per-layer prefill/decode seconds of the engine on this device, by micro-batch size, for
+    each tensor-parallel degree M (M > 1: M ranks started here, as an executor runs them; on
+    a CPU they share its cores). The pipeline send cost is left at 0: the planner measures it
+    over its own NATS link."""
+    from shared.model.engine import Engine
 
     engine = Engine(model_dir, device=device, max_slots=max(batch_sizes))
     model = engine.model
     tokens = min(prefill_tokens, engine.context_length - 2)
+    prefill_s, decode_s = {}, {}
+    for degree in sorted(set(tensor_degrees) | {1}):
+        if degree == 1:
+            times = layer_times(engine, batch_sizes, tokens, repeats)
+        else:
+            from shared.model.parallel import run_ranks
+
+            args = (model_dir, device, batch_sizes, tokens, repeats)
+            times = run_ranks(_rank_layer_times, degree, args)[0]  # every rank waits alike
+        prefill_s[degree], decode_s[degree] = times
+
+    def tensor_bytes(module: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    args = model.args
+    layers = args.n_layers
+    element = next(model.parameters()).element_size()
+    return ParallelProfile(
+        model=str(model_dir),
+        device=str(engine.device),
+        created_at=time.time(),
+        num_layers=layers,
+        layer_bytes=tensor_bytes(model.layers[0]),
+        embed_bytes=tensor_bytes(model.embed_tokens),
+        head_bytes=tensor_bytes(model.norm)
+        + (0 if args.tie_word_embeddings else tensor_bytes(model.lm_head)),
+        kv_bytes_per_token=2 * args.n_kv_heads * args.head_dim * layers * element,
+        prefill_tokens=tokens,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        comm_prefill_s=0.0,
+        comm_decode_s=0.0,
+        devices_per_instance=1,
+        device_memory_bytes=device_memory_bytes(engine.device),
+    )
+
+
+Points = list[tuple[int, float]]
+
+
+def layer_times(
+    engine: Engine, batch_sizes: tuple[int, ...], tokens: int, repeats: int
+) -> tuple[Points, Points]:
+    """(prefill, decode) seconds per layer by batch size, of ``tokens``-long prompts."""
+    from shared.model.engine import SequenceStep
 
     def timed(steps: list[SequenceStep]) -> float:
         started = time.perf_counter()
@@ -249,36 +298,37 @@ def measure_parallel_profile(
 
     prefill(1)  # warm-up
     decode(1)
-    layers = model.args.n_layers
+    layers = engine.model.args.n_layers
 
     def per_layer(measure: Callable[[int], float], batch: int) -> float:
         # The embedding and head are folded into the layers' share (embed_s stays 0): a
         # separate measurement of them is below this machine's timing noise.
         return _median([measure(batch) for _ in range(repeats)]) / layers
 
-    def tensor_bytes(module: torch.nn.Module) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters())
-
-    args = model.args
-    element = next(model.parameters()).element_size()
-    return ParallelProfile(
-        model=str(model_dir),
-        device=str(engine.device),
-        created_at=time.time(),
-        num_layers=layers,
-        layer_bytes=tensor_bytes(model.layers[0]),
-        embed_bytes=tensor_bytes(model.embed_tokens),
-        head_bytes=tensor_bytes(model.norm)
-        + (0 if args.tie_word_embeddings else tensor_bytes(model.lm_head)),
-        kv_bytes_per_token=2 * args.n_kv_heads * args.head_dim * layers * element,
-        prefill_tokens=tokens,
-        prefill_s={1: _non_decreasing([(b, per_layer(prefill, b)) for b in batch_sizes])},
-        decode_s={1: _non_decreasing([(b, per_layer(decode, b)) for b in batch_sizes])},
-        comm_prefill_s=0.0,
-        comm_decode_s=0.0,
-        devices_per_instance=1,
-        device_memory_bytes=device_memory_bytes(engine.device),
+    return (
+        _non_decreasing([(b, per_layer(prefill, b)) for b in batch_sizes]),
+        _non_decreasing([(b, per_layer(decode, b)) for b in batch_sizes]),
     )
+
+
+def _rank_layer_times(
+    tp: TensorParallel,
+    model_dir: Path,
+    device: str | None,
+    batch_sizes: tuple[int, ...],
+    tokens: int,
+    repeats: int,
+) -> tuple[Points, Points]:
+    """One rank of a tensor-parallel measurement (run by ``run_ranks`` in every rank)."""
+    import torch
+
+    from shared.model.engine import Engine
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.world_size))
+    if device is not None and device.startswith("cuda"):
+        device = f"cuda:{tp.rank}"
+    engine = Engine(model_dir, device=device, max_slots=max(batch_sizes), tp=tp)
+    return layer_times(engine, batch_sizes, tokens, repeats)
 
 
 def device_memory_bytes(device: object) -> int:
