@@ -85,9 +85,14 @@ def profile(
     ),
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write the profile JSON.")] = None,
+    tensor: Annotated[
+        list[int] | None,
+        typer.Option(help="Tensor-parallel degrees for the planner's profile (repeatable)."),
+    ] = None,
 ) -> None:
     """Measure prefill time by prompt length and decode time by batch size on this machine
-    (the scheduler's profile), and per-layer times by micro-batch (the planner's)."""
+    (the scheduler's profile), and per-layer times by micro-batch and tensor-parallel degree
+    (the planner's; M > 1 runs M ranks here, as an executor of M devices does)."""
     from shared.model.checkpoint import default_model_dir, ensure_model
     from shared.model.profile import (
         default_parallel_profile_path,
@@ -102,7 +107,10 @@ def profile(
     measured = measure_profile(model_dir, device=device)
     path = out or default_profile_path(model_dir, measured.device)
     save_profile(measured, path)
-    parallel = measure_parallel_profile(model_dir, device=device)
+    degrees = tuple(tensor or [1])
+    if any(degree < 1 for degree in degrees):
+        raise typer.BadParameter(f"tensor-parallel degrees must be >= 1, got {list(degrees)}")
+    parallel = measure_parallel_profile(model_dir, device=device, tensor_degrees=degrees)
     parallel_path = (
         path.with_name(path.stem + "-parallel.json")
         if out
@@ -118,14 +126,17 @@ def profile(
         "  batch size -> decode ms/iteration: "
         + ", ".join(f"{b}: {s * 1000:.1f}" for b, s in measured.decode)
     )
-    typer.echo(
-        f"  per layer ({parallel.num_layers} layers), micro-batch -> prefill of"
-        f" {parallel.prefill_tokens} tokens / decode ms: "
-        + ", ".join(
-            f"{b}: {p * 1000:.2f} / {d * 1000:.3f}"
-            for (b, p), (_, d) in zip(parallel.prefill_s[1], parallel.decode_s[1], strict=True)
+    for degree in parallel.tensor_degrees():
+        typer.echo(
+            f"  M={degree}, per layer ({parallel.num_layers} layers), micro-batch -> prefill of"
+            f" {parallel.prefill_tokens} tokens / decode ms: "
+            + ", ".join(
+                f"{b}: {p * 1000:.2f} / {d * 1000:.3f}"
+                for (b, p), (_, d) in zip(
+                    parallel.prefill_s[degree], parallel.decode_s[degree], strict=True
+                )
+            )
         )
-    )
     typer.echo(f"wrote {path} and {parallel_path}")
 
 
