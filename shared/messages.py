@@ -432,6 +432,25 @@ class JitDecision(InternalModel):
     move_by: float | None = None
 
 
+# spotserve: the full system (adaptive configuration, KV caches migrate within the grace period,
+# requests resume from committed tokens). reroute: fixed P and M, no use of the grace period; the
+# requests of a lost instance restart from scratch elsewhere. restart: every reconfiguration
+# stops everything, reloads every instance's weights and restarts every request from scratch.
+# ondemand: served like spotserve (loadgen injects no preemptions and prices on-demand).
+ServingMode = Literal["spotserve", "reroute", "restart", "ondemand"]
+
+
+class ModeRequest(StrictModel):
+    """Set the serving mode (None: only read it)."""
+
+    mode: ServingMode | None = None
+
+
+class ModeReply(InternalModel):
+    mode: ServingMode
+    previous: ServingMode
+
+
 class Plan(InternalModel):
     epoch: int = Field(ge=1)
     created_at: float
@@ -447,6 +466,19 @@ class Plan(InternalModel):
     decision_s: float = Field(ge=0)
     # The arrival rate the configuration was chosen for (req/s).
     arrival_rate_rps: float = Field(default=0.0, ge=0)
+    # The serving mode the plan was made under (admission's admin endpoint sets it).
+    mode: ServingMode = "spotserve"
+
+    def same_roles(self, other: Plan) -> bool:
+        """Whether both plans give every instance the same role (none taken away or added)."""
+
+        def roles(plan: Plan) -> set[tuple[str, int, int, int, int, int]]:
+            return {
+                (r.instance_id, r.replica, r.stage, r.tp_rank, r.first_layer, r.last_layer)
+                for r in plan.roles
+            }
+
+        return roles(self) == roles(other)
 
 
 # -- tensor transfer (shared.transfer) -----------------------------------------------------------

@@ -14,9 +14,12 @@ from typing import Any, TypeVar
 
 import structlog
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NotFoundError
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service, ServiceConfig
@@ -32,12 +35,16 @@ from shared.messages import (
     FetchModelReply,
     FetchModelRequest,
     HostLease,
+    ModeReply,
     Plan,
     ReleaseLeaseRequest,
+    ServingMode,
 )
 from shared.subjects import (
+    MODE_KEY,
     PLANS_STREAM,
     PLANS_SUBJECT,
+    admin_bucket,
     loader_fetch_subject,
     loader_release_subject,
     srv_subject,
@@ -248,3 +255,17 @@ async def follow_plans(context: ServiceContext, on_plan: Callable[[Plan], Awaita
             await on_plan(plan)
     finally:
         await subscription.unsubscribe()
+
+
+async def read_serving_mode(context: ServiceContext) -> ServingMode | None:
+    """The serving mode admission keeps (``spotserve`` when never set); None when it cannot
+    be read right now (the caller keeps what it has)."""
+    try:
+        bucket = await admin_bucket(context.js)
+        entry = await bucket.get(MODE_KEY)
+        return ModeReply.model_validate(decode(entry.value or b"")).mode
+    except NotFoundError:
+        return "spotserve"
+    except (NatsError, JetStreamError, TimeoutError, DecodeError, ValidationError) as exc:
+        context.log.warning("mode.unreadable", error=repr(exc))
+        return None

@@ -124,6 +124,18 @@ LOAD_BUCKET = "spotserve-load"
 ARRIVAL_RATE_KEY = "arrival-rate"
 
 
+# Serving mode: the SpotServe comparison's baselines are modes of the same system. Admission
+# answers ADMIN_MODE (ModeRequest -> ModeReply) and keeps the mode in ADMIN_BUCKET; the planner
+# reads it and stamps it on every plan, which the scheduler and executors follow.
+ADMIN_MODE = f"{API_PREFIX}.admin.mode"
+ADMIN_BUCKET = "spotserve-admin"
+MODE_KEY = "mode"
+
+
+def admin_bucket_config() -> KeyValueConfig:
+    return KeyValueConfig(bucket=ADMIN_BUCKET, history=1)
+
+
 def load_bucket_config() -> KeyValueConfig:
     # Only the latest figures matter; they go stale on their own (admission re-puts them).
     return KeyValueConfig(bucket=LOAD_BUCKET, history=1, ttl=300.0)
@@ -147,6 +159,10 @@ async def load_bucket(js: JetStreamContext) -> KeyValue:
 
 async def instances_bucket(js: JetStreamContext) -> KeyValue:
     return await key_value_bucket(js, instances_bucket_config())
+
+
+async def admin_bucket(js: JetStreamContext) -> KeyValue:
+    return await key_value_bucket(js, admin_bucket_config())
 
 
 def fleet_event_subject(kind: str) -> str:

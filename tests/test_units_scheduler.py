@@ -637,3 +637,33 @@ def test_an_instance_without_a_role_takes_no_new_work_and_moved_requests_go_else
     serving = ExecutorView("serving", max_batch_size=4)
     assert set(policy.schedule(serving)) == {first, second}
     assert first.executor == "serving" and policy.num_unfinished() == 2
+
+
+def test_a_restart_from_scratch_regenerates_without_resending(
+    tokenizer: TextTokenizer, eos: frozenset[int]
+) -> None:
+    """The baselines' recovery: every token is generated again from the prompt, the client's
+    stream goes on at the next index, nothing is sent twice."""
+    prompt = tokenizer.encode("Restart me")
+    sequence = make_sequence(tokenizer, make_request(prompt, max_tokens=6, ignore_eos=True))
+    first = feed(sequence, [101, 102, 103], eos)
+    assert [c.index for c in first] == [0, 1, 2]
+    sequence.restart_from_scratch()
+    assert sequence.restarts == 1 and sequence.kv_location == "none"
+    step = sequence.step_input()
+    assert step.token_ids == prompt and step.sample_index == 0  # from the prompt alone
+    # Regenerated tokens (even a different draw) keep what the client has: no chunk.
+    assert [sequence.append(t, eos) for t in [101, 999]] == [None, None]
+    assert sequence.generated == [101, 102]
+    assert sequence.step_input().token_ids == [102] and sequence.step_input().sample_index == 2
+    assert sequence.append(103, eos) is None
+    rest = feed(sequence, [104, 105, 106], eos)
+    assert [c.index for c in rest] == [3, 4, 5] and rest[-1].finish_reason == "length"
+    assert sequence.generated == [101, 102, 103, 104, 105, 106]
+    # A second restart before the replay ended keeps the longest replay.
+    again = make_sequence(tokenizer, make_request(prompt, max_tokens=6, ignore_eos=True))
+    feed(again, [1, 2, 3, 4], eos)
+    again.restart_from_scratch()
+    again.append(1, eos)
+    again.restart_from_scratch()
+    assert again.replay == [1, 2, 3, 4] and again.restarts == 2

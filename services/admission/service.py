@@ -13,6 +13,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from functools import partial
 
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
@@ -27,10 +28,20 @@ from shared.messages import (
     ErrorDetail,
     ErrorReply,
     GenerateRequest,
+    ModeReply,
+    ModeRequest,
 )
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext, resolve_model
-from shared.subjects import ARRIVAL_RATE_KEY, GENERATE, REQUESTS_SUBJECT, load_bucket
+from shared.runtime import ServiceContext, parse_request, read_serving_mode, resolve_model
+from shared.subjects import (
+    ADMIN_MODE,
+    ARRIVAL_RATE_KEY,
+    GENERATE,
+    MODE_KEY,
+    REQUESTS_SUBJECT,
+    admin_bucket,
+    load_bucket,
+)
 
 # Prompts longer than this many characters are tokenized in a worker thread.
 INLINE_TOKENIZE_CHARS = 2_000
@@ -260,6 +271,27 @@ class Admission:
             await asyncio.wait(self._tasks, timeout=10.0)
 
 
+async def on_mode(context: ServiceContext, request: Request) -> None:
+    """The serving mode: read it, or set it (the planner's next plan is made under it)."""
+    command = await parse_request(request, ModeRequest, "mode request")
+    if command is None:
+        return
+    previous = await read_serving_mode(context)
+    if previous is None:
+        await request.respond_error(str(ErrorCode.UNAVAILABLE), "the mode store is unavailable")
+        return
+    reply = ModeReply(mode=command.mode or previous, previous=previous)
+    if command.mode is not None:
+        try:
+            bucket = await admin_bucket(context.js)
+            await bucket.put(MODE_KEY, encode(reply))
+        except (NatsError, JetStreamError, TimeoutError) as exc:
+            await request.respond_error(str(ErrorCode.UNAVAILABLE), f"mode not stored: {exc!r}")
+            return
+        context.log.info("admin.mode", mode=reply.mode, previous=previous)
+    await request.respond(encode(reply))
+
+
 async def serve(context: ServiceContext) -> None:
     model_dir = await resolve_model(context)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
@@ -269,6 +301,7 @@ async def serve(context: ServiceContext) -> None:
         metadata={"model": str(model_dir), "context_length": str(tokenizer.context_length)},
     )
     await service.add_endpoint(name="generate", subject=GENERATE, handler=admission.on_generate)
+    await service.add_endpoint(name="mode", subject=ADMIN_MODE, handler=partial(on_mode, context))
     context.log.info("admission.ready", subject=GENERATE, model=str(model_dir))
     await publish_arrival_rate(context, admission.meter)
     await service.stop()

@@ -105,6 +105,7 @@ class Executor:
         self.build: Callable[[Layers | None, WeightsSource | None], AnyEngine] | None = None
         self.next_stage: str | None = None  # the instance serving the next pipeline stage
         self.pipeline_stages = 1  # stages of this instance's replica under the current plan
+        self.plan: Plan | None = None  # the last plan this instance took a role from
         # Micro-batches this stage has run and is handing on (replies still to come).
         self._handing_on: set[asyncio.Task[None]] = set()
 
@@ -321,12 +322,15 @@ class Executor:
         self.next_stage = following.instance_id if following else None
         self.pipeline_stages = len({r.stage for r in plan.roles if r.replica == role.replica})
         wanted = (role.first_layer, role.last_layer)
-        if wanted == self.engine.layers:
+        previous, self.plan = self.plan, plan
+        # The restart-and-reload baseline reloads on every new configuration.
+        reload = plan.mode == "restart" and previous is not None and not previous.same_roles(plan)
+        if wanted == self.engine.layers and not reload:
             return
         last = self.engine.model.args.n_layers - 1
         layers = None if wanted == (0, last) else wanted
         started = time.perf_counter()
-        state, from_peers = await self._gather_weights(plan, wanted, last)
+        state, from_peers = (None, {}) if reload else await self._gather_weights(plan, wanted, last)
         loop = asyncio.get_running_loop()
         # On the compute thread: steps already queued run first, later ones find the new engine.
         if state is None:

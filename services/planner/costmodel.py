@@ -196,21 +196,25 @@ def search(
     gpipe_prefill: bool = False,
     max_pipeline: int | None = None,
     whole_instance_groups: bool = False,
+    fixed: tuple[int, int] | None = None,
 ) -> SearchResult:
     """The configuration for these (surviving) instances and this arrival rate; ``max_pipeline``
     caps P. ``whole_instance_groups``: an instance holds one tensor-parallel group of all its
-    devices (M = its devices) or nothing, as spotserve's executors serve."""
+    devices (M = its devices) or nothing, as spotserve's executors serve. ``fixed`` (P, M):
+    only that pipeline and tensor degree (the rerouting baseline keeps them)."""
     if not instances:
         raise NoFeasibleConfig("no live instances")
     memory = usable_memory(profile, instances, memory_reserve_fraction)
     devices = np.array(sorted((i.devices for i in instances), reverse=True))
     rows: list[np.ndarray] = []
     for tensor in tensor_degrees(profile, int(devices.max())):
+        if fixed is not None and tensor != fixed[1]:
+            continue
         capacities = (devices == tensor).astype(int) if whole_instance_groups else devices // tensor
         groups = int(capacities.sum())
         pipelines = np.array(
             [p for p in range(1, min(profile.num_layers, groups, max_pipeline or groups) + 1)
-             if valid_pipeline(profile.num_layers, p)]
+             if valid_pipeline(profile.num_layers, p) and (fixed is None or p == fixed[0])]
         )  # fmt: skip
         for batch in range(1, max_batch + 1):
             mem = _memory(profile, tensor, batch, pipelines, input_tokens, output_tokens)

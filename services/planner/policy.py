@@ -24,7 +24,14 @@ from services.planner.jit import InFlightRequest, arrange, migrate_seconds
 from services.planner.layout import group_sizes, target_replica
 from services.planner.mapping import MappingResult, km_mapping
 from services.planner.migration import KvMove, MigrationPlan, plan_migration
-from shared.messages import DeviceRole, InstanceRecord, JitDecision, ParallelConfig, Plan
+from shared.messages import (
+    DeviceRole,
+    InstanceRecord,
+    JitDecision,
+    ParallelConfig,
+    Plan,
+    ServingMode,
+)
 from shared.model.profile import ParallelProfile
 
 GB = 1e9
@@ -48,6 +55,7 @@ class FleetView:
     # Requests being served under the previous plan (replica = the previous plan's replica).
     requests: Sequence[InFlightRequest] = ()
     fleet_seq: int = 0  # the last fleet event taken into account, passed through to the plan
+    mode: ServingMode = "spotserve"  # passed through to the plan; the baselines plan less
 
 
 class PlannerPolicy(Protocol):
@@ -107,15 +115,20 @@ class SpotServePolicy:
             prefer=previous.config if previous and s.keep_previous else None,
             fill_spare=s.fill_spare, gpipe_prefill=s.gpipe_prefill, max_pipeline=s.max_pipeline,
             whole_instance_groups=s.whole_instance_groups,
+            fixed=(previous.config.pipeline, previous.config.tensor)
+            if previous and view.mode == "reroute" else None,
         )  # fmt: skip
         config = result.config
         t_config = time.perf_counter()
 
-        jit = self._arrange(view, previous, old_roles, live_ids, dying, now)
+        # The baselines make no use of the grace period: what a dying instance holds stays
+        # there until it is gone, then restarts from scratch (the scheduler's part).
+        baseline = view.mode in ("reroute", "restart")
+        jit = [] if baseline else self._arrange(view, previous, old_roles, live_ids, dying, now)
         actions = {d.request_id: d for d in jit}
         moves = []
         serving = {r.replica for r in old_roles}
-        for request in view.requests:
+        for request in [] if baseline else view.requests:  # baselines move no KV cache
             decision = actions.get(request.request_id)
             if decision is not None and decision.action != "migrate":
                 continue  # finishes in place, or recomputes from its committed tokens
@@ -165,6 +178,7 @@ class SpotServePolicy:
             jit=jit,
             needs_on_demand=result.needs_on_demand,
             decision_s=finished - started,
+            mode=view.mode,
         )
 
     def _arrange(

@@ -42,6 +42,7 @@ from shared.messages import (
     InflightSequence,
     InstanceRecord,
     Plan,
+    ServingMode,
 )
 from shared.model.profile import (
     ParallelProfile,
@@ -50,7 +51,7 @@ from shared.model.profile import (
     measure_parallel_profile,
     save_parallel_profile,
 )
-from shared.runtime import ServiceContext, resolve_model
+from shared.runtime import ServiceContext, read_serving_mode, resolve_model
 from shared.subjects import (
     ARRIVAL_RATE_KEY,
     FLEET_STREAM,
@@ -175,6 +176,7 @@ class Planner:
         self.previous: Plan | None = None
         self.plan_seq = 0  # stream sequence of the current plan
         self.arrival_rate = 0.0
+        self.mode: ServingMode = "spotserve"
 
     def view(self, now: float, requests: list[InFlightRequest] | None = None) -> FleetView:
         state = self.state
@@ -190,6 +192,7 @@ class Planner:
             arrival_rate_rps=self.arrival_rate,
             requests=requests or [],
             fleet_seq=state.last_seq,
+            mode=self.mode,
         )
 
     def needs_plan(self) -> bool:
@@ -198,6 +201,8 @@ class Planner:
             return live
         if self.state.last_seq > self.previous.fleet_seq:
             return True
+        if self.mode != self.previous.mode:
+            return live
         used = self.previous.arrival_rate_rps
         moved = abs(self.arrival_rate - used) > self.settings.rate_change * max(used, 0.01)
         return live and moved
@@ -235,11 +240,15 @@ class Planner:
             reason=plan.reason,
         )
 
-    async def watch_arrival_rate(self) -> None:
+    async def watch_inputs(self) -> None:
+        """The arrival rate (admission's meter) and the serving mode (the admin endpoint)."""
         while not self.context.stop.is_set():
             rate = await read_arrival_rate(self.context)
             if rate is not None:
                 self.arrival_rate = rate.requests_per_s
+            mode = await read_serving_mode(self.context)
+            if mode is not None:
+                self.mode = mode
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.context.stop.wait(), self.settings.rate_poll_s)
 
@@ -327,7 +336,7 @@ async def serve(context: ServiceContext) -> None:
         comm_prefill_ms=round(profile.comm_prefill_s * 1000, 3),
         comm_decode_ms=round(profile.comm_decode_s * 1000, 3),
     )
-    rate_task = asyncio.create_task(planner.watch_arrival_rate())
+    rate_task = asyncio.create_task(planner.watch_inputs())
     try:
         await planner.run()
     finally:

@@ -32,6 +32,9 @@ class Sequence:
     next_chunk_index: int = 0
     finish_reason: FinishReason | None = None
     failed_steps: int = 0
+    # Tokens the client already has that a restart from scratch generates again (baselines).
+    replay: list[int] = field(default_factory=list)
+    restarts: int = 0
 
     @classmethod
     def create(
@@ -81,10 +84,26 @@ class Sequence:
         self.cached_tokens = 0
         self.kv_location = "none"
 
-    def append(self, token_id: int, eos_token_ids: frozenset[int]) -> TokenChunk:
-        """Take one sampled token; returns the chunk to commit and forward."""
+    def restart_from_scratch(self) -> None:
+        """The baselines' recovery (reroute, restart): the cache is gone and every generated
+        token is generated again from the prompt. The client has them already: they are not
+        committed or sent twice (see ``append``), and the stream goes on where it stopped."""
+        if len(self.generated) > len(self.replay):
+            self.replay = list(self.generated)
+        self.generated = []
+        self.restarts += 1
+        self.lose_cache()
+
+    def append(self, token_id: int, eos_token_ids: frozenset[int]) -> TokenChunk | None:
+        """Take one sampled token; returns the chunk to commit and forward (None while a
+        restarted sequence regenerates what the client has)."""
         self.cached_tokens = len(self.request.prompt_token_ids) + len(self.generated)
         self.kv_location = "device"
+        if len(self.generated) < len(self.replay):
+            # The committed token stands (greedy and seeded sampling draw it again; the cache
+            # is built on it either way).
+            self.generated.append(self.replay[len(self.generated)])
+            return None
         if token_id in eos_token_ids and not self.request.ignore_eos:
             # The EOS itself is not part of the output (neither token_ids nor text).
             return self._chunk([], self.detokenizer.flush(), "stop")

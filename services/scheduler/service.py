@@ -97,6 +97,8 @@ class ExecutorHandle:
     task: asyncio.Task[None] | None = None
     # Requests a plan moves off this executor -> when they move (whichever comes first).
     moves: dict[str, PlannedMove] = field(default_factory=dict)
+    # The restart baseline: drop everything here before the next iteration.
+    restart: bool = False
 
 
 @dataclass
@@ -127,9 +129,11 @@ class Scheduler:
         which requests on dying instances move, and after how many more tokens. (Plans come
         through shared.runtime.follow_plans: newer epochs only; without a planner, none come
         and every executor serves.)"""
-        self.plan = plan
+        previous, self.plan = self.plan, plan
         for instance_id, handle in self.executors.items():
             handle.view = replace(handle.view, accepts_new=self._serves(instance_id))
+        if plan.mode == "restart" and previous is not None and not previous.same_roles(plan):
+            self._restart_everything(plan)
         moved = 0
         for decision in plan.jit:
             sequence = self.held.get(decision.request_id)
@@ -155,6 +159,25 @@ class Scheduler:
         )
         for handle in self.executors.values():
             handle.wake.set()
+
+    def _restart_everything(self, plan: Plan) -> None:
+        """The restart-and-reload baseline: a new configuration stops everything; every
+        instance reloads its weights (the executors' part) and every request starts again
+        from its prompt, each executor's between two of its iterations."""
+        for handle in self.executors.values():
+            handle.restart = True
+            handle.moves.clear()
+            handle.wake.set()
+        self.log.info("plan.restart_everything", epoch=plan.epoch)
+
+    def _restart_on(self, handle: ExecutorHandle) -> None:
+        handle.restart = False
+        handle.release_all = True
+        handle.pending_release = []
+        for sequence in self.policy.requeue_executor(handle.view.instance_id):
+            sequence.restart_from_scratch()
+        for other in self.executors.values():
+            other.wake.set()
 
     def _serves(self, instance_id: str) -> bool:
         """Whether new requests may go to this instance: it heads a replica (a pipeline's first
@@ -430,6 +453,9 @@ class Scheduler:
         handle.gone.set()
         handle.wake.set()
         lost = self.policy.requeue_executor(instance_id)
+        if self.plan is not None and self.plan.mode in ("reroute", "restart"):
+            for sequence in lost:
+                sequence.restart_from_scratch()
         self.log.warning(
             "executor.lost", instance_id=instance_id, reason=reason, requeued=len(lost)
         )
@@ -439,6 +465,8 @@ class Scheduler:
     async def _executor_loop(self, handle: ExecutorHandle) -> None:
         while not handle.gone.is_set() and not self.context.stop.is_set():
             planned = time.perf_counter()
+            if handle.restart:
+                self._restart_on(handle)
             await self._apply_moves(handle)
             batch = self.policy.schedule(handle.view)
             if not batch:
@@ -549,7 +577,9 @@ class Scheduler:
             if token_id is None:
                 self.log.error("step.missing_token", request_id=sequence.request_id)
                 continue
-            chunks.append((sequence, sequence.append(token_id, self.eos_token_ids)))
+            chunk = sequence.append(token_id, self.eos_token_ids)
+            if chunk is not None:
+                chunks.append((sequence, chunk))
             if sequence.finished:
                 handle.pending_release.append(sequence.request_id)
         self.policy.update_from_output(
