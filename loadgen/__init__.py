@@ -1,1 +1,2 @@
-"""loadgen: the trace replay tool (not built yet; bench/ holds the benchmarks for now)."""
+"""loadgen: replays request arrivals and spot-availability traces against a spotserve cluster
+over NATS, under the SpotServe policy and its baselines, and reports latency and cost."""

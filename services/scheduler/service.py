@@ -134,6 +134,13 @@ class Scheduler:
             handle.view = replace(handle.view, accepts_new=self._serves(instance_id))
         if plan.mode == "restart" and previous is not None and not previous.same_roles(plan):
             self._restart_everything(plan)
+        if plan.mode == "reroute":
+            # No use of the grace period: what an instance without a role holds restarts from
+            # scratch on the others at once.
+            for instance_id, handle in self.executors.items():
+                if not any(role.instance_id == instance_id for role in plan.roles):
+                    handle.restart = True
+                    handle.wake.set()
         moved = 0
         for decision in plan.jit:
             sequence = self.held.get(decision.request_id)
@@ -174,8 +181,14 @@ class Scheduler:
         handle.restart = False
         handle.release_all = True
         handle.pending_release = []
-        for sequence in self.policy.requeue_executor(handle.view.instance_id):
+        restarted = self.policy.requeue_executor(handle.view.instance_id)
+        for sequence in restarted:
             sequence.restart_from_scratch()
+        self.log.info(
+            "requests.restarted",
+            instance_id=handle.view.instance_id,
+            request_ids=[sequence.request_id for sequence in restarted],
+        )
         for other in self.executors.values():
             other.wake.set()
 

@@ -1,0 +1,3 @@
+from loadgen.cli import app
+
+app(prog_name="spotserve-loadgen")

@@ -1,0 +1,170 @@
+"""``spotserve-loadgen`` (also ``python -m loadgen``): replay traces against a cluster, compare
+reports. See the README's "Replaying traces" section."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, get_args
+
+import typer
+
+from loadgen.replay import Replayer, ReplayError, ReplayOptions, default_out_dir, stderr_progress
+from loadgen.report import Prices, compare_main, markdown_table, summarize, write_plots
+from loadgen.traces import TraceError, read_fleet_trace
+from shared.messages import ServingMode
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+POLICIES = get_args(ServingMode)
+
+
+@app.command()
+def replay(
+    arrivals: Annotated[
+        str,
+        typer.Option(
+            help="poisson:RATE, gamma:RATE:CV (req/s of trace time), or a file: per-minute rate"
+            " list, Azure LLM inference CSV, BurstGPT CSV."
+        ),
+    ],
+    fleet: Annotated[
+        Path | None,
+        typer.Option(help="Spot availability trace: t_ms,add|remove,node CSV or SpotServe JSONL."),
+    ] = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(help="spotserve | reroute | restart | ondemand (repeat: run each in turn)."),
+    ] = None,
+    time_scale: Annotated[
+        float, typer.Option(help="Trace seconds -> wall seconds (0.05: 20 min in 1 min).")
+    ] = 1.0,
+    duration: Annotated[
+        float | None, typer.Option(help="Trace seconds to replay (default: the fleet trace's).")
+    ] = None,
+    max_requests: Annotated[int | None, typer.Option(help="Stop after this many requests.")] = None,
+    input_tokens: Annotated[int, typer.Option(help="Prompt tokens (synthetic arrivals).")] = 512,
+    output_tokens: Annotated[int, typer.Option(help="Output tokens (synthetic arrivals).")] = 128,
+    fit_context: Annotated[
+        bool, typer.Option(help="Scale request lengths down to the model's context.")
+    ] = True,
+    grace: Annotated[float, typer.Option(help="Preemption grace period, trace seconds.")] = 30.0,
+    seed: Annotated[int, typer.Option(help="Arrivals and prompts.")] = 0,
+    nats_url: Annotated[
+        str | None, typer.Option(help="Drive this running cluster (default: start one here).")
+    ] = None,
+    instances: Annotated[
+        int | None,
+        typer.Option(help="Embedded cluster's executors (default: the trace's first nodes)."),
+    ] = None,
+    model_size: Annotated[str, typer.Option(help="Embedded model (tiny, small).")] = "tiny",
+    out: Annotated[Path | None, typer.Option(help="Report directory.")] = None,
+    slo: Annotated[
+        float | None, typer.Option(help="End-to-end latency SLO (s) for the goodput.")
+    ] = None,
+    spot_price: Annotated[float, typer.Option(help="$/h of a spot instance.")] = 1.9046,
+    on_demand_price: Annotated[float, typer.Option(help="$/h of an on-demand instance.")] = 3.912,
+    baseline: Annotated[
+        str | None, typer.Option(help="The policy the table's ratios divide by.")
+    ] = None,
+) -> None:
+    """Replay arrivals (and a fleet trace) under one or more serving policies; write
+    report-<policy>.json, report.md and plots, and print the side-by-side table."""
+    policies = policy or ["spotserve"]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise typer.BadParameter(f"unknown policy {unknown}; choose from {list(POLICIES)}")
+    if time_scale <= 0:
+        raise typer.BadParameter("--time-scale must be > 0")
+    try:
+        trace = read_fleet_trace(fleet) if fleet is not None else None
+    except TraceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    base = ReplayOptions(
+        arrivals=arrivals,
+        fleet=trace,
+        fleet_name=fleet.name if fleet else None,
+        time_scale=time_scale,
+        duration_s=duration,
+        max_requests=max_requests,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        fit_context=fit_context,
+        grace_s=grace,
+        seed=seed,
+    )
+    out_dir = out or default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prices = Prices(spot_per_hour=spot_price, on_demand_per_hour=on_demand_price)
+    size = instances or (len(trace.initial_nodes) if trace else 2)
+    try:
+        reports = run_policies(base, policies, nats_url, size, model_size, prices, slo)
+    except (ReplayError, TraceError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for report in reports:
+        path = out_dir / f"report-{report['policy']}.json"
+        path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    table = markdown_table(reports, baseline=baseline)
+    (out_dir / "report.md").write_text(table + "\n", encoding="utf-8")
+    plots = write_plots(reports, out_dir)
+    typer.echo(table)
+    typer.echo(f"wrote {out_dir}: reports, report.md, {len(plots)} plots")
+
+
+def run_policies(
+    base: ReplayOptions,
+    policies: list[str],
+    nats_url: str | None,
+    instances: int,
+    model_size: str,
+    prices: Prices,
+    slo: float | None,
+) -> list[dict[str, Any]]:
+    """Each policy in turn on one cluster: the given one, or an embedded one started here."""
+    if nats_url is not None:
+        return asyncio.run(_replay_all(nats_url, base, policies, prices, slo))
+    from shared.cluster import LocalCluster
+    from shared.model.checkpoint import default_model_dir, ensure_model
+
+    model_dir = ensure_model(default_model_dir(model_size), model_size)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="spotserve-loadgen-") as state:
+        cluster = LocalCluster(Path(state), instances=instances, model_dir=model_dir)
+        stderr_progress(f"starting an embedded cluster of {instances} instances ...")
+        cluster.start()
+        try:
+            return asyncio.run(_replay_all(cluster.nats_url, base, policies, prices, slo))
+        finally:
+            cluster.stop()
+
+
+async def _replay_all(
+    url: str, base: ReplayOptions, policies: list[str], prices: Prices, slo: float | None
+) -> list[dict[str, Any]]:
+    from shared.bus import connect
+    from shared.config import NatsSettings
+
+    nc = await connect(url, NatsSettings(), name="spotserve-loadgen")
+    reports = []
+    try:
+        for name in policies:
+            options = ReplayOptions(**{**base.__dict__, "policy": name})
+            run = await Replayer(nc, options, progress=stderr_progress).run()
+            reports.append(summarize(run, prices, slo))
+    finally:
+        await nc.close()
+    return reports
+
+
+@app.command()
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="report.json files")],
+    baseline: Annotated[str | None, typer.Option(help="Policy the ratios divide by.")] = None,
+) -> None:
+    """Print the side-by-side table of earlier runs, with ratios."""
+    try:
+        typer.echo(compare_main(reports, baseline=baseline))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
