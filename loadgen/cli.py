@@ -13,7 +13,7 @@ import typer
 
 from loadgen.replay import Replayer, ReplayError, ReplayOptions, default_out_dir, stderr_progress
 from loadgen.report import Prices, compare_main, markdown_table, summarize, write_plots
-from loadgen.traces import TraceError, read_fleet_trace
+from loadgen.traces import TraceError, arrivals_from_spec, read_fleet_trace
 from shared.messages import ServingMode
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -79,8 +79,15 @@ def replay(
         raise typer.BadParameter("--time-scale must be > 0")
     try:
         trace = read_fleet_trace(fleet) if fleet is not None else None
+        # Checked before any cluster starts: a bad spec or file fails at once.
+        arrivals_from_spec(
+            arrivals,
+            duration_s=duration if duration is not None else trace.duration_s if trace else None,
+            max_requests=max_requests,
+        )
     except TraceError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     base = ReplayOptions(
         arrivals=arrivals,
         fleet=trace,

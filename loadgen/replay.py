@@ -262,7 +262,7 @@ class Replayer:
             at = event.at_s - grace if event.kind == "remove" else event.at_s
             steps.append((max(0.0, at - first) * scale, event))
         steps.sort(key=lambda step: step[0])
-        adding: list[asyncio.Task[None]] = []  # an instance takes a while to join: not waited for
+        adding: list[asyncio.Task[None]] = []  # beside the other events: a request takes a while
         try:
             for at, event in steps:
                 await self._sleep_until(at)
@@ -270,6 +270,7 @@ class Replayer:
                     adding.append(asyncio.create_task(self._add_node(fleet, event.node)))
                     continue
                 await self._remove_node(fleet, event)
+            await asyncio.gather(*adding)
         finally:
             for task in adding:
                 task.cancel()
@@ -289,13 +290,13 @@ class Replayer:
         fleet.ends(instance_id, self.now() + grace_s)
 
     async def _add_node(self, fleet: FleetTracker, node: str) -> None:
-        asked = self.now()
         try:
-            (instance_id,) = await self.add_instances(1, fleet.price_class)
+            (instance_id,) = await self.add_instances(1, fleet.price_class, wait=False)
         except ReplayError as exc:
             self.progress(f"add {node} failed: {exc}")
             return
-        fleet.up(node, instance_id, asked)  # paid from the request on, like a cloud instance
+        # Paid from the request on, like a cloud instance; it serves once it has joined.
+        fleet.up(node, instance_id, self.now())
         fleet.events.append((self.now(), "add", instance_id))
 
     # -- the cluster's API ----------------------------------------------------------------------
@@ -328,13 +329,15 @@ class Replayer:
     async def fleet_status(self) -> FleetStatus:
         return FleetStatus.model_validate(decode(await self._request(FLEET_STATUS, {}, 10.0)))
 
-    async def add_instances(self, count: int, price_class: str) -> list[str]:
+    async def add_instances(self, count: int, price_class: str, wait: bool = True) -> list[str]:
+        """New instances from the monitor (``wait``: until they have joined)."""
         body = {"count": count, "price_class": price_class}
         reply = AddInstancesReply.model_validate(
             decode(await self._request(FLEET_ADD, body, FLEET_REQUEST_TIMEOUT_S))
         )
         wanted = set(reply.instance_ids)
-        await self._wait_fleet(lambda s: wanted <= _ids(s, running_only=True))
+        if wait:
+            await self._wait_fleet(lambda s: wanted <= _ids(s, running_only=True))
         return reply.instance_ids
 
     async def notice(self, instance_id: str, grace_s: float) -> None:
