@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python >= 3.11 with venv):
-#   make demo   - create .venv, install, run a local cluster on the embedded model, send requests
+#   make demo   - create .venv, install, replay a compressed spot trace on a local cluster
 #   make test   - create .venv, install with test extras, lint and run the test suite
 # GPU users: install their CUDA build of torch first, or pass TORCH= (empty) / TORCH=torch.
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/spotserve demo
+	$(BIN)/spotserve-loadgen demo
 
 up: $(STAMP)
 	$(BIN)/spotserve up
