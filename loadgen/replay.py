@@ -61,6 +61,7 @@ PLAN_TIMEOUT_S = 120.0
 # Synthetic prompts draw token ids from here (below any model's vocabulary we ship, above the
 # special tokens at the start).
 PROMPT_TOKEN_RANGE = (16, 250)
+PROGRESS_WIDTH = 30
 
 
 class ReplayError(RuntimeError):
@@ -215,9 +216,11 @@ class Replayer:
         while True:
             done = sum(r.finish_reason is not None or r.error is not None for r in records)
             failed = sum(r.error is not None for r in records)
+            filled = PROGRESS_WIDTH * done // max(1, len(records))
+            bar = "#" * filled + "-" * (PROGRESS_WIDTH - filled)
             self.progress(
-                f"{self.options.policy}: {done}/{len(records)} requests done"
-                f" ({failed} failed), {self.now():.0f} s"
+                f"{self.options.policy:>9} [{bar}] {done}/{len(records)} requests"
+                f" ({failed} failed) {self.now():.0f} s"
             )
             await asyncio.sleep(1.0)
 
