@@ -32,6 +32,7 @@ from services.planner.mapping import (
 )
 from services.planner.migration import KvMove, plan_migration
 from services.planner.policy import DyingInstance, FleetView, SpotServePolicy
+from services.planner.policy import PlannerSettings as PolicySettings
 from shared.messages import DeviceRole, InstanceRecord, ParallelConfig, Transfer
 from shared.model.profile import ParallelProfile
 
@@ -191,6 +192,39 @@ def test_tensor_groups_never_span_instances() -> None:
     # Instances of 2 devices: M = 4 would need two instances per group.
     result = search(t4("20b"), fleet(8, devices=2), 0.2, INPUT, OUTPUT, MAX_BATCH)
     assert result.config.tensor <= 2
+
+
+def test_whole_instance_groups_give_each_instance_one_group_of_all_its_devices() -> None:
+    """spotserve's executors run one tensor-parallel group of all their devices: an instance
+    of 2 devices takes M = 2 or nothing, never two M = 1 replicas."""
+    # M = 2 no faster than M = 1: unconstrained, two replicas per instance win on throughput.
+    same = {m: [(1, 0.01), (4, 0.03)] for m in (1, 2)}
+    profile = small_profile(devices=2).model_copy(update={"prefill_s": same, "decode_s": same})
+    instances = fleet(3, devices=2)
+    free = search(profile, instances, 50.0, INPUT, OUTPUT, MAX_BATCH, fill_spare=True)
+    assert free.config.tensor == 1 and free.config.data > 3  # two replicas on one instance
+    whole = search(profile, instances, 50.0, INPUT, OUTPUT, MAX_BATCH, fill_spare=True,
+                   whole_instance_groups=True)  # fmt: skip
+    assert whole.config.tensor == 2
+    assert whole.config.data * whole.config.pipeline <= 3
+    mixed = fleet(2, devices=2) + fleet(2, devices=1, start=2)
+    plan = SpotServePolicy(profile, PolicySettings(fill_spare=True, whole_instance_groups=True))
+    result = plan.plan(FleetView(live=mixed, arrival_rate_rps=50.0), None, 1, 0.0)
+    by_instance: dict[str, set[int]] = {}
+    for role in result.roles:
+        by_instance.setdefault(role.instance_id, set()).add(role.device)
+    devices = {i.instance_id: i.devices for i in mixed}
+    assert all(used == set(range(devices[i])) for i, used in by_instance.items())
+    assert {devices[i] for i in by_instance} == {result.config.tensor}
+
+
+def test_a_fixed_pipeline_and_tensor_degree_is_kept() -> None:
+    """The rerouting baseline keeps (P, M) whatever the fleet."""
+    profile = small_profile(layers=4, devices=4)
+    free = search(profile, fleet(2), 1.0, INPUT, OUTPUT, MAX_BATCH)
+    fixed = (2, 2) if (free.config.pipeline, free.config.tensor) != (2, 2) else (1, 1)
+    kept = search(profile, fleet(2), 1.0, INPUT, OUTPUT, MAX_BATCH, fixed=fixed)
+    assert (kept.config.pipeline, kept.config.tensor) == fixed
 
 
 # -- mapping ---------------------------------------------------------------------------------
