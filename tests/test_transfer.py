@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
+from shared import transfer
 from shared.codec import decode, encode
 from shared.config import LogSettings
 from shared.logging import configure_logging
@@ -206,8 +209,6 @@ async def test_the_window_instrument_sees_a_sender_that_ignores_credit(
 def offer_for(
     tensors: dict[str, torch.Tensor], transfer_id: str, chunk: int, ack_subject: str
 ) -> TransferOffer:
-    import zlib
-
     specs = []
     for name, tensor in tensors.items():
         raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -271,6 +272,93 @@ async def test_duplicate_and_out_of_order_chunks_are_harmless(nc: Client, nc2: C
         assert max(ack.granted for ack in got) == len(order) + accept.window
         assert all(ack.resend == [] and ack.error is None for ack in got)
         await acks.unsubscribe()
+
+
+async def test_large_chunks_out_of_order_are_checked_and_a_bad_one_resent(
+    nc: Client, nc2: Client
+) -> None:
+    """In order, the receiver carries a tensor's CRC32 on chunk by chunk; out of order it
+    checks the whole tensor (in a thread) once complete: a corrupted chunk is caught either
+    way and the tensor asked for again."""
+    g = torch.Generator().manual_seed(12)
+    tensors = {"w": torch.randn(3 * MIB // 4 + 1000, generator=g), "v": torch.randn(10)}
+    chunk = MIB  # "w" is chunks 0-3 (the last one 4000 bytes), "v" chunk 4
+    async with TensorInbox(nc2, "rx-big-order") as inbox:
+        acks = await nc.subscribe(nc.new_inbox())
+        offer = offer_for(tensors, "big-order-1", chunk, acks.subject)
+        reply = await nc.request(transfer_offer_subject("rx-big-order"), encode(offer), timeout=10)
+        accept = TransferAccept.model_validate(decode(reply.data))
+        assert accept.missing == [(0, 5)]
+        raw = tensors["w"].view(torch.uint8).numpy().tobytes()
+        pieces = {seq: raw[seq * chunk : (seq + 1) * chunk] for seq in range(4)}
+        pieces[4] = tensors["v"].view(torch.uint8).numpy().tobytes()
+        damaged = bytearray(pieces[1])
+        damaged[12345] ^= 0x10
+
+        async def publish(seq: int, data: bytes) -> None:
+            await nc.publish(
+                transfer_data_subject("rx-big-order", "big-order-1"),
+                data,
+                headers={SEQ_HEADER: str(seq), SESSION_HEADER: str(accept.session)},
+            )
+
+        for seq in (2, 0, 4):
+            await publish(seq, pieces[seq])
+        await publish(1, bytes(damaged))
+        await publish(3, pieces[3])
+        resend = []
+        while not resend:
+            ack = TransferAck.model_validate(decode((await acks.next_msg(timeout=10)).data))
+            assert not ack.done and ack.error is None
+            resend = ack.resend
+        assert resend == [(0, 4)]  # all of "w" again
+        for seq in (0, 1, 2, 3):  # in order now
+            await publish(seq, pieces[seq])
+        result = await inbox.receive("big-order-1", timeout_s=30)
+        await acks.unsubscribe()
+    assert_bit_exact(result.tensors, tensors)
+    assert result.checksum_failures == 1
+
+
+async def test_large_chunks_are_copied_and_checksummed_off_the_event_loop(
+    nc: Client, nc2: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stores: list[tuple[int, bool, bool]] = []
+    store = transfer._store
+
+    def spy(target, data, crc):  # type: ignore[no-untyped-def]
+        on_loop = threading.current_thread() is threading.main_thread()
+        stores.append((len(data), on_loop, crc is not None))
+        return store(target, data, crc)
+
+    monkeypatch.setattr(transfer, "_store", spy)
+    # Chunks up to STORE_INLINE_BYTES (4 MiB with ISA-L) are stored on the event loop.
+    monkeypatch.setattr(transfer, "STORE_INLINE_BYTES", MIB - 1)
+    tensors = {"w": torch.randn(MIB), "small": torch.randn(100)}  # 4 chunks of 1 MiB, 400 B
+    async with TensorInbox(nc2, "rx-threads") as inbox:
+        await send_tensors(nc, "rx-threads", tensors, transfer_id="threads-1", chunk_bytes=MIB)
+        assert_bit_exact((await inbox.receive("threads-1", timeout_s=30)).tensors, tensors)
+    # In order: every chunk carries its tensor's CRC32 on (no second pass); the large ones in
+    # a thread, the small one on the event loop.
+    assert stores == [(MIB, False, True)] * 4 + [(400, True, True)]
+
+
+async def test_the_checksum_is_zlib_crc32(nc: Client, nc2: Client) -> None:
+    """Checksums computed elsewhere with zlib (``checksums=``) are the ones checked."""
+    data = torch.randint(0, 256, (3 * MIB + 17,), dtype=torch.uint8).numpy().tobytes()
+    assert transfer._crc32(data) == zlib.crc32(data)
+    assert transfer._crc32(data[5:], 123456) == zlib.crc32(data[5:], 123456)
+    tensors = make_tensors(seed=11, big_mb=3)
+    known = {
+        name: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for name, t in tensors.items()
+    }
+    async with TensorInbox(nc2, "rx-zlib", checksum_retries=0) as inbox:
+        await send_tensors(nc, "rx-zlib", tensors, transfer_id="zlib-1", checksums=known)
+        assert_bit_exact((await inbox.receive("zlib-1", timeout_s=30)).tensors, tensors)
+        wrong = {**known, "big": known["big"] ^ 1}
+        with pytest.raises(TransferError, match="CRC32"):
+            await send_tensors(nc, "rx-zlib", tensors, transfer_id="zlib-2", checksums=wrong)
 
 
 async def test_concurrent_transfers_into_one_inbox(nc: Client, nc2: Client) -> None:
