@@ -14,6 +14,7 @@ import typer
 from loadgen.replay import Replayer, ReplayError, ReplayOptions, default_out_dir, stderr_progress
 from loadgen.report import Prices, compare_main, markdown_table, summarize, write_plots
 from loadgen.traces import TraceError, arrivals_from_spec, read_fleet_trace
+from shared.config import NatsSettings
 from shared.messages import ServingMode
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -130,29 +131,40 @@ def run_policies(
     slo: float | None,
 ) -> list[dict[str, Any]]:
     """Each policy in turn on one cluster: the given one, or an embedded one started here."""
-    if nats_url is not None:
-        return asyncio.run(_replay_all(nats_url, base, policies, prices, slo))
+    from shared.config import Settings
+
+    if nats_url is not None:  # as SPOTSERVE_NATS__USER, else `operator` of `spotserve up`
+        settings = Settings().nats.model_copy(update={"url": nats_url})
+        return asyncio.run(_replay_all(settings, base, policies, prices, slo))
     from shared.cluster import LocalCluster
     from shared.model.checkpoint import default_model_dir, ensure_model
+    from shared.security import init_credentials
 
     model_dir = ensure_model(default_model_dir(model_size), model_size)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="spotserve-loadgen-") as state:
-        cluster = LocalCluster(Path(state), instances=instances, model_dir=model_dir)
+        credentials = init_credentials(Path(state) / "credentials")
+        cluster = LocalCluster(
+            Path(state), instances=instances, model_dir=model_dir, credentials=credentials
+        )
         stderr_progress(f"starting an embedded cluster of {instances} instances ...")
         cluster.start()
         try:
-            return asyncio.run(_replay_all(cluster.nats_url, base, policies, prices, slo))
+            return asyncio.run(_replay_all(cluster.nats_settings(), base, policies, prices, slo))
         finally:
             cluster.stop()
 
 
 async def _replay_all(
-    url: str, base: ReplayOptions, policies: list[str], prices: Prices, slo: float | None
+    settings: NatsSettings,
+    base: ReplayOptions,
+    policies: list[str],
+    prices: Prices,
+    slo: float | None,
 ) -> list[dict[str, Any]]:
     from shared.bus import connect
-    from shared.config import NatsSettings
 
-    nc = await connect(url, NatsSettings(), name="spotserve-loadgen")
+    assert settings.url is not None
+    nc = await connect(settings.url, settings, name="spotserve-loadgen", default_user="operator")
     reports = []
     try:
         for name in policies:

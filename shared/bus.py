@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 
 import nats
 import structlog
 from nats.aio.client import Client
-from nats.errors import NoServersError
+from nats.errors import AuthorizationError, NoServersError
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from shared.config import NatsSettings, spotserve_home
+from shared.security import inbox_prefix
 from shared.subjects import ensure_streams
 
 log = structlog.get_logger()
@@ -26,16 +29,26 @@ class NatsUnavailableError(RuntimeError):
     pass
 
 
+class NatsAuthError(NatsUnavailableError):
+    """The server refused this connection's user or password."""
+
+
 def cluster_record_path() -> Path:
     """Where a running ``spotserve up`` records its NATS URL for the other CLI commands."""
     return spotserve_home() / "cluster.json"
 
 
-def write_cluster_record(nats_url: str) -> None:
+def write_cluster_record(nats_url: str, credentials_dir: Path | None = None) -> None:
     path = cluster_record_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"nats_url": nats_url, "pid": os.getpid(), "at": time.time()}))
+    record = {
+        "nats_url": nats_url,
+        "pid": os.getpid(),
+        "at": time.time(),
+        "credentials_dir": str(credentials_dir) if credentials_dir else None,
+    }
+    tmp.write_text(json.dumps(record))
     tmp.replace(path)
 
 
@@ -47,6 +60,16 @@ def clear_cluster_record() -> None:
         return
     if record.get("pid") == os.getpid():
         path.unlink(missing_ok=True)
+
+
+def recorded_credentials_dir() -> Path | None:
+    """The credentials directory of a live ``spotserve up`` on this machine, if it has one."""
+    try:
+        record = json.loads(cluster_record_path().read_text())
+        os.kill(int(record["pid"]), 0)
+        return Path(record["credentials_dir"]) if record.get("credentials_dir") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def recorded_nats_url() -> str | None:
@@ -69,31 +92,96 @@ async def connect(
     settings: NatsSettings,
     name: str,
     deadline_s: float | None = None,
+    default_user: str | None = None,
 ) -> Client:
-    """Connect, retrying until ``deadline_s`` (a service may start before the server)."""
+    """Connect, retrying until ``deadline_s`` (a service may start before the server).
+
+    Credentials: ``settings.user`` with its password (or password file); else, for a cluster
+    that ``spotserve up`` recorded with credentials, ``default_user``'s from there. A refused
+    user or password is an error at once, not a retry."""
     budget = settings.connect_deadline_s if deadline_s is None else deadline_s
-    # nats-py retries an initial connect forever when reconnects are unlimited: bound it here.
-    try:
-        return await asyncio.wait_for(
-            nats.connect(
-                servers=[url],
-                name=name,
-                user=settings.user,
-                password=settings.password,
-                connect_timeout=settings.connect_timeout_s,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=_log_error,
-                disconnected_cb=_log_event("nats.disconnected"),
-                reconnected_cb=_log_event("nats.reconnected"),
-            ),
-            timeout=budget,
+    user, password = credentials_for(settings, default_user)
+    refused: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        if _is_auth_error(exc):
+            refused.append(exc)
+        await _log_error(exc)
+
+    attempt = asyncio.ensure_future(
+        nats.connect(
+            servers=[url],
+            name=name,
+            user=user,
+            password=password,
+            inbox_prefix=inbox_prefix(user),
+            tls=tls_context(settings, url),
+            connect_timeout=settings.connect_timeout_s,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+            disconnected_cb=_log_event("nats.disconnected"),
+            reconnected_cb=_log_event("nats.reconnected"),
         )
-    except (TimeoutError, NoServersError, OSError) as exc:
-        raise NatsUnavailableError(
-            f"cannot reach NATS at {url} within {budget:.0f} s: {exc!r}"
-        ) from None
+    )
+    # nats-py retries an initial connect forever when reconnects are unlimited: bound it here,
+    # and stop at the first authorization refusal (retrying cannot fix a wrong password).
+    deadline = asyncio.get_running_loop().time() + budget
+    try:
+        while not attempt.done():
+            if refused:
+                raise NatsAuthError(
+                    f"NATS at {url} refused user {user!r}: {refused[0]}; check"
+                    " SPOTSERVE_NATS__USER and SPOTSERVE_NATS__PASSWORD(_FILE)"
+                )
+            if asyncio.get_running_loop().time() > deadline:
+                raise NatsUnavailableError(f"cannot reach NATS at {url} within {budget:.0f} s")
+            await asyncio.wait({attempt}, timeout=0.1)
+        return attempt.result()
+    except (NoServersError, OSError) as exc:
+        raise NatsUnavailableError(f"cannot reach NATS at {url}: {exc!r}") from None
+    except NatsError as exc:
+        if _is_auth_error(exc):
+            raise NatsAuthError(f"NATS at {url} refused user {user!r}: {exc}") from None
+        raise NatsUnavailableError(f"cannot connect to NATS at {url}: {exc!r}") from None
+    finally:
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+
+
+def credentials_for(
+    settings: NatsSettings, default_user: str | None
+) -> tuple[str | None, str | None]:
+    """(user, password) for a connection: the configured ones, else those of the cluster
+    ``spotserve up`` recorded (``default_user``: e.g. ``client`` for the CLI)."""
+    if settings.user is not None:
+        return settings.user, settings.resolved_password()
+    directory = recorded_credentials_dir()
+    if default_user is None or directory is None:
+        return None, None
+    path = directory / f"{default_user}.password"
+    try:
+        return default_user, path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None, None
+
+
+def tls_context(settings: NatsSettings, url: str) -> ssl.SSLContext | None:
+    """A client TLS context when the URL is tls:// or any TLS file is configured."""
+    files = (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+    if not url.startswith("tls://") and not any(files):
+        return None
+    context = ssl.create_default_context(cafile=str(settings.tls_ca_file or "") or None)
+    if settings.tls_cert_file is not None:
+        context.load_cert_chain(str(settings.tls_cert_file), settings.tls_key_file)
+    return context
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, AuthorizationError) or "authorization violation" in text
 
 
 async def connect_jetstream(nc: Client, timeout_s: float = 10.0) -> JetStreamContext:

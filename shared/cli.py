@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from shared.bus import clear_cluster_record, connect, resolve_nats_url, write_cluster_record
 from shared.config import LogSettings, Settings, spotserve_home
 from shared.logging import configure_logging
+from shared.security import OPERATOR_USER, init_credentials
 
 app = typer.Typer(help="spotserve: LLM serving on spot instances over NATS.", no_args_is_help=True)
 model_app = typer.Typer(help="Create and inspect models.", no_args_is_help=True)
@@ -45,7 +46,10 @@ async def _connect_or_exit(nats_url: str | None) -> Client:
     settings = Settings()
     url = resolve_nats_url(settings.nats, nats_url)
     try:
-        return await connect(url, settings.nats, name="spotserve-cli", deadline_s=5.0)
+        # The operator's tool: as `operator` of a cluster `spotserve up` started here.
+        return await connect(
+            url, settings.nats, name="spotserve-cli", deadline_s=5.0, default_user=OPERATOR_USER
+        )
     except NatsUnavailableError as exc:
         hint = "" if nats_url else "; is `spotserve up` running? (or pass --nats-url)"
         _echo_error(f"{exc}{hint}")
@@ -215,6 +219,10 @@ async def _push(directory: Path, name: str, nats_url: str | None) -> int:
         await nc.close()
 
 
+def default_credentials_dir() -> Path:
+    return spotserve_home() / "credentials"
+
+
 def _default_state_dir() -> Path:
     return spotserve_home() / "cluster"
 
@@ -233,8 +241,18 @@ def up(
     """Start the cluster (embedded NATS unless --nats-url) and serve until Ctrl-C."""
     from shared.cluster import ClusterError, LocalCluster
 
+    settings = Settings()
+    # An embedded server authenticates every service and client with random passwords drawn
+    # at the first start and kept (0600) under $SPOTSERVE_HOME/credentials.
+    credentials = None
+    if nats_url is None and settings.nats.auth:
+        credentials = init_credentials(settings.nats.credentials_dir or default_credentials_dir())
     cluster = LocalCluster(
-        state_dir or _default_state_dir(), instances=instances, model_dir=model, nats_url=nats_url
+        state_dir or _default_state_dir(),
+        instances=instances,
+        model_dir=model,
+        nats_url=nats_url,
+        credentials=credentials,
     )
     stop_requested = False
 
@@ -254,7 +272,7 @@ def up(
     if stop_requested:
         cluster.stop()
         raise typer.Exit(130)
-    write_cluster_record(cluster.nats_url)
+    write_cluster_record(cluster.nats_url, credentials.directory if credentials else None)
     typer.echo(f"spotserve is up: nats {cluster.nats_url}; Ctrl-C stops it")
     while not stop_requested:
         for service in cluster.dead_services():

@@ -19,6 +19,7 @@ from shared.bus import connect
 from shared.config import NatsSettings
 from shared.natsserver import EmbeddedNatsServer
 from shared.runtime import discover
+from shared.security import OPERATOR_USER, Credentials
 from shared.subjects import (
     SERVICE_ADMISSION,
     SERVICE_EXECUTOR,
@@ -105,6 +106,7 @@ class LocalCluster:
         model_dir: Path | None = None,
         nats_url: str | None = None,
         env: dict[str, str] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError("a cluster needs at least one executor instance")
@@ -113,6 +115,8 @@ class LocalCluster:
         self.model_dir = model_dir
         self.external_nats_url = nats_url
         self.extra_env = env or {}
+        # With credentials: the embedded server authenticates, every service as its own user.
+        self.credentials = credentials
         self.nats: EmbeddedNatsServer | None = None
         self.services: list[ServiceProcess] = []
 
@@ -131,7 +135,9 @@ class LocalCluster:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not self.external_nats_url:
             self.nats = EmbeddedNatsServer(
-                self.state_dir / "jetstream", log_file=self.log_dir / "nats-server.log"
+                self.state_dir / "jetstream",
+                log_file=self.log_dir / "nats-server.log",
+                auth_file=self.credentials.auth_file if self.credentials else None,
             )
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.nats.start()
@@ -173,9 +179,25 @@ class LocalCluster:
             measured = measure_profile(model_dir, device=env.get("SPOTSERVE_EXECUTOR__DEVICE"))
             save_profile(measured, default_profile_path(model_dir, measured.device))
 
-    def _service_env(self, extra: dict[str, str]) -> dict[str, str]:
+    def nats_settings(self, user: str = OPERATOR_USER) -> NatsSettings:
+        """How a client of this cluster connects (as ``user`` when it authenticates)."""
+        if self.credentials is None:
+            return NatsSettings(url=self.nats_url)
+        return NatsSettings(
+            url=self.nats_url, user=user, password_file=self.credentials.password_file(user)
+        )
+
+    def _service_env(self, extra: dict[str, str], user: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env["SPOTSERVE_NATS__URL"] = self.nats_url
+        if self.credentials is not None and user is not None:
+            env.pop("SPOTSERVE_NATS__PASSWORD", None)
+            env["SPOTSERVE_NATS__USER"] = user
+            env["SPOTSERVE_NATS__PASSWORD_FILE"] = str(self.credentials.password_file(user))
+            if user == "monitor":  # for the executors it starts
+                env["SPOTSERVE_MONITOR__EXECUTOR_NATS_USER"] = "executor"
+                password_file = self.credentials.password_file("executor")
+                env["SPOTSERVE_MONITOR__EXECUTOR_NATS_PASSWORD_FILE"] = str(password_file)
         if self.model_dir is not None:
             env["SPOTSERVE_MODEL__PATH"] = str(self.model_dir)
         if "SPOTSERVE_EXECUTOR__TORCH_THREADS" not in env:
@@ -193,7 +215,7 @@ class LocalCluster:
         service = ServiceProcess(
             name=name,
             command=[sys.executable, "-m", module],
-            env=self._service_env(extra),
+            env=self._service_env(extra, user=name.removeprefix("spotserve-")),
             log_path=self.log_dir / f"{log_name or name.removeprefix('spotserve-')}.log",
         )
         service.start()
@@ -206,7 +228,7 @@ class LocalCluster:
 
     async def _wait_ready(self, timeout_s: float) -> None:
         """Until every service answers a $SRV ping (executors once their model is loaded)."""
-        nc = await connect(self.nats_url, NatsSettings(), name="spotserve-supervisor")
+        nc = await connect(self.nats_url, self.nats_settings(), name="spotserve-supervisor")
         deadline = time.monotonic() + timeout_s
         try:
             missing: dict[str, int] = {}

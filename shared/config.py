@@ -33,8 +33,30 @@ class NatsSettings(BaseModel):
     connect_deadline_s: float = 60.0
     # Default timeout of request/reply calls between services.
     request_timeout_s: float = 10.0
+    # This connection's NATS user (one per service, `client`, `operator`; see shared.security).
     user: str | None = None
     password: str | None = None
+    # The password read from this file (e.g. a secret mounted by compose); wins over password.
+    password_file: Path | None = None
+    # TLS: the CA that signed the server's certificate (and a client certificate, if the
+    # server asks for one). A tls:// URL, or any of these, turns TLS on.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # `spotserve up`'s embedded server authenticates (a user per service, see shared.security)
+    # with passwords kept in credentials_dir (None: $SPOTSERVE_HOME/credentials).
+    auth: bool = True
+    credentials_dir: Path | None = None
+
+    def resolved_password(self) -> str | None:
+        if self.password_file is None:
+            return self.password
+        try:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the NATS password file {self.password_file}: {exc}"
+            ) from None
 
 
 class ModelSettings(BaseModel):
@@ -153,6 +175,10 @@ class MonitorSettings(BaseModel):
     # a preemption notice ends in SIGKILL of the instance's process at its deadline. Turn it off
     # where a real cloud takes the instances away.
     local_provider: bool = True
+    # The NATS user and password file of the executors `fleet add` starts (None: the monitor's
+    # own connection settings are inherited, as without authentication).
+    executor_nats_user: str | None = None
+    executor_nats_password_file: Path | None = None
     # Logs of the executors the monitor starts; None: $SPOTSERVE_HOME/cluster/logs.
     log_dir: Path | None = None
     # An added instance that has not registered within this time is stopped.

@@ -7,6 +7,7 @@ its store in a directory of ours.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -44,10 +45,19 @@ def free_port() -> int:
 class EmbeddedNatsServer:
     """Start/stop one nats-server process; ``url`` is valid after :meth:`start`."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None):
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        log_file: Path | None = None,
+        auth_file: Path | None = None,
+    ):
         self.store_dir = store_dir
         self.port = port or free_port()
         self.log_file = log_file
+        # An ``authorization`` block (shared.security) included in the config: users and
+        # their permissions; None: no authentication (tests, a trusted loopback).
+        self.auth_file = auth_file
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,12 +71,17 @@ class EmbeddedNatsServer:
             # Room for long prompts and tensor chunks; the default is 1 MiB.
             f"max_payload: {MAX_PAYLOAD_BYTES}\n"
             f"jetstream {{\n  store_dir: {store}\n}}\n"
+            # Inlined: nats-server resolves an include relative to the config's own directory.
+            + (self.auth_file.read_text(encoding="utf-8") if self.auth_file else "")
         )
 
     def start(self, ready_timeout_s: float = 20.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir / "nats-server.conf"
-        config.write_text(self.config_text())
+        # Private: with authentication the config holds every user's password.
+        descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(self.config_text())
         command = [str(find_nats_server()), "--config", str(config)]
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)

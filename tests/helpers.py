@@ -14,7 +14,6 @@ from nats.aio.client import Client
 
 from shared.bus import connect
 from shared.cluster import LocalCluster
-from shared.config import NatsSettings
 from shared.natsserver import EmbeddedNatsServer
 
 
@@ -77,7 +76,7 @@ async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 60.
 @contextlib.asynccontextmanager
 async def connected(cluster: LocalCluster) -> AsyncIterator[Client]:
     """A NATS connection to a test cluster, closed on the way out."""
-    nc = await connect(cluster.nats_url, NatsSettings(), name="test", deadline_s=10)
+    nc = await connect(cluster.nats_url, cluster.nats_settings(), name="test", deadline_s=10)
     try:
         yield nc
     finally:

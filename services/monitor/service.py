@@ -578,6 +578,11 @@ class Monitor:
         env["SPOTSERVE_NATS__URL"] = resolve_nats_url(self.context.settings.nats)
         env["SPOTSERVE_EXECUTOR__INSTANCE_ID"] = instance_id
         env["SPOTSERVE_MONITOR__PRICE_CLASS"] = price_class
+        settings = self.context.settings.monitor
+        if settings.executor_nats_user is not None:  # the executor's own NATS user
+            env["SPOTSERVE_NATS__USER"] = settings.executor_nats_user
+            env.pop("SPOTSERVE_NATS__PASSWORD", None)
+            env["SPOTSERVE_NATS__PASSWORD_FILE"] = str(settings.executor_nats_password_file or "")
         log_path = self._log_dir() / f"executor-{instance_id}.log"
         await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
         log_file = await asyncio.to_thread(open, log_path, "ab")
