@@ -21,6 +21,8 @@ from shared.security import OPERATOR_USER, init_credentials
 app = typer.Typer(help="spotserve: LLM serving on spot instances over NATS.", no_args_is_help=True)
 model_app = typer.Typer(help="Create and inspect models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+security_app = typer.Typer(help="NATS users and passwords.", no_args_is_help=True)
+app.add_typer(security_app, name="security")
 
 NatsUrlOption = Annotated[
     str | None,
@@ -566,3 +568,38 @@ def fleet_status(
 
 if __name__ == "__main__":
     app()
+
+
+@security_app.command("init")
+def security_init(
+    directory: Annotated[Path, typer.Argument(help="Where the password files go (0700).")],
+    nats_config: Annotated[
+        Path | None,
+        typer.Option(help="Also write a whole nats-server config with these users here."),
+    ] = None,
+    listen: Annotated[str, typer.Option(help="The server's client address.")] = "0.0.0.0:4222",
+    store_dir: Annotated[Path, typer.Option(help="The server's JetStream store.")] = Path(
+        "/data/jetstream"
+    ),
+    http: Annotated[
+        str | None, typer.Option(help="The server's monitoring address (for /healthz).")
+    ] = None,
+    user: Annotated[
+        list[str] | None, typer.Option(help="Extra client users (client-NAME), repeatable.")
+    ] = None,
+) -> None:
+    """Random passwords for every service, `client` and `operator` (kept when they exist:
+    safe to run at every start), <user>.password files with mode 0600, and the server's
+    users and permissions (nats-auth.conf, or a whole config with --nats-config)."""
+    from shared.natsserver import MAX_PAYLOAD_BYTES
+    from shared.security import ALL_USERS, server_config, write_server_config
+
+    extra = tuple(user or [])
+    bad = [name for name in extra if not name.startswith("client-")]
+    if bad:
+        raise typer.BadParameter(f"extra users must be named client-NAME, got {bad}")
+    credentials = init_credentials(directory, (*ALL_USERS, *extra))
+    if nats_config is not None:
+        text = server_config(credentials, listen, store_dir, MAX_PAYLOAD_BYTES, http)
+        write_server_config(nats_config, text)
+    typer.echo(f"credentials of {len(credentials.passwords)} users in {directory}")

@@ -194,3 +194,22 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(text)
     path.chmod(0o600)
+
+
+def server_config(
+    credentials: Credentials, listen: str, store_dir: Path, max_payload: int, http: str | None
+) -> str:
+    """A whole nats-server config: JetStream, the users of ``credentials``, optional
+    monitoring (``http``: host:port for /healthz)."""
+    lines = [
+        f"listen: {listen}",
+        f"max_payload: {max_payload}",
+        f"jetstream {{\n  store_dir: {json.dumps(str(store_dir))}\n}}",
+    ]
+    if http:
+        lines.append(f"http: {http}")
+    return "\n".join(lines) + "\n" + authorization_block(credentials.passwords)
+
+
+def write_server_config(path: Path, text: str) -> None:
+    _write_private(path, text)
