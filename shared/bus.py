@@ -102,10 +102,13 @@ async def connect(
     budget = settings.connect_deadline_s if deadline_s is None else deadline_s
     user, password = credentials_for(settings, default_user)
     refused: list[Exception] = []
+    untrusted: list[Exception] = []
 
     async def on_error(exc: Exception) -> None:
         if _is_auth_error(exc):
             refused.append(exc)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            untrusted.append(exc)
         await _log_error(exc)
 
     attempt = asyncio.ensure_future(
@@ -130,6 +133,11 @@ async def connect(
     deadline = asyncio.get_running_loop().time() + budget
     try:
         while not attempt.done():
+            if untrusted:  # retrying cannot make the certificate trusted either
+                raise NatsUnavailableError(
+                    f"NATS at {url}: TLS {untrusted[0]}; set SPOTSERVE_NATS__TLS_CA_FILE to the"
+                    " CA that signed the server's certificate"
+                )
             if refused:
                 raise NatsAuthError(
                     f"NATS at {url} refused user {user!r}: {refused[0]}; check"

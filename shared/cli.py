@@ -566,10 +566,6 @@ def fleet_status(
         typer.echo(f"{instance_id:<24} (starting)")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @security_app.command("init")
 def security_init(
     directory: Annotated[Path, typer.Argument(help="Where the password files go (0700).")],
@@ -587,6 +583,10 @@ def security_init(
     user: Annotated[
         list[str] | None, typer.Option(help="Extra client users (client-NAME), repeatable.")
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Server certificate: the config requires TLS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key.")] = None,
 ) -> None:
     """Random passwords for every service, `client` and `operator` (kept when they exist:
     safe to run at every start), <user>.password files with mode 0600, and the server's
@@ -598,8 +598,15 @@ def security_init(
     bad = [name for name in extra if not name.startswith("client-")]
     if bad:
         raise typer.BadParameter(f"extra users must be named client-NAME, got {bad}")
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give both --tls-cert and --tls-key, or neither")
     credentials = init_credentials(directory, (*ALL_USERS, *extra))
     if nats_config is not None:
-        text = server_config(credentials, listen, store_dir, MAX_PAYLOAD_BYTES, http)
+        tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+        text = server_config(credentials, listen, store_dir, MAX_PAYLOAD_BYTES, http, tls)
         write_server_config(nats_config, text)
     typer.echo(f"credentials of {len(credentials.passwords)} users in {directory}")
+
+
+if __name__ == "__main__":
+    app()

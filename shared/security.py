@@ -197,10 +197,15 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def server_config(
-    credentials: Credentials, listen: str, store_dir: Path, max_payload: int, http: str | None
+    credentials: Credentials,
+    listen: str,
+    store_dir: Path,
+    max_payload: int,
+    http: str | None,
+    tls: tuple[Path, Path] | None = None,
 ) -> str:
     """A whole nats-server config: JetStream, the users of ``credentials``, optional
-    monitoring (``http``: host:port for /healthz)."""
+    monitoring (``http``: host:port for /healthz) and TLS (``tls``: certificate and key)."""
     lines = [
         f"listen: {listen}",
         f"max_payload: {max_payload}",
@@ -208,6 +213,11 @@ def server_config(
     ]
     if http:
         lines.append(f"http: {http}")
+    if tls is not None:
+        cert, key = tls
+        lines.append(
+            f"tls {{\n  cert_file: {json.dumps(str(cert))}\n  key_file: {json.dumps(str(key))}\n}}"
+        )
     return "\n".join(lines) + "\n" + authorization_block(credentials.passwords)
 
 

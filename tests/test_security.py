@@ -6,7 +6,10 @@ service authenticates as its own user serves a client's request."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,12 +18,12 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 
-from shared.bus import NatsAuthError, connect
+from shared.bus import NatsAuthError, NatsUnavailableError, connect
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.config import NatsSettings
-from shared.natsserver import EmbeddedNatsServer
+from shared.natsserver import EmbeddedNatsServer, find_nats_server, free_port
 from shared.security import ALL_USERS, Credentials, inbox_prefix, init_credentials
 from shared.subjects import (
     ADMIN_MODE,
@@ -243,3 +246,50 @@ async def test_an_added_instance_joins_as_the_executor_user(secured_cluster: Loc
         await nc.close()
     log = (secured_cluster.log_dir / "nats-server.log").read_text()
     assert "Permissions Violation" not in log and "Authorization Violation" not in log
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl), standing in for a real CA's."""
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """A server made by `security init --tls-cert/--tls-key`: (url, CA, client password file)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = make_certificate(tmp_path)
+    port = free_port()
+    config = tmp_path / "nats-server.conf"
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "security", "init", str(tmp_path / "credentials"),
+         "--nats-config", str(config), "--listen", f"127.0.0.1:{port}",
+         "--store-dir", str(tmp_path / "js"), "--tls-cert", str(cert), "--tls-key", str(key)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    server = subprocess.Popen([str(find_nats_server()), "-c", str(config)])
+    try:
+        yield f"tls://127.0.0.1:{port}", cert, tmp_path / "credentials" / "client.password"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def test_tls_by_config(tls_server: tuple[str, Path, Path]) -> None:
+    """A client with the CA connects; one without it gets a clear error, not a hang."""
+    url, ca, password_file = tls_server
+    settings = NatsSettings(user="client", password_file=password_file, tls_ca_file=ca)
+    nc = await connect(url, settings, name="tls-client", deadline_s=30)
+    assert nc.is_connected
+    await nc.close()
+    untrusted = NatsSettings(user="client", password_file=password_file)
+    with pytest.raises(NatsUnavailableError, match="certificate verify failed"):
+        await connect(url, untrusted, name="tls-untrusted", deadline_s=30)
