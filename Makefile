@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: $(STAMP) lint
+	./.ci/ensure-docker-compose
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

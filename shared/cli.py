@@ -608,5 +608,26 @@ def security_init(
     typer.echo(f"credentials of {len(credentials.passwords)} users in {directory}")
 
 
+@app.command()
+def health(
+    service: Annotated[str, typer.Argument(help="admission, scheduler, planner, monitor, ...")],
+    this_node: Annotated[
+        bool, typer.Option("--this-node", help="Only instances on this host count.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to reach NATS, then to get an answer.")
+    ] = 5.0,
+) -> None:
+    """Exit 0 when SERVICE answers $SRV discovery, 1 when not, 2 without NATS (health checks)."""
+    from shared.health import check
+
+    try:
+        status, message = check(service, this_node=this_node, timeout_s=timeout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(message, err=status != 0)
+    raise typer.Exit(status)
+
+
 if __name__ == "__main__":
     app()

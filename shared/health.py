@@ -1,0 +1,97 @@
+"""``spotserve health SERVICE``: a container health check over NATS.
+
+It connects with the process's own settings (``SPOTSERVE_NATS__URL``, ``__USER``,
+``__PASSWORD_FILE``: inside a service's container, the service's own user, which may use
+``$SRV`` discovery) and asks ``$SRV.INFO.spotserve-<SERVICE>`` who answers. With
+``--this-node`` only instances on this host count: a loader or monitor whose ``node`` metadata
+is this node, or an executor whose ``instance_id`` is this process's configured one or starts
+with this host's name (the default id is ``<hostname>-<random>``), so each executor container
+checks its own executor rather than any replica.
+
+Exit status: 0 healthy, 1 nothing (on this node) answered within the timeout, 2 NATS
+unreachable or refused us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from shared.config import Settings
+from shared.subjects import ALL_SERVICES
+
+HEALTHY, UNHEALTHY, NO_NATS = 0, 1, 2
+
+
+def service_name(name: str) -> str:
+    """``admission`` or ``spotserve-admission`` -> ``spotserve-admission``."""
+    full = name if name.startswith("spotserve-") else f"spotserve-{name}"
+    if full not in ALL_SERVICES:
+        known = ", ".join(service.removeprefix("spotserve-") for service in ALL_SERVICES)
+        raise ValueError(f"unknown service {name!r}; known: {known}")
+    return full
+
+
+def on_this_node(info: dict[str, Any], settings: Settings) -> bool:
+    """Whether a ``$SRV.INFO`` reply comes from an instance on this host."""
+    from shared.runtime import node_name
+
+    metadata = info.get("metadata") or {}
+    if metadata.get("node") == node_name(settings):
+        return True
+    instance_id = metadata.get("instance_id")
+    if not instance_id:
+        return False
+    if settings.executor.instance_id is not None:
+        return bool(instance_id == settings.executor.instance_id)
+    return bool(instance_id.startswith(f"{socket.gethostname().split('.')[0]}-"))
+
+
+async def probe(
+    service: str, settings: Settings, this_node: bool = False, timeout_s: float = 5.0
+) -> dict[str, Any] | None:
+    """The first ``$SRV.INFO`` reply of ``service`` (from this node with ``this_node``), or
+    None when none came within ``timeout_s``."""
+    import json
+
+    from shared.bus import connect, resolve_nats_url
+    from shared.subjects import srv_subject
+
+    url = resolve_nats_url(settings.nats)
+    nc = await connect(url, settings.nats, name="spotserve-health", deadline_s=timeout_s)
+    try:
+        inbox = nc.new_inbox()
+        subscription = await nc.subscribe(inbox)
+        await nc.publish(srv_subject("INFO", service), b"", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                message = await subscription.next_msg(timeout=remaining)
+            except TimeoutError:
+                break
+            try:
+                info = json.loads(message.data)
+            except ValueError:
+                continue
+            if not this_node or on_this_node(info, settings):
+                return info
+        return None
+    finally:
+        await nc.close()
+
+
+def check(name: str, this_node: bool = False, timeout_s: float = 5.0) -> tuple[int, str]:
+    """(exit status, message) of one health check."""
+    from shared.bus import NatsUnavailableError
+
+    service = service_name(name)
+    settings = Settings()
+    try:
+        info = asyncio.run(probe(service, settings, this_node, timeout_s))
+    except NatsUnavailableError as exc:
+        return NO_NATS, f"{service}: {exc}"
+    where = " on this node" if this_node else ""
+    if info is None:
+        return UNHEALTHY, f"{service}: no instance{where} answered within {timeout_s:g} s"
+    return HEALTHY, f"{service}: {info.get('id', '?')}{where} answered"
