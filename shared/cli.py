@@ -221,6 +221,11 @@ async def _push(directory: Path, name: str, nats_url: str | None) -> int:
         await nc.close()
 
 
+# `spotserve up` restarts services that die, at most this often before giving up.
+MAX_RESTARTS = 10
+RESTART_WINDOW_S = 60.0
+
+
 def default_credentials_dir() -> Path:
     return spotserve_home() / "credentials"
 
@@ -276,9 +281,16 @@ def up(
         raise typer.Exit(130)
     write_cluster_record(cluster.nats_url, credentials.directory if credentials else None)
     typer.echo(f"spotserve is up: nats {cluster.nats_url}; Ctrl-C stops it")
+    restarts: list[float] = []
     while not stop_requested:
-        for service in cluster.dead_services():
-            _echo_error(f"{service.name} exited; see {service.log_path}")
+        # A service that died is started again (its state is in JetStream); one that keeps
+        # dying stops the cluster instead of looping.
+        for service in cluster.supervise():
+            _echo_error(f"{service.name} exited and was restarted; see {service.log_path}")
+            restarts.append(time.monotonic())
+        restarts = [at for at in restarts if at > time.monotonic() - RESTART_WINDOW_S]
+        if len(restarts) > MAX_RESTARTS:
+            _echo_error(f"more than {MAX_RESTARTS} restarts in {RESTART_WINDOW_S:.0f} s")
             stop_requested = True
         time.sleep(0.5)
     typer.echo("stopping spotserve ...")

@@ -15,8 +15,8 @@ from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from shared.codec import decode, encode
-from shared.messages import GenerateResult, TokenChunk
-from shared.subjects import GENERATE
+from shared.messages import GenerateResult, ResultReply, TokenChunk
+from shared.subjects import GENERATE, RESULT
 
 
 class GenerateError(Exception):
@@ -118,6 +118,15 @@ class SpotserveClient:
             finished_at=time.perf_counter(),
             chunk_times=chunk_times,
         )
+
+    async def result(self, request_id: str, timeout_s: float = 10.0) -> ResultReply:
+        """What is committed of a request (``spotserve.v1.result``): for a client that missed
+        chunks (an index gap) or its whole stream; ``finish_reason`` is None while it runs."""
+        message = await self.nc.request(
+            RESULT, encode({"request_id": request_id}), timeout=timeout_s
+        )
+        _raise_if_error(message.headers)
+        return ResultReply.model_validate(decode(message.data))
 
     async def complete(self, prompt: str | list[int], **options: Any) -> GenerateResult:
         """One request, one reply (``stream: false``)."""

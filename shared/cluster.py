@@ -278,6 +278,30 @@ class LocalCluster:
             raise ClusterError(f"{log_name} is still running")
         service.start()
 
+    def supervise(self) -> list[ServiceProcess]:
+        """Start again every service that died (not executors: a dead instance is the
+        monitor's business, as on spot capacity); returns the restarted ones. Their state is
+        in JetStream, so they carry on from there."""
+        restarted = self.dead_services()
+        for service in restarted:
+            code = service.process.returncode if service.process else None
+            log.warning("cluster.restart", service=service.name, exit_code=code)
+            service.start()
+        return restarted
+
+    def restart_nats(self, kill: bool = True) -> None:
+        """Stop (SIGKILL by default) and start the embedded server again on the same port and
+        store directory (fault injection; clients and services reconnect)."""
+        if self.nats is None:
+            raise ClusterError("this cluster's NATS server is not embedded")
+        process = self.nats.process
+        if kill and process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        else:
+            self.nats.stop()
+        self.nats.start()
+
     def dead_services(self) -> list[ServiceProcess]:
         """Services that exited. Executors are left out: on spot capacity they come and go
         (a preemption kills one), and the monitor reports that as a fleet event."""

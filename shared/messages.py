@@ -22,7 +22,9 @@ class ErrorCode(StrEnum):
 
     BAD_REQUEST = "400"
     NOT_FOUND = "404"
+    CONFLICT = "409"
     TOO_LARGE = "413"
+    OVERLOADED = "429"
     INTERNAL = "500"
     UNAVAILABLE = "503"
 
@@ -39,6 +41,8 @@ class InternalModel(BaseModel):
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+# A request id is part of NATS subjects (its committed tokens): subject-safe characters only.
+RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 class GenerateRequest(StrictModel):
@@ -54,6 +58,9 @@ class GenerateRequest(StrictModel):
     stream: bool = False
     # Generate exactly max_tokens (benchmarks, trace replay with forced output lengths).
     ignore_eos: bool = False
+    # The client's own id for the request (unique: a used one is refused), so that it can ask
+    # for the committed result (spotserve.v1.result) even before any chunk reached it.
+    request_id: RequestId | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -118,6 +125,31 @@ class GenerateResult(InternalModel):
     text: str
     finish_reason: FinishReason
     usage: Usage
+
+
+class ResultRequest(StrictModel):
+    """Body of ``spotserve.v1.result``: the committed result of a request, by id."""
+
+    request_id: RequestId
+
+
+class ResultReply(InternalModel):
+    """What is committed of a request: every token so far, its text, and ``finish_reason`` and
+    ``usage`` once it has finished (null while it runs). ``chunks``: the committed chunk count
+    (a streaming client has seen indices 0..chunks-1 when it has everything)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    usage: Usage | None
+    chunks: int
+
+
+class AcceptedRecord(InternalModel):
+    """An accepted request's entry in the requests bucket (ids are unique while it is kept)."""
+
+    accepted_at: float
 
 
 class ErrorDetail(InternalModel):

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 from nats.micro import add_service
@@ -39,15 +39,18 @@ from shared.messages import (
     Plan,
     ReleaseLeaseRequest,
     ServingMode,
+    TokenChunk,
 )
 from shared.subjects import (
     MODE_KEY,
     PLANS_STREAM,
     PLANS_SUBJECT,
+    TOKENS_STREAM,
     admin_bucket,
     loader_fetch_subject,
     loader_release_subject,
     srv_subject,
+    tokens_subject,
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -269,3 +272,28 @@ async def read_serving_mode(context: ServiceContext) -> ServingMode | None:
     except (NatsError, JetStreamError, TimeoutError, DecodeError, ValidationError) as exc:
         context.log.warning("mode.unreadable", error=repr(exc))
         return None
+
+
+async def read_committed_chunks(
+    js: JetStreamContext, request_id: str, timeout_s: float = 10.0
+) -> list[TokenChunk]:
+    """A request's committed chunks (the TOKENS stream), in index order; [] when none."""
+    subject = tokens_subject(request_id)
+    try:
+        last = await js.get_last_msg(TOKENS_STREAM, subject)
+    except NotFoundError:
+        return []
+    count = TokenChunk.model_validate(decode(last.data)).index + 1
+    subscription = await js.subscribe(
+        subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    )
+    chunks: list[TokenChunk] = []
+    try:
+        while len(chunks) < count:
+            message = await subscription.next_msg(timeout=timeout_s)
+            chunk = TokenChunk.model_validate(decode(message.data))
+            if chunk.index == len(chunks):
+                chunks.append(chunk)
+    finally:
+        await subscription.unsubscribe()
+    return chunks

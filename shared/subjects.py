@@ -24,6 +24,10 @@ API_PREFIX = "spotserve.v1"
 
 # Public API (request/reply, served by admission as a nats.micro endpoint).
 GENERATE = f"{API_PREFIX}.generate"
+RESULT = f"{API_PREFIX}.result"  # ResultRequest -> ResultReply
+# Accepted request ids (key -> AcceptedRecord), kept as long as their committed tokens.
+REQUESTS_BUCKET = "spotserve-requests"
+RESULTS_KEPT_S = 24 * 3600.0
 
 # nats.micro service names; `$SRV.PING.<name>` finds them.
 SERVICE_ADMISSION = "spotserve-admission"
@@ -132,6 +136,10 @@ ADMIN_BUCKET = "spotserve-admin"
 MODE_KEY = "mode"
 
 
+def requests_bucket_config() -> KeyValueConfig:
+    return KeyValueConfig(bucket=REQUESTS_BUCKET, history=1, ttl=RESULTS_KEPT_S)
+
+
 def admin_bucket_config() -> KeyValueConfig:
     return KeyValueConfig(bucket=ADMIN_BUCKET, history=1)
 
@@ -159,6 +167,10 @@ async def load_bucket(js: JetStreamContext) -> KeyValue:
 
 async def instances_bucket(js: JetStreamContext) -> KeyValue:
     return await key_value_bucket(js, instances_bucket_config())
+
+
+async def requests_bucket(js: JetStreamContext) -> KeyValue:
+    return await key_value_bucket(js, requests_bucket_config())
 
 
 async def admin_bucket(js: JetStreamContext) -> KeyValue:
@@ -195,7 +207,7 @@ def tokens_stream_config() -> StreamConfig:
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         # Results stay retrievable for a day; a client that lost its stream can re-read them.
-        max_age=24 * 3600.0,
+        max_age=RESULTS_KEPT_S,
         discard=DiscardPolicy.OLD,
     )
 

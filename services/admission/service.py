@@ -17,11 +17,13 @@ from functools import partial
 
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.micro.request import Request
 from pydantic import ValidationError
 
 from shared.codec import DecodeError, content_type_header, decode, encode, encoding_from_headers
 from shared.messages import (
+    AcceptedRecord,
     AcceptedRequest,
     ArrivalRate,
     ErrorCode,
@@ -30,17 +32,30 @@ from shared.messages import (
     GenerateRequest,
     ModeReply,
     ModeRequest,
+    ResultReply,
+    ResultRequest,
+    TokenChunk,
 )
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext, parse_request, read_serving_mode, resolve_model
+from shared.runtime import (
+    ServiceContext,
+    parse_request,
+    read_committed_chunks,
+    read_serving_mode,
+    resolve_model,
+)
 from shared.subjects import (
     ADMIN_MODE,
     ARRIVAL_RATE_KEY,
     GENERATE,
     MODE_KEY,
+    REQUESTS_STREAM,
     REQUESTS_SUBJECT,
+    RESULT,
+    SCHEDULER_CONSUMER,
     admin_bucket,
     load_bucket,
+    requests_bucket,
 )
 
 # Prompts longer than this many characters are tokenized in a worker thread.
@@ -113,6 +128,9 @@ class Admission:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._tasks: set[asyncio.Task[None]] = set()
         self.meter = ArrivalMeter(self.settings.rate_window_s)
+        # Accepted requests the scheduler has not taken yet: read from JetStream every
+        # queue_poll_s, counted up here in between (so a burst cannot overshoot the bound).
+        self.queued = 0
 
     async def on_generate(self, request: Request) -> None:
         """nats.micro handler: hand the request to its own task (bounded) and return."""
@@ -130,8 +148,17 @@ class Admission:
         request_id = uuid.uuid4().hex
         log = self.log.bind(request_id=request_id)
         try:
+            self._check_capacity()
             accepted = await self._accept(request, request_id, encoding)
-            await self._persist(accepted)
+            request_id = accepted.request_id
+            log = log.bind(request_id=request_id)
+            await self._claim(request_id)
+            try:
+                await self._persist(accepted)
+            except RequestRefused:
+                await self._unclaim(request_id)  # nothing accepted: the id stays free
+                raise
+            self.queued += 1
             self.meter.record()
             log.info(
                 "generate.accepted",
@@ -161,7 +188,7 @@ class Admission:
         prompt_token_ids = await self._prompt_tokens(body)
         self._check_context(len(prompt_token_ids), body.max_tokens)
         return AcceptedRequest(
-            request_id=request_id,
+            request_id=body.request_id or request_id,
             prompt_token_ids=prompt_token_ids,
             max_tokens=body.max_tokens,
             temperature=body.temperature,
@@ -224,6 +251,83 @@ class Admission:
                 f" {context - prompt_tokens}",
             )
 
+    def _check_capacity(self) -> None:
+        limit = self.settings.max_queued_requests
+        if self.queued >= limit:
+            raise RequestRefused(
+                ErrorCode.OVERLOADED,
+                f"overloaded: {self.queued} requests are waiting for the scheduler (limit"
+                f" {limit}); retry later",
+            )
+
+    async def watch_queue(self) -> None:
+        """Read the queue length (the scheduler's consumer: not yet delivered + held) from
+        JetStream every queue_poll_s, until the service stops."""
+        while not self.context.stop.is_set():
+            try:
+                info = await self.context.js.consumer_info(REQUESTS_STREAM, SCHEDULER_CONSUMER)
+                self.queued = int(info.num_pending or 0)
+            except (TimeoutError, NatsError, JetStreamError) as exc:
+                # No scheduler consumer yet (nothing queued), or JetStream away: keep counting.
+                self.log.debug("queue.unreadable", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.context.stop.wait(), self.settings.queue_poll_s)
+
+    async def _claim(self, request_id: str) -> None:
+        """Record the id as accepted; a used one (a client's own id given twice) is refused."""
+        try:
+            bucket = await requests_bucket(self.context.js)
+            await bucket.create(request_id, encode(AcceptedRecord(accepted_at=time.time())))
+        except KeyWrongLastSequenceError:
+            raise RequestRefused(
+                ErrorCode.CONFLICT,
+                f"request_id {request_id!r} was already used; give a new one (or none)",
+            ) from None
+        except (TimeoutError, NatsError, JetStreamError) as exc:
+            raise RequestRefused(
+                ErrorCode.UNAVAILABLE, f"could not record the request ({exc!r}); retry later"
+            ) from None
+
+    async def _unclaim(self, request_id: str) -> None:
+        with contextlib.suppress(TimeoutError, NatsError, JetStreamError):
+            bucket = await requests_bucket(self.context.js)
+            await bucket.delete(request_id)
+
+    async def on_result(self, request: Request) -> None:
+        """``spotserve.v1.result``: what is committed of a request, for a client that missed
+        part of its stream (a reconnect, a NATS restart: core NATS does not redeliver)."""
+        command = await parse_request(request, ResultRequest, "result request")
+        if command is None:
+            return
+        request_id = command.request_id
+        try:
+            chunks = await read_committed_chunks(self.context.js, request_id)
+            known = bool(chunks) or await self._accepted(request_id)
+        except (TimeoutError, NatsError, JetStreamError) as exc:
+            await request.respond_error(
+                str(ErrorCode.UNAVAILABLE), f"committed tokens unreadable now ({exc!r}); retry"
+            )
+            return
+        if not known:
+            await request.respond_error(
+                str(ErrorCode.NOT_FOUND),
+                f"no request {request_id!r} (never accepted, or older than its results are kept)",
+            )
+            return
+        encoding = encoding_from_headers(request.headers)
+        enc = "json" if encoding == "json" else "msgpack"
+        await request.respond(
+            encode(result_of(request_id, chunks), enc), headers=content_type_header(enc)
+        )
+
+    async def _accepted(self, request_id: str) -> bool:
+        bucket = await requests_bucket(self.context.js)
+        try:
+            await bucket.get(request_id)
+        except KeyNotFoundError:
+            return False
+        return True
+
     async def _persist(self, accepted: AcceptedRequest) -> None:
         """Write to the REQUESTS stream; returns only once JetStream has stored it."""
         payload = encode(accepted)
@@ -271,6 +375,18 @@ class Admission:
             await asyncio.wait(self._tasks, timeout=10.0)
 
 
+def result_of(request_id: str, chunks: list[TokenChunk]) -> ResultReply:
+    last = chunks[-1] if chunks else None
+    return ResultReply(
+        request_id=request_id,
+        token_ids=[token for chunk in chunks for token in chunk.token_ids],
+        text="".join(chunk.text for chunk in chunks),
+        finish_reason=last.finish_reason if last else None,
+        usage=last.usage if last else None,
+        chunks=len(chunks),
+    )
+
+
 async def on_mode(context: ServiceContext, request: Request) -> None:
     """The serving mode: read it, or set it (the planner's next plan is made under it)."""
     command = await parse_request(request, ModeRequest, "mode request")
@@ -301,8 +417,11 @@ async def serve(context: ServiceContext) -> None:
         metadata={"model": str(model_dir), "context_length": str(tokenizer.context_length)},
     )
     await service.add_endpoint(name="generate", subject=GENERATE, handler=admission.on_generate)
+    await service.add_endpoint(name="result", subject=RESULT, handler=admission.on_result)
+    queue = asyncio.create_task(admission.watch_queue(), name="queue")
     await service.add_endpoint(name="mode", subject=ADMIN_MODE, handler=partial(on_mode, context))
     context.log.info("admission.ready", subject=GENERATE, model=str(model_dir))
     await publish_arrival_rate(context, admission.meter)
+    queue.cancel()
     await service.stop()
     await admission.drain()

@@ -22,9 +22,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
-from nats.js.errors import NotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from pydantic import ValidationError
 
@@ -50,14 +48,19 @@ from shared.messages import (
 )
 from shared.model.profile import find_profile, load_profile
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext, discover, follow_plans, resolve_model
+from shared.runtime import (
+    ServiceContext,
+    discover,
+    follow_plans,
+    read_committed_chunks,
+    resolve_model,
+)
 from shared.subjects import (
     REQUESTS_STREAM,
     REQUESTS_SUBJECT,
     SCHEDULER_CONSUMER,
     SCHEDULER_INFLIGHT,
     SERVICE_EXECUTOR,
-    TOKENS_STREAM,
     executor_adopt_subject,
     executor_migrate_subject,
     executor_release_subject,
@@ -396,27 +399,9 @@ class Scheduler:
 
     async def _read_committed(self, request_id: str) -> list[TokenChunk]:
         """The chunks an earlier scheduler committed for this request, in order."""
-        subject = tokens_subject(request_id)
-        try:
-            last = await self.context.js.get_last_msg(TOKENS_STREAM, subject)
-        except NotFoundError:
-            return []
-        count = TokenChunk.model_validate(decode(last.data)).index + 1
-        subscription = await self.context.js.subscribe(
-            subject,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        return await read_committed_chunks(
+            self.context.js, request_id, timeout_s=self.settings.step_timeout_s
         )
-        chunks: list[TokenChunk] = []
-        try:
-            while len(chunks) < count:
-                message = await subscription.next_msg(timeout=self.settings.step_timeout_s)
-                chunk = TokenChunk.model_validate(decode(message.data))
-                if chunk.index == len(chunks):
-                    chunks.append(chunk)
-        finally:
-            await subscription.unsubscribe()
-        return chunks
 
     # ---- executors ----
 
