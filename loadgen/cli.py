@@ -51,6 +51,9 @@ def replay(
         bool, typer.Option(help="Scale request lengths down to the model's context.")
     ] = True,
     grace: Annotated[float, typer.Option(help="Preemption grace period, trace seconds.")] = 30.0,
+    warmup: Annotated[
+        float, typer.Option(help="Wall seconds of the first arrivals played first, unrecorded.")
+    ] = 20.0,
     seed: Annotated[int, typer.Option(help="Arrivals and prompts.")] = 0,
     nats_url: Annotated[
         str | None, typer.Option(help="Drive this running cluster (default: start one here).")
@@ -101,6 +104,7 @@ def replay(
         fit_context=fit_context,
         grace_s=grace,
         seed=seed,
+        warmup_s=warmup,
     )
     out_dir = out or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +242,7 @@ def demo(
         output_tokens=output_tokens,
         fit_context=True,
         grace=30.0,
+        warmup=5.0,
         seed=0,
         nats_url=None,
         instances=None,

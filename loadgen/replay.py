@@ -84,6 +84,10 @@ class ReplayOptions:
     seed: int = 0
     # Wall seconds a request may take before it counts as unfinished.
     request_timeout_s: float = 600.0
+    # Before the measured run: this many wall seconds of the trace's first arrivals, not
+    # recorded, so that every policy starts from a cluster that has seen the load (the
+    # planner sizes the fleet from the arrival rate admission measures).
+    warmup_s: float = 20.0
 
 
 @dataclass
@@ -131,6 +135,7 @@ class Replayer:
         await self.set_mode(options.policy)
         fleet = FleetTracker("on-demand" if options.policy == "ondemand" else "spot")
         await self._prepare_fleet(fleet)
+        await self._warm_up(arrivals)
         plans_before = await self._plan_seq()
         self._start = time.monotonic()
         for span in fleet.spans.values():
@@ -170,6 +175,23 @@ class Replayer:
             fleet_events=fleet.events,
             reconfigurations=reconfigurations,
         )
+
+    async def _warm_up(self, arrivals: list[Arrival]) -> None:
+        """The first ``warmup_s`` wall seconds of arrivals, played and awaited, not recorded."""
+        scale = self.options.time_scale
+        early = [a for a in arrivals if a.at_s * scale < self.options.warmup_s]
+        if not early:
+            return
+        self.progress(f"{self.options.policy}: warming up with {len(early)} requests")
+        self._start = time.monotonic()
+        rng = random.Random(self.options.seed + 1)
+        records = [RequestRecord(f"w{i}", a.at_s * scale, a.input_tokens, a.output_tokens)
+                   for i, a in enumerate(early)]  # fmt: skip
+        await asyncio.gather(*(
+            self._play_request(record, [rng.randrange(*PROMPT_TOKEN_RANGE)
+                                        for _ in range(record.input_tokens)])
+            for record in records
+        ))  # fmt: skip
 
     def now(self) -> float:
         return time.monotonic() - self._start

@@ -18,6 +18,10 @@ from shared.codec import decode, encode
 from shared.messages import GenerateResult, ResultReply, TokenChunk
 from shared.subjects import GENERATE, RESULT
 
+# A NATS status message (no body) answers a request that no service listens to.
+STATUS_HEADER = "Status"
+NO_RESPONDERS_STATUS = "503"
+
 
 class GenerateError(Exception):
     """The service refused or failed the request (``code`` is the nats.micro error code)."""
@@ -55,6 +59,9 @@ class Completion:
 def _raise_if_error(headers: dict[str, str] | None) -> None:
     if headers and ERROR_CODE_HEADER in headers:
         raise GenerateError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
+    if headers and headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS:
+        # The server's own answer to a publish nobody listens to (admission is down).
+        raise GenerateError("503", "no responders: is spotserve's admission service running?")
 
 
 class SpotserveClient:

@@ -78,8 +78,8 @@ class AdmissionSettings(BaseModel):
     # load bucket every rate_interval_s.
     rate_window_s: float = Field(default=60.0, gt=0)
     rate_interval_s: float = Field(default=5.0, gt=0)
-    # Overload: accepted requests the scheduler has not taken yet, at most; beyond it a new
-    # request is refused at once ("overloaded, retry later") instead of queueing without bound.
+    # Overload: accepted requests not finished yet (queued or running), at most; beyond it a
+    # new request is refused at once ("overloaded, retry later") instead of queueing unbounded.
     max_queued_requests: int = Field(default=1000, ge=1)
     # How often the queue length is read from JetStream (between reads it is counted here).
     queue_poll_s: float = Field(default=0.5, gt=0)

@@ -58,6 +58,7 @@ async def test_a_trace_replays_under_a_policy(
         input_tokens=24,
         output_tokens=96,
         seed=3,
+        warmup_s=2.0,
     )
     async with connected(replay_cluster) as nc:
         run = await Replayer(nc, options).run()
@@ -87,7 +88,7 @@ def test_the_command_line_writes_reports_and_compares_them(
         sys.executable, "-m", "loadgen", "replay", "--arrivals", "poisson:2",
         "--duration", "4", "--fleet", str(trace_file), "--policy", "ondemand",
         "--nats-url", replay_cluster.nats_url, "--input-tokens", "16", "--output-tokens", "16",
-        "--out", str(out),
+        "--out", str(out), "--warmup", "0",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]

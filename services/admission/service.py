@@ -17,7 +17,7 @@ from functools import partial
 
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.micro.request import Request
 from pydantic import ValidationError
 
@@ -128,7 +128,7 @@ class Admission:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._tasks: set[asyncio.Task[None]] = set()
         self.meter = ArrivalMeter(self.settings.rate_window_s)
-        # Accepted requests the scheduler has not taken yet: read from JetStream every
+        # Accepted requests not finished yet: read from JetStream every
         # queue_poll_s, counted up here in between (so a burst cannot overshoot the bound).
         self.queued = 0
 
@@ -149,16 +149,21 @@ class Admission:
         log = self.log.bind(request_id=request_id)
         try:
             self._check_capacity()
-            accepted = await self._accept(request, request_id, encoding)
-            request_id = accepted.request_id
-            log = log.bind(request_id=request_id)
-            await self._claim(request_id)
-            try:
-                await self._persist(accepted)
-            except RequestRefused:
-                await self._unclaim(request_id)  # nothing accepted: the id stays free
-                raise
+            # Counted at once, so that concurrent requests see it; given back if refused.
             self.queued += 1
+            try:
+                accepted = await self._accept(request, request_id, encoding)
+                request_id = accepted.request_id
+                log = log.bind(request_id=request_id)
+                await self._claim(request_id)
+                try:
+                    await self._persist(accepted)
+                except RequestRefused:
+                    await self._unclaim(request_id)  # nothing accepted: the id stays free
+                    raise
+            except BaseException:
+                self.queued -= 1
+                raise
             self.meter.record()
             log.info(
                 "generate.accepted",
@@ -256,17 +261,17 @@ class Admission:
         if self.queued >= limit:
             raise RequestRefused(
                 ErrorCode.OVERLOADED,
-                f"overloaded: {self.queued} requests are waiting for the scheduler (limit"
+                f"overloaded: {self.queued} accepted requests are not finished yet (limit"
                 f" {limit}); retry later",
             )
 
     async def watch_queue(self) -> None:
-        """Read the queue length (the scheduler's consumer: not yet delivered + held) from
-        JetStream every queue_poll_s, until the service stops."""
+        """Read the backlog (the scheduler's consumer: not yet delivered + delivered and not
+        finished) from JetStream every queue_poll_s, until the service stops."""
         while not self.context.stop.is_set():
             try:
                 info = await self.context.js.consumer_info(REQUESTS_STREAM, SCHEDULER_CONSUMER)
-                self.queued = int(info.num_pending or 0)
+                self.queued = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
             except (TimeoutError, NatsError, JetStreamError) as exc:
                 # No scheduler consumer yet (nothing queued), or JetStream away: keep counting.
                 self.log.debug("queue.unreadable", error=repr(exc))
@@ -324,7 +329,7 @@ class Admission:
         bucket = await requests_bucket(self.context.js)
         try:
             await bucket.get(request_id)
-        except KeyNotFoundError:
+        except NotFoundError:  # never there, or deleted (a request that was not stored)
             return False
         return True
 
