@@ -4,7 +4,7 @@ Each service's user may publish and subscribe only where the service works (its 
 the streams and buckets it writes, the JetStream API, replies to inboxes). Only the planner may
 publish plans, only the monitor fleet events, only the scheduler (and executors among
 themselves) executor commands. The ``client`` user may only call the public API
-(``spotserve.v1.generate``, ``spotserve.v1.fleet.status``), find
+(``spotserve.v1.generate``, ``spotserve.v1.result``, ``spotserve.v1.fleet.status``), find
 services through ``$SRV``, and read its own inbox, ``_INBOX.<user>.>`` (every connection of
 spotserve uses that inbox prefix, so one client user cannot read another's token streams). The
 ``operator`` user (``spotserve fleet``, ``model push``, loadgen) may also send fleet commands,
@@ -40,7 +40,9 @@ from shared.subjects import (
     LOAD_BUCKET,
     MODELS_BUCKET,
     PLANS_SUBJECT,
+    REQUESTS_BUCKET,
     REQUESTS_SUBJECT,
+    RESULT,
     TOKENS_SUBJECT_PREFIX,
     TRANSFER_SUBJECT_PREFIX,
 )
@@ -80,8 +82,8 @@ _SERVICE_SUBSCRIBE = ["$SRV.>", "_INBOX.>"]
 
 _OWN: dict[str, Permissions] = {
     "admission": Permissions(
-        publish=[REQUESTS_SUBJECT, kv(LOAD_BUCKET), kv(ADMIN_BUCKET)],
-        subscribe=[GENERATE, ADMIN_MODE],
+        publish=[REQUESTS_SUBJECT, kv(LOAD_BUCKET), kv(ADMIN_BUCKET), kv(REQUESTS_BUCKET)],
+        subscribe=[GENERATE, RESULT, ADMIN_MODE],
     ),
     "scheduler": Permissions(
         # Commits tokens, drives executors; the token stream itself goes to client inboxes.
@@ -117,13 +119,14 @@ def permissions(user: str) -> Permissions:
         )
     if user == CLIENT_USER or user.startswith(f"{CLIENT_USER}-"):
         return Permissions(
-            publish=[GENERATE, FLEET_STATUS, "$SRV.>"],
+            publish=[GENERATE, RESULT, FLEET_STATUS, "$SRV.>"],
             subscribe=[f"{inbox_prefix(user)}.>"],
         )
     if user == OPERATOR_USER:
         return Permissions(
             publish=[
                 GENERATE,
+                RESULT,
                 FLEET_STATUS,
                 FLEET_NOTICE,
                 FLEET_ADD,
