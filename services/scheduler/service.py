@@ -80,6 +80,10 @@ class StepFailedError(Exception):
         self.executor_lost = executor_lost
 
 
+# How often an iteration in flight checks whether NATS reconnected meanwhile.
+RECONNECT_POLL_S = 0.5
+
+
 @dataclass(frozen=True)
 class PlannedMove:
     at_tokens: int  # generated-token count
@@ -512,14 +516,27 @@ class Scheduler:
         (a request to a killed process would otherwise wait for the whole step timeout)."""
         step = asyncio.create_task(self._step(handle.view.instance_id, command))
         gone = asyncio.create_task(handle.gone.wait())
+        reconnects = self.context.nc.stats["reconnects"]
+        reconnected = asyncio.create_task(self._reconnect_after(reconnects))
         try:
-            await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({step, gone, reconnected}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            reconnected.cancel()
         if not step.done():
             step.cancel()
-            raise StepFailedError("executor gone during the step", executor_lost=True)
+            if handle.gone.is_set():
+                raise StepFailedError("executor gone during the step", executor_lost=True)
+            # A reply sent while NATS was away is lost for good (core NATS does not redeliver):
+            # recover now (recompute from the committed tokens), not after the step timeout.
+            raise StepFailedError("NATS reconnected during the step", executor_lost=False)
         return step.result()
+
+    async def _reconnect_after(self, reconnects: int) -> None:
+        """Returns once the NATS connection has reconnected (again) since ``reconnects``."""
+        # The counter belongs to nats-py's client (no event to wait on): polled, slowly.
+        while self.context.nc.stats["reconnects"] == reconnects:  # noqa: ASYNC110
+            await asyncio.sleep(RECONNECT_POLL_S)
 
     async def _step(self, instance_id: str, command: StepCommand) -> StepResult:
         try:
