@@ -56,3 +56,17 @@ async def test_a_killed_component_loses_no_request(
     assert outcome.completed == REQUESTS, outcome
     assert outcome.recovery_s is not None
     assert not faulty_cluster.dead_services()
+
+
+async def test_the_supervisor_starts_a_killed_service_again(
+    faulty_cluster: LocalCluster, fault_nc: Client, expected: list[list[int]]
+) -> None:
+    """What `spotserve up` does every half second: a killed service is started again (not an
+    executor: a dead instance is the monitor's business) and serves from JetStream."""
+    faulty_cluster.kill("scheduler")
+    restarted = faulty_cluster.supervise()
+    assert [service.name for service in restarted] == ["spotserve-scheduler"]
+    assert not faulty_cluster.dead_services()
+    client = SpotserveClient(fault_nc, first_chunk_timeout_s=120)
+    again = await reference(client, 1, MAX_TOKENS)
+    assert again[0] == expected[0]
