@@ -173,6 +173,10 @@ class StepSequence(InternalModel):
     top_p: float
     seed: int
     sample_index: int
+    # Positions of its KV cache the scheduler expects the executor to hold (None: unchecked):
+    # an executor that holds another number (e.g. it reloaded meanwhile) refuses the step
+    # instead of silently starting a new sequence from these tokens alone.
+    cached_tokens: int | None = None
 
 
 class StepCommand(InternalModel):

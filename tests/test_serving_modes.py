@@ -18,7 +18,8 @@ from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.messages import ModeReply, Plan
 from shared.model.tokenizer import TextTokenizer
-from shared.subjects import ADMIN_MODE, FLEET_NOTICE
+from shared.runtime import discover
+from shared.subjects import ADMIN_MODE, FLEET_NOTICE, SERVICE_EXECUTOR, executor_step_subject
 from tests.helpers import connected, eventually, isolated_cluster
 from tests.test_planner_service import all_plans
 from tests.test_reparallelization import ENV, finish_and_check, inflight, stream_all
@@ -105,3 +106,23 @@ async def test_restart_reloads_every_instance_and_restarts_every_request(
         and victim != f"instance-{name.removeprefix('executor-')}"
     ]
     assert reloaded
+
+
+async def test_an_executor_refuses_a_step_for_a_cache_it_does_not_hold(
+    mode_cluster: LocalCluster,
+) -> None:
+    """An executor that reloaded (the restart baseline) or lost a cache must not start a new
+    sequence from a decode's single token: the scheduler then recomputes instead."""
+    step = {
+        "sequences": [
+            {"request_id": "ghost", "token_ids": [5], "temperature": 0.0, "top_p": 1.0,
+             "seed": 0, "sample_index": 7, "cached_tokens": 7}
+        ]
+    }  # fmt: skip
+    async with connected(mode_cluster) as nc:
+        live = await discover(nc, SERVICE_EXECUTOR, window_s=0.5)  # some were preempted above
+        instance_id = live[0]["metadata"]["instance_id"]
+        reply = await nc.request(executor_step_subject(instance_id), encode(step), timeout=30)
+    headers = reply.headers or {}
+    assert headers.get("Nats-Service-Error-Code") == "400", headers
+    assert "holds 0 positions" in headers.get("Nats-Service-Error", "")

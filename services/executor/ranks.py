@@ -196,6 +196,9 @@ class ShardedEngine:
     def sequence_ids(self) -> list[str]:
         return self.local.sequence_ids()
 
+    def sequence_length(self, request_id: str) -> int:
+        return self.local.sequence_length(request_id)
+
     # -- calls on every rank ----------------------------------------------------------------
 
     def step(self, seqs: list[SequenceStep]) -> dict[str, int]:

@@ -43,7 +43,14 @@ from shared.messages import (
     StepResult,
     WeightsSendCommand,
 )
-from shared.model.engine import Engine, EngineError, SequenceStep, StageBatch, StageResult
+from shared.model.engine import (
+    Engine,
+    EngineError,
+    InvalidStepError,
+    SequenceStep,
+    StageBatch,
+    StageResult,
+)
 from shared.model.llama import WeightsSource
 from shared.model.profile import device_memory_bytes
 from shared.runtime import (
@@ -114,7 +121,10 @@ class Executor:
         if command is None:
             return
         # The wire model and the engine's step carry the same fields.
-        steps = [SequenceStep(**sequence.model_dump()) for sequence in command.sequences]
+        steps = [
+            SequenceStep(**sequence.model_dump(exclude={"cached_tokens"}))
+            for sequence in command.sequences
+        ]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         if not self.engine.is_last_stage:
@@ -498,6 +508,13 @@ class Executor:
 
     def _run_step(self, command: StepCommand, steps: list[SequenceStep]) -> dict[str, int]:
         self._apply_kv_commands(command)
+        for sequence in command.sequences:
+            held = self.engine.sequence_length(sequence.request_id)
+            if sequence.cached_tokens is not None and held != sequence.cached_tokens:
+                raise InvalidStepError(
+                    f"the KV cache of {sequence.request_id} holds {held} positions here, the"
+                    f" scheduler expects {sequence.cached_tokens}: recompute it"
+                )
         return self.engine.step(steps) if steps else {}
 
     def _apply_kv_commands(self, command: StepCommand | StageCommand) -> None:

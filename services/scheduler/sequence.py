@@ -76,6 +76,7 @@ class Sequence:
             top_p=self.request.top_p,
             seed=self.request.seed,
             sample_index=len(self.generated),
+            cached_tokens=self.cached_tokens,
         )
 
     def lose_cache(self) -> None:
