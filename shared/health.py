@@ -53,32 +53,19 @@ async def probe(
 ) -> dict[str, Any] | None:
     """The first ``$SRV.INFO`` reply of ``service`` (from this node with ``this_node``), or
     None when none came within ``timeout_s``."""
-    import json
-
     from shared.bus import connect, resolve_nats_url
-    from shared.subjects import srv_subject
+    from shared.runtime import discover
+
+    def wanted(info: dict[str, Any]) -> bool:
+        return not this_node or on_this_node(info, settings)
 
     url = resolve_nats_url(settings.nats)
     nc = await connect(url, settings.nats, name="spotserve-health", deadline_s=timeout_s)
     try:
-        inbox = nc.new_inbox()
-        subscription = await nc.subscribe(inbox)
-        await nc.publish(srv_subject("INFO", service), b"", reply=inbox)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
-            try:
-                message = await subscription.next_msg(timeout=remaining)
-            except TimeoutError:
-                break
-            try:
-                info = json.loads(message.data)
-            except ValueError:
-                continue
-            if not this_node or on_this_node(info, settings):
-                return info
-        return None
+        replies = await discover(nc, service, window_s=timeout_s, enough=wanted)
     finally:
         await nc.close()
+    return next((info for info in replies if wanted(info)), None)
 
 
 def check(name: str, this_node: bool = False, timeout_s: float = 5.0) -> tuple[int, str]:

@@ -124,9 +124,14 @@ async def _serve(
 
 
 async def discover(
-    nc: Client, service: str, verb: str = "INFO", window_s: float = 0.3
+    nc: Client,
+    service: str,
+    verb: str = "INFO",
+    window_s: float = 0.3,
+    enough: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Ask every instance of a nats.micro service; collect the replies for ``window_s``."""
+    """Ask every instance of a nats.micro service; collect the replies for ``window_s`` (or
+    until a reply for which ``enough`` is true, which is then the last one)."""
     replies: list[dict[str, Any]] = []
     inbox = nc.new_inbox()
     subscription = await nc.subscribe(inbox)
@@ -142,6 +147,8 @@ async def discover(
                 replies.append(json.loads(message.data))
             except ValueError:
                 continue
+            if enough is not None and enough(replies[-1]):
+                break
     finally:
         await subscription.unsubscribe()
     return replies

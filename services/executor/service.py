@@ -783,24 +783,16 @@ async def serve(context: ServiceContext) -> None:
         },
     )
     # Each instance has its own subjects (the scheduler addresses the instance holding the KV).
-    await service.add_endpoint(
-        name="step", subject=executor_step_subject(instance_id), handler=executor.on_step
-    )
-    await service.add_endpoint(
-        name="release", subject=executor_release_subject(instance_id), handler=executor.on_release
-    )
-    await service.add_endpoint(
-        name="migrate", subject=executor_migrate_subject(instance_id), handler=executor.on_migrate
-    )
-    await service.add_endpoint(
-        name="adopt", subject=executor_adopt_subject(instance_id), handler=executor.on_adopt
-    )
-    await service.add_endpoint(
-        name="stage", subject=executor_stage_subject(instance_id), handler=executor.on_stage
-    )
-    await service.add_endpoint(
-        name="weights", subject=executor_weights_subject(instance_id), handler=executor.on_weights
-    )
+    endpoints = [
+        ("step", executor_step_subject, executor.on_step),
+        ("release", executor_release_subject, executor.on_release),
+        ("migrate", executor_migrate_subject, executor.on_migrate),
+        ("adopt", executor_adopt_subject, executor.on_adopt),
+        ("stage", executor_stage_subject, executor.on_stage),
+        ("weights", executor_weights_subject, executor.on_weights),
+    ]
+    for name, subject, handler in endpoints:
+        await service.add_endpoint(name=name, subject=subject(instance_id), handler=handler)
     await executor.inbox.start()
     plans = asyncio.create_task(follow_plans(context, executor.take_role), name="plans")
     watch = asyncio.create_task(executor.watch_ranks(), name="ranks")
