@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from nats.aio.client import Client
@@ -17,6 +17,9 @@ from shared.bus import clear_cluster_record, connect, resolve_nats_url, write_cl
 from shared.config import LogSettings, Settings, spotserve_home
 from shared.logging import configure_logging
 from shared.security import OPERATOR_USER, init_credentials
+
+if TYPE_CHECKING:
+    from shared.cluster import ClusterUrls
 
 app = typer.Typer(help="spotserve: LLM serving on spot instances over NATS.", no_args_is_help=True)
 model_app = typer.Typer(help="Create and inspect models.", no_args_is_help=True)
@@ -226,6 +229,14 @@ MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
 
 
+def _echo_urls(urls: ClusterUrls) -> None:
+    for url in urls.gateway:
+        typer.echo(f"gateway: {url}  (OpenAI-compatible: {url}/v1)")
+    for service, metrics_urls in urls.metrics.items():
+        for url in metrics_urls:
+            typer.echo(f"metrics {service}: {url}")
+
+
 def default_credentials_dir() -> Path:
     return spotserve_home() / "credentials"
 
@@ -244,6 +255,14 @@ def up(
     state_dir: Annotated[
         Path | None, typer.Option(help="JetStream store and logs (default ~/.cache/spotserve).")
     ] = None,
+    gateway_port: Annotated[
+        int | None,
+        typer.Option(min=0, help="The HTTP gateway port (default: SPOTSERVE_GATEWAY__PORT, 8000)"),
+    ] = None,
+    metrics_port: Annotated[
+        int,
+        typer.Option(min=0, help="Metrics ports: one per service from this one up (0: any free)."),
+    ] = 9464,
 ) -> None:
     """Start the cluster (embedded NATS unless --nats-url) and serve until Ctrl-C."""
     from shared.cluster import ClusterError, LocalCluster
@@ -260,6 +279,8 @@ def up(
         model_dir=model,
         nats_url=nats_url,
         credentials=credentials,
+        metrics_port=metrics_port,
+        gateway_port=settings.gateway.port if gateway_port is None else gateway_port,
     )
     stop_requested = False
 
@@ -281,6 +302,7 @@ def up(
         raise typer.Exit(130)
     write_cluster_record(cluster.nats_url, credentials.directory if credentials else None)
     typer.echo(f"spotserve is up: nats {cluster.nats_url}; Ctrl-C stops it")
+    _echo_urls(asyncio.run(cluster.urls()))
     restarts: list[float] = []
     while not stop_requested:
         # A service that died is started again (its state is in JetStream); one that keeps

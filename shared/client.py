@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from shared.codec import decode, encode
@@ -64,6 +65,20 @@ def _raise_if_error(headers: dict[str, str] | None) -> None:
         raise GenerateError("503", "no responders: is spotserve's admission service running?")
 
 
+@dataclass
+class _Seen:
+    """How much of a stream a client has: chunks, tokens and characters of text."""
+
+    chunks: int = 0
+    tokens: int = 0
+    text_chars: int = 0
+
+    def add(self, chunk: TokenChunk) -> None:
+        self.chunks = chunk.index + 1
+        self.tokens += len(chunk.token_ids)
+        self.text_chars += len(chunk.text)
+
+
 class SpotserveClient:
     def __init__(
         self, nc: Client, first_chunk_timeout_s: float = 300.0, chunk_timeout_s: float = 120.0
@@ -74,27 +89,60 @@ class SpotserveClient:
         self.chunk_timeout_s = chunk_timeout_s
 
     async def stream(self, prompt: str | list[int], **options: Any) -> AsyncIterator[TokenChunk]:
-        """Yield the chunks of one request as they arrive (``stream: true``)."""
+        """Yield the chunks of one request as they arrive (``stream: true``).
+
+        Core NATS does not redeliver: a chunk lost on the way (a reconnect, a NATS restart) is
+        read back from the committed tokens (``spotserve.v1.result``), so the stream has no
+        hole. Give ``request_id`` to recover even when no chunk at all arrived in time."""
         body = _body(prompt, options, stream=True)
+        request_id: str | None = body.get("request_id")
         inbox = self.nc.new_inbox()
         subscription = await self.nc.subscribe(inbox)
         try:
             await self.nc.publish(GENERATE, encode(body), reply=inbox)
             timeout = self.first_chunk_timeout_s
-            next_index = 0
+            seen = _Seen()
             while True:
-                message = await subscription.next_msg(timeout=timeout)
-                _raise_if_error(message.headers)
-                chunk = TokenChunk.model_validate(decode(message.data))
-                if chunk.index < next_index:
-                    continue  # re-sent after a scheduler restart: already seen
-                next_index = chunk.index + 1
+                try:
+                    message = await subscription.next_msg(timeout=timeout)
+                except TimeoutError:
+                    chunk = await self._catch_up(request_id, seen)
+                    if chunk is None:
+                        raise
+                else:
+                    _raise_if_error(message.headers)
+                    chunk = TokenChunk.model_validate(decode(message.data))
+                    request_id = chunk.request_id
+                    if chunk.index < seen.chunks:
+                        continue  # re-sent after a scheduler restart: already seen
+                    if chunk.index > seen.chunks:  # earlier chunks were lost on the way
+                        chunk = await self._catch_up(request_id, seen) or chunk
+                seen.add(chunk)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
                 timeout = self.chunk_timeout_s
         finally:
             await subscription.unsubscribe()
+
+    async def _catch_up(self, request_id: str | None, seen: _Seen) -> TokenChunk | None:
+        """Everything committed after what was seen, as one chunk (None: nothing new)."""
+        if request_id is None:
+            return None
+        try:
+            result = await self.result(request_id)
+        except (GenerateError, TimeoutError, NatsError):
+            return None
+        if result.chunks <= seen.chunks:
+            return None
+        return TokenChunk(
+            request_id=request_id,
+            index=result.chunks - 1,
+            token_ids=result.token_ids[seen.tokens :],
+            text=result.text[seen.text_chars :],
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+        )
 
     async def generate(self, prompt: str | list[int], **options: Any) -> Completion:
         """Stream one request to its end and collect it, with timings."""

@@ -12,17 +12,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from shared.bus import connect
 from shared.config import NatsSettings
+from shared.metrics import HTTP_URL_KEY, METRICS_URL_KEY
 from shared.natsserver import EmbeddedNatsServer
 from shared.runtime import discover
 from shared.security import OPERATOR_USER, Credentials
 from shared.subjects import (
     SERVICE_ADMISSION,
     SERVICE_EXECUTOR,
+    SERVICE_GATEWAY,
     SERVICE_LOADER,
     SERVICE_MONITOR,
     SERVICE_PLANNER,
@@ -38,9 +41,10 @@ SERVICE_MODULES = {
     SERVICE_LOADER: "services.loader",
     SERVICE_ADMISSION: "services.admission",
     SERVICE_SCHEDULER: "services.scheduler",
+    SERVICE_GATEWAY: "services.gateway",
 }
 # Stop order: stop taking requests first, then the scheduler (it hands back what it holds).
-STOP_ORDER = (SERVICE_ADMISSION, SERVICE_SCHEDULER, SERVICE_EXECUTOR)
+STOP_ORDER = (SERVICE_GATEWAY, SERVICE_ADMISSION, SERVICE_SCHEDULER, SERVICE_EXECUTOR)
 PR_SET_PDEATHSIG = 1
 
 
@@ -55,6 +59,27 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+@dataclass
+class ClusterUrls:
+    """The HTTP gateway's URLs and each service's metrics URLs (service name -> sorted)."""
+
+    gateway: list[str]
+    metrics: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, infos: list[dict[str, Any]]) -> ClusterUrls:
+        gateway: list[str] = []
+        metrics: dict[str, list[str]] = {}
+        for info in infos:
+            metadata = info.get("metadata") or {}
+            name = str(info.get("name", "?")).removeprefix("spotserve-")
+            if HTTP_URL_KEY in metadata:
+                gateway.append(metadata[HTTP_URL_KEY])
+            if METRICS_URL_KEY in metadata:
+                metrics.setdefault(name, []).append(metadata[METRICS_URL_KEY])
+        return cls(sorted(gateway), {name: sorted(urls) for name, urls in sorted(metrics.items())})
 
 
 @dataclass
@@ -107,6 +132,8 @@ class LocalCluster:
         nats_url: str | None = None,
         env: dict[str, str] | None = None,
         credentials: Credentials | None = None,
+        metrics_port: int = 0,
+        gateway_port: int = 0,
     ) -> None:
         if instances < 1:
             raise ValueError("a cluster needs at least one executor instance")
@@ -117,6 +144,11 @@ class LocalCluster:
         self.extra_env = env or {}
         # With credentials: the embedded server authenticates, every service as its own user.
         self.credentials = credentials
+        # Ports of this machine: metrics from metrics_port up, one per service in start order
+        # (0: every service takes any free port); the HTTP gateway on gateway_port. The URLs
+        # are advertised in $SRV INFO metadata (see urls()).
+        self.metrics_port = metrics_port
+        self.gateway_port = gateway_port
         self.nats: EmbeddedNatsServer | None = None
         self.services: list[ServiceProcess] = []
 
@@ -143,7 +175,8 @@ class LocalCluster:
             self.nats.start()
         self._ensure_profile()
         for name, module in SERVICE_MODULES.items():
-            self._spawn(name, module, {})
+            extra = {"SPOTSERVE_GATEWAY__PORT": str(self.gateway_port)}
+            self._spawn(name, module, extra if name == SERVICE_GATEWAY else {})
         for index in range(self.instances):
             self._spawn(
                 SERVICE_EXECUTOR,
@@ -212,6 +245,9 @@ class LocalCluster:
         return env
 
     def _spawn(self, name: str, module: str, extra: dict[str, str], log_name: str = "") -> None:
+        extra = dict(extra)
+        port = self.metrics_port + len(self.services) if self.metrics_port else 0
+        extra.setdefault("SPOTSERVE_METRICS__PORT", str(port))
         service = ServiceProcess(
             name=name,
             command=[sys.executable, "-m", module],
@@ -245,6 +281,15 @@ class LocalCluster:
             raise ClusterError(
                 f"services not ready after {timeout_s:.0f} s: {missing}; logs in {self.log_dir}"
             )
+        finally:
+            await nc.close()
+
+    async def urls(self, timeout_s: float = 1.0) -> ClusterUrls:
+        """Every running service's advertised URLs ($SRV INFO metadata), executors added
+        later included."""
+        nc = await connect(self.nats_url, self.nats_settings(), name="spotserve-supervisor")
+        try:
+            return ClusterUrls.of(await discover(nc, None, verb="INFO", window_s=timeout_s))
         finally:
             await nc.close()
 

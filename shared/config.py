@@ -222,6 +222,35 @@ class PlannerSettings(BaseModel):
     rate_poll_s: float = Field(default=5.0, gt=0)
 
 
+class MetricsSettings(BaseModel):
+    """Each service serves its Prometheus metrics (``/metrics``) on its own port."""
+
+    enabled: bool = True
+    # 127.0.0.1: scraped from this machine only; containers set 0.0.0.0 (compose.yaml).
+    host: str = "127.0.0.1"
+    # 0: any free port. A port already taken falls back to a free one (logged, and advertised
+    # in the service's $SRV INFO metadata as ``metrics_url``), so metrics never stop a service.
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible HTTP gateway (``python -m services.gateway``)."""
+
+    host: str = "127.0.0.1"
+    # 0: any free port (advertised in $SRV INFO metadata as ``http_url``).
+    port: int = Field(default=8000, ge=0, le=65535)
+    # The model name /v1/models lists and requests must give; None: model.name, else the
+    # model directory's name (the embedded default: ``spotserve-tiny``).
+    model_id: str | None = Field(default=None, min_length=1, max_length=256)
+    # Waits on the NATS side: the first chunk waits for the queue and the prefill.
+    first_token_timeout_s: float = Field(default=300.0, gt=0)
+    token_timeout_s: float = Field(default=120.0, gt=0)
+    # Prompts x n of one HTTP request (each becomes one spotserve request).
+    max_choices: int = Field(default=16, ge=1, le=128)
+    # The fleet's status is asked at most this often (no running instance: 503 at once).
+    capacity_check_s: float = Field(default=1.0, gt=0)
+
+
 class LogSettings(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_output: bool | None = Field(default=None, description="None: JSON when not a TTY.")
@@ -240,4 +269,6 @@ class Settings(BaseSettings):
     loader: LoaderSettings = LoaderSettings()
     monitor: MonitorSettings = MonitorSettings()
     planner: PlannerSettings = PlannerSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()

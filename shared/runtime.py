@@ -41,6 +41,7 @@ from shared.messages import (
     ServingMode,
     TokenChunk,
 )
+from shared.metrics import METRICS_URL_KEY, start_metrics_server
 from shared.subjects import (
     MODE_KEY,
     PLANS_STREAM,
@@ -66,18 +67,24 @@ class ServiceContext:
     js: JetStreamContext
     log: structlog.stdlib.BoundLogger
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Where this process serves its Prometheus metrics (None: off).
+    metrics_url: str | None = None
 
     async def add_micro_service(
         self, description: str, metadata: dict[str, str] | None = None
     ) -> Service:
-        """Register as a nats.micro service: answers $SRV PING/INFO/STATS."""
+        """Register as a nats.micro service: answers $SRV PING/INFO/STATS (INFO's metadata
+        says where the metrics are)."""
+        metadata = dict(metadata or {})
+        if self.metrics_url is not None:
+            metadata[METRICS_URL_KEY] = self.metrics_url
         return await add_service(
             self.nc,
             ServiceConfig(
                 name=self.name,
                 version=__version__,
                 description=description,
-                metadata=metadata or {},
+                metadata=metadata,
             ),
         )
 
@@ -85,12 +92,16 @@ class ServiceContext:
 ServiceBody = Callable[[ServiceContext], Awaitable[None]]
 
 
-def run_service(name: str, body: ServiceBody, settings: Settings | None = None) -> None:
-    """Entry point of ``python -m services.<name>``: run ``body`` until SIGINT/SIGTERM."""
+def run_service(
+    name: str, body: ServiceBody, settings: Settings | None = None, jetstream: bool = True
+) -> None:
+    """Entry point of ``python -m services.<name>``: run ``body`` until SIGINT/SIGTERM.
+    ``jetstream=False``: a service that uses no stream (its NATS user may have no JetStream
+    rights) does not declare them."""
     settings = settings or Settings()
     log = configure_logging(settings.log, name)
     try:
-        asyncio.run(_serve(name, body, settings, log))
+        asyncio.run(_serve(name, body, settings, log, jetstream))
     except NatsUnavailableError as exc:
         log.error("service.nats_unavailable", error=str(exc))
         raise SystemExit(2) from None
@@ -101,12 +112,20 @@ def run_service(name: str, body: ServiceBody, settings: Settings | None = None) 
 
 
 async def _serve(
-    name: str, body: ServiceBody, settings: Settings, log: structlog.stdlib.BoundLogger
+    name: str,
+    body: ServiceBody,
+    settings: Settings,
+    log: structlog.stdlib.BoundLogger,
+    jetstream: bool = True,
 ) -> None:
     url = resolve_nats_url(settings.nats)
     nc = await connect(url, settings.nats, name=name)
-    js = await connect_jetstream(nc, timeout_s=settings.nats.request_timeout_s)
-    context = ServiceContext(name=name, settings=settings, nc=nc, js=js, log=log)
+    timeout_s = settings.nats.request_timeout_s
+    js = await connect_jetstream(nc, timeout_s) if jetstream else nc.jetstream(timeout=timeout_s)
+    metrics_url = start_metrics_server(settings.metrics, name)
+    context = ServiceContext(
+        name=name, settings=settings, nc=nc, js=js, log=log, metrics_url=metrics_url
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, context.stop.set)
@@ -125,13 +144,13 @@ async def _serve(
 
 async def discover(
     nc: Client,
-    service: str,
+    service: str | None,
     verb: str = "INFO",
     window_s: float = 0.3,
     enough: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Ask every instance of a nats.micro service; collect the replies for ``window_s`` (or
-    until a reply for which ``enough`` is true, which is then the last one)."""
+    """Ask every instance of a nats.micro service (None: of every service); collect the
+    replies for ``window_s`` (or until a reply for which ``enough`` is true, the last one)."""
     replies: list[dict[str, Any]] = []
     inbox = nc.new_inbox()
     subscription = await nc.subscribe(inbox)

@@ -3,9 +3,10 @@
 Each service's user may publish and subscribe only where the service works (its endpoints,
 the streams and buckets it writes, the JetStream API, replies to inboxes). Only the planner may
 publish plans, only the monitor fleet events, only the scheduler (and executors among
-themselves) executor commands. The ``client`` user may only call the public API
-(``spotserve.v1.generate``, ``spotserve.v1.result``, ``spotserve.v1.fleet.status``), find
-services through ``$SRV``, and read its own inbox, ``_INBOX.<user>.>`` (every connection of
+themselves) executor commands. The ``client`` user (and the HTTP ``gateway``) may only call
+the public API (``spotserve.v1.generate``, ``spotserve.v1.result``,
+``spotserve.v1.fleet.status``), find services through ``$SRV``, and read its own inbox,
+``_INBOX.<user>.>`` (every connection of
 spotserve uses that inbox prefix, so one client user cannot read another's token streams). The
 ``operator`` user (``spotserve fleet``, ``model push``, loadgen) may also send fleet commands,
 switch the serving mode and upload models.
@@ -49,7 +50,10 @@ from shared.subjects import (
 
 CLIENT_USER = "client"
 OPERATOR_USER = "operator"
-SERVICE_USERS = ("admission", "scheduler", "planner", "monitor", "loader", "executor")
+GATEWAY_USER = "gateway"
+SERVICE_USERS = (
+    "admission", "scheduler", "planner", "monitor", "loader", "executor", GATEWAY_USER,
+)  # fmt: skip
 ALL_USERS = (*SERVICE_USERS, CLIENT_USER, OPERATOR_USER)
 AUTH_FILE = "nats-auth.conf"
 
@@ -116,6 +120,13 @@ def permissions(user: str) -> Permissions:
         return Permissions(
             publish=[*_SERVICE_PUBLISH, *own.publish],
             subscribe=[*_SERVICE_SUBSCRIBE, *own.subscribe],
+        )
+    if user == GATEWAY_USER:
+        # A client of the public API that is also a nats.micro service (answers $SRV pings):
+        # no JetStream, no fleet commands.
+        return Permissions(
+            publish=[GENERATE, RESULT, FLEET_STATUS, "$SRV.>", "_INBOX.>"],
+            subscribe=["$SRV.>", f"{inbox_prefix(user)}.>"],
         )
     if user == CLIENT_USER or user.startswith(f"{CLIENT_USER}-"):
         return Permissions(

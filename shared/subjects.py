@@ -36,6 +36,7 @@ SERVICE_PLANNER = "spotserve-planner"
 SERVICE_MONITOR = "spotserve-monitor"
 SERVICE_LOADER = "spotserve-loader"
 SERVICE_EXECUTOR = "spotserve-executor"
+SERVICE_GATEWAY = "spotserve-gateway"
 ALL_SERVICES = (
     SERVICE_ADMISSION,
     SERVICE_SCHEDULER,
@@ -43,6 +44,7 @@ ALL_SERVICES = (
     SERVICE_MONITOR,
     SERVICE_LOADER,
     SERVICE_EXECUTOR,
+    SERVICE_GATEWAY,
 )
 
 # Accepted requests: admission publishes, the scheduler consumes (work queue).

@@ -36,8 +36,8 @@ class TextTokenizer:
         if not path.exists():
             raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
         tokenizer = Tokenizer.from_file(str(path))
-        config = _read_json(model_dir / "config.json")
-        tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+        config = read_json_object(model_dir / "config.json")
+        tokenizer_config = read_json_object(model_dir / "tokenizer_config.json")
         bos = _token_id(tokenizer, tokenizer_config.get("bos_token"))
         if bos is None and isinstance(config.get("bos_token_id"), int):
             bos = config["bos_token_id"]
@@ -65,15 +65,16 @@ def read_eos_token_ids(model_dir: Path, tokenizer: Tokenizer | None = None) -> f
     model_dir = Path(model_dir)
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
-        ids.update(_as_id_list(_read_json(model_dir / name).get("eos_token_id")))
+        ids.update(_as_id_list(read_json_object(model_dir / name).get("eos_token_id")))
     if tokenizer is not None:
-        eos = _token_id(tokenizer, _read_json(model_dir / "tokenizer_config.json").get("eos_token"))
+        tokenizer_config = read_json_object(model_dir / "tokenizer_config.json")
+        eos = _token_id(tokenizer, tokenizer_config.get("eos_token"))
         if eos is not None:
             ids.add(eos)
     return frozenset(ids)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     payload = json.loads(path.read_text(encoding="utf-8"))
