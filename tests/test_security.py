@@ -123,6 +123,11 @@ def test_passwords_are_random_private_and_kept(credentials: Credentials) -> None
         ("scheduler", fleet_event_subject("lost")),
         ("admission", executor_step_subject("instance-0")),
         ("planner", fleet_event_subject("joined")),
+        # The HTTP gateway is a client of the public API: no fleet commands, no JetStream.
+        ("gateway", FLEET_NOTICE),
+        ("gateway", ADMIN_MODE),
+        ("gateway", "$JS.API.STREAM.DELETE.SPOTSERVE_REQUESTS"),
+        ("gateway", tokens_subject("someone")),
     ],
 )
 async def test_forbidden_publishes_are_refused_and_never_delivered(

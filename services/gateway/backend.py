@@ -20,13 +20,15 @@ from shared.client import GenerateError, SpotserveClient
 from shared.codec import decode, encode
 from shared.config import GatewaySettings
 from shared.messages import ErrorCode, FleetStatus, TokenChunk
-from shared.subjects import FLEET_STATUS
+from shared.runtime import discover
+from shared.subjects import FLEET_STATUS, SERVICE_ADMISSION
 
 # Choices' chunks waiting for the HTTP side (per HTTP request; producers wait when it is full).
 EVENT_QUEUE_SIZE = 256
 FLEET_STATUS_TIMEOUT_S = 2.0
 NO_CAPACITY_RETRY_AFTER_S = 5.0
 OVERLOADED_RETRY_AFTER_S = 1.0
+HEALTH_PING_S = 0.5
 
 
 class ApiError(Exception):
@@ -167,9 +169,14 @@ class Backend:
         return states.count("running"), states.count("preempting")
 
     async def is_ready(self) -> tuple[bool, str]:
-        """For /health: NATS connected and capacity not known to be zero."""
+        """For /health: NATS connected, admission answers, capacity not known to be zero."""
         if not self.nc.is_connected:
             return False, "not connected to NATS"
+        found = await discover(
+            self.nc, SERVICE_ADMISSION, verb="PING", window_s=HEALTH_PING_S, enough=bool
+        )
+        if not found:
+            return False, "spotserve's admission service does not answer"
         try:
             await self.check_capacity()
         except ApiError as exc:
