@@ -32,6 +32,7 @@ ownership and modes inside containers, container host names (all processes share
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -132,6 +133,7 @@ class LocalCompose:
     root: Path
     nats_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    gateway_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     volumes: dict[str, Path] = field(default_factory=dict)
     mount_points: dict[str, Path] = field(default_factory=dict)
@@ -185,6 +187,13 @@ class LocalCompose:
         if not spec["image"].startswith("nats:"):
             env.update({key: self.localize(value) for key, value in image_environment().items()})
         env.update({k: self.localize(v) for k, v in environment_of(spec).items()})
+        # Every container has its own ports; here the processes share this host's.
+        if "SPOTSERVE_GATEWAY__PORT" in env:
+            env["SPOTSERVE_GATEWAY__PORT"] = str(self.gateway_port)
+        env["SPOTSERVE_METRICS__PORT"] = "0"
+        for key in ("SPOTSERVE_GATEWAY__HOST", "SPOTSERVE_METRICS__HOST"):
+            if env.get(key) == "0.0.0.0":
+                env[key] = "127.0.0.1"
         env.update(extra or {})
         return env
 
@@ -475,6 +484,21 @@ async def test_a_client_user_gets_a_completion(compose_cluster: Started) -> None
     finally:
         await nc.close()
     assert completion.completion_tokens == 6 and completion.finish_reason == "length"
+
+
+def test_the_gateway_answers_openai_requests(compose_cluster: Started) -> None:
+    gateway = load_compose()["services"]["gateway"]
+    assert gateway["ports"] == ["127.0.0.1:${SPOTSERVE_GATEWAY_PORT:-8000}:8000"]
+    assert environment_of(gateway)["SPOTSERVE_GATEWAY__PORT"] == "8000"
+    url = f"http://127.0.0.1:{compose_cluster.local.gateway_port}/v1/completions"
+    body = {"model": "spotserve-tiny", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    assert answer["usage"]["completion_tokens"] == 3
+    assert answer["choices"][0]["finish_reason"] == "length"
 
 
 def test_the_cli_service_sends_a_request_as_the_operator(compose_cluster: Started) -> None:
