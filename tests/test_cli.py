@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 
 from shared.cli import DEMO_PROMPTS
 from shared.model.checkpoint import MODEL_FILES
+from shared.natsserver import free_port
 
 MARKER_VARIABLE = "SPOTSERVE_TEST_MARKER"
 SPOTSERVE_SCRIPT = Path(sys.executable).parent / "spotserve"
@@ -212,9 +214,21 @@ def test_up_generate_and_ctrl_c(tmp_path: Path, tiny_model_dir: Path, marker: st
     home = tmp_path / "home"
     env = cli_env(home, marker)
     stderr_path = tmp_path / "up.stderr"
+    gateway_port = free_port()
     with open(stderr_path, "w") as stderr:
         up = subprocess.Popen(
-            [*SPOTSERVE, "up", "--instances", "1", "--model", str(tiny_model_dir)],
+            [
+                *SPOTSERVE,
+                "up",
+                "--instances",
+                "1",
+                "--model",
+                str(tiny_model_dir),
+                "--gateway-port",
+                str(gateway_port),
+                "--metrics-port",
+                "0",
+            ],
             env=env,
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
@@ -232,6 +246,17 @@ def test_up_generate_and_ctrl_c(tmp_path: Path, tiny_model_dir: Path, marker: st
         record = json.loads((home / "cluster.json").read_text())
         assert record["nats_url"] == nats_url.group(0)
         assert record["pid"] == up.pid
+        # It prints the gateway's URL and every service's metrics URL, and they answer.
+        gateway = reader.wait_for("gateway: ", 30)
+        assert gateway is not None and f"http://127.0.0.1:{gateway_port}" in gateway, reader.lines
+        models = urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/v1/models", timeout=30)
+        assert json.loads(models.read())["data"][0]["id"] == tiny_model_dir.name
+        services = ("admission", "executor", "gateway", "loader", "monitor", "planner", "scheduler")
+        for service in services:  # printed in this order
+            line = reader.wait_for(f"metrics {service}: ", 30)
+            assert line is not None, reader.lines
+            with urllib.request.urlopen(line.split(": ", 1)[1].strip(), timeout=30) as page:
+                assert b"spotserve_" in page.read(), line
 
         args = ("generate", "Hello", "--max-tokens", "8", "--temperature", "0", "--ignore-eos")
         streamed = spotserve(*args, env=env)
