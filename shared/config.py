@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -249,6 +249,23 @@ class GatewaySettings(BaseModel):
     max_choices: int = Field(default=16, ge=1, le=128)
     # The fleet's status is asked at most this often (no running instance: 503 at once).
     capacity_check_s: float = Field(default=1.0, gt=0)
+    # Require ``Authorization: Bearer <key>`` on /v1/* (None: open, as on 127.0.0.1 by
+    # default). The key is read from api_key_file when given (e.g. a mounted secret).
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_file is None:
+            return self.api_key.get_secret_value() if self.api_key else None
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the gateway's API key file {self.api_key_file}: {exc}"
+            ) from None
+        if not key:
+            raise ConfigurationError(f"the gateway's API key file {self.api_key_file} is empty")
+        return key
 
 
 class LogSettings(BaseModel):

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -456,6 +457,42 @@ async def test_without_capacity_requests_are_503(
                 process.terminate()
                 process.wait(timeout=30)
     assert gateway.returncode == 0, (tmp_path / "gateway.log").read_text()[-2000:]
+
+
+def test_an_api_key_guards_the_api(
+    lone_nats: EmbeddedNatsServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret-key\n")
+    gateway = start_service(
+        "services.gateway",
+        lone_nats.url,
+        tiny_model_dir,
+        tmp_path / "gateway.log",
+        SPOTSERVE_GATEWAY__PORT=str(port),
+        SPOTSERVE_GATEWAY__API_KEY_FILE=str(key_file),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health(base_url)
+                break
+            except httpx.TransportError:
+                assert gateway.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30)
+            assert_openai_error(refused, 401, code="invalid_api_key")
+        allowed = httpx.get(
+            f"{base_url}/v1/models", headers={"Authorization": "Bearer s3cret-key"}, timeout=30
+        )
+        assert allowed.status_code == 200 and allowed.json()["data"][0]["id"] == MODEL
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
 
 
 # -- the chat template ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -45,6 +46,8 @@ class GatewayState:
     model_id: str
     model_created: int
     max_body_bytes: int
+    # Required as ``Authorization: Bearer <key>`` on /v1/* when set.
+    api_key: str | None = None
 
 
 @dataclass
@@ -60,6 +63,17 @@ class _Choice:
 def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="spotserve", description="OpenAI-compatible API of spotserve")
     _add_error_handlers(app)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Callable[..., Any]) -> Response:
+        if state.api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+                message = "missing or incorrect API key: send 'Authorization: Bearer <key>'"
+                return error_response(
+                    ApiError(401, message, "invalid_request_error", code="invalid_api_key")
+                )
+        return await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[..., Any]) -> Response:

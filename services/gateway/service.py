@@ -64,6 +64,7 @@ async def serve(context: ServiceContext) -> None:
         model_id=model_id_of(settings, model_dir),
         model_created=int((model_dir / "config.json").stat().st_mtime),
         max_body_bytes=settings.admission.max_request_bytes,
+        api_key=settings.gateway.resolved_api_key(),
     )
     sock = bind_socket(settings.gateway.host, settings.gateway.port)
     port = sock.getsockname()[1]
