@@ -13,10 +13,13 @@ text says so.
 
 from __future__ import annotations
 
+import itertools
 import socket
+from collections.abc import Iterable
+from typing import TypeVar
 
 import structlog
-from prometheus_client import start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from shared.config import MetricsSettings
 
@@ -34,6 +37,17 @@ TOKEN_GAP_BUCKETS = (
 )  # fmt: skip
 # Work that takes from milliseconds to minutes: an iteration, a plan, a model load.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
+
+
+def with_labels(metric: MetricT, *values: Iterable[str]) -> MetricT:
+    """Create every combination of a metric's (small, known) label values now, so that each
+    series is exported at 0 from the start instead of appearing at its first event."""
+    for combination in itertools.product(*values):
+        metric.labels(*combination)
+    return metric
 
 
 def url_host(host: str) -> str:

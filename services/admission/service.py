@@ -21,6 +21,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.micro.request import Request
 from pydantic import ValidationError
 
+from services.admission import metrics
 from shared.codec import DecodeError, content_type_header, decode, encode, encoding_from_headers
 from shared.messages import (
     AcceptedRecord,
@@ -112,7 +113,9 @@ async def publish_arrival_rate(context: ServiceContext, meter: ArrivalMeter) -> 
     while not context.stop.is_set():
         try:
             bucket = bucket or await load_bucket(context.js)
-            await bucket.put(ARRIVAL_RATE_KEY, encode(meter.rate()))
+            rate = meter.rate()
+            metrics.ARRIVAL_RATE.set(rate.requests_per_s)
+            await bucket.put(ARRIVAL_RATE_KEY, encode(rate))
         except (TimeoutError, NatsError, JetStreamError) as exc:
             context.log.warning("arrival_rate.publish_failed", error=repr(exc))
         with contextlib.suppress(TimeoutError):
@@ -144,6 +147,7 @@ class Admission:
         self._slots.release()
 
     async def _handle(self, request: Request) -> None:
+        received = time.perf_counter()
         encoding = encoding_from_headers(request.headers)
         request_id = uuid.uuid4().hex
         log = self.log.bind(request_id=request_id)
@@ -165,6 +169,9 @@ class Admission:
                 self.queued -= 1
                 raise
             self.meter.record()
+            metrics.REQUESTS.labels("accepted").inc()
+            metrics.PROMPT_TOKENS.inc(len(accepted.prompt_token_ids))
+            metrics.ACCEPT_SECONDS.observe(time.perf_counter() - received)
             log.info(
                 "generate.accepted",
                 prompt_tokens=len(accepted.prompt_token_ids),
@@ -173,9 +180,11 @@ class Admission:
             )
         except RequestRefused as refused:
             log.info("generate.refused", code=str(refused.code), reason=refused.message)
+            metrics.REQUESTS.labels(metrics.OUTCOME_OF_CODE[refused.code]).inc()
             await self._respond_error(request, refused.code, refused.message, request_id)
         except Exception as exc:  # a bug must not take the service down
             log.exception("generate.internal_error")
+            metrics.REQUESTS.labels("internal").inc()
             await self._respond_error(
                 request, ErrorCode.INTERNAL, f"internal error: {exc!r}", request_id
             )
@@ -303,16 +312,19 @@ class Admission:
         part of its stream (a reconnect, a NATS restart: core NATS does not redeliver)."""
         command = await parse_request(request, ResultRequest, "result request")
         if command is None:
+            metrics.RESULT_LOOKUPS.labels("bad_request").inc()
             return
         request_id = command.request_id
         try:
             chunks = await read_committed_chunks(self.context.js, request_id)
             known = bool(chunks) or await self._accepted(request_id)
         except (TimeoutError, NatsError, JetStreamError) as exc:
+            metrics.RESULT_LOOKUPS.labels("unavailable").inc()
             await request.respond_error(
                 str(ErrorCode.UNAVAILABLE), f"committed tokens unreadable now ({exc!r}); retry"
             )
             return
+        metrics.RESULT_LOOKUPS.labels("found" if known else "not_found").inc()
         if not known:
             await request.respond_error(
                 str(ErrorCode.NOT_FOUND),
@@ -417,6 +429,8 @@ async def serve(context: ServiceContext) -> None:
     model_dir = await resolve_model(context)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
     admission = Admission(context, tokenizer)
+    # Read when scraped (an int attribute: no locking needed).
+    metrics.QUEUED.set_function(lambda: admission.queued)
     service = await context.add_micro_service(
         "Validates generate requests and persists them to JetStream",
         metadata={"model": str(model_dir), "context_length": str(tokenizer.context_length)},

@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from pydantic import ValidationError
 
+from services.executor import metrics
 from services.executor.ranks import EngineSpec, RankFailedError, ShardedEngine
 from shared.codec import DecodeError, decode, encode
 from shared.loading.format import Layers
@@ -136,13 +137,16 @@ class Executor:
             self.rank_lost(exc)
         except EngineError as exc:
             self.log.warning("step.refused", error=str(exc))
+            metrics.STEPS.labels("refused").inc()
             await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
             return
         except Exception as exc:
             self.log.exception("step.failed")
+            metrics.STEPS.labels("error").inc()
             await request.respond_error(str(ErrorCode.INTERNAL), f"step failed: {exc!r}")
             return
         result = StepResult(tokens=tokens, compute_s=time.perf_counter() - started)
+        observe_step(result)
         await request.respond(encode(result))
         if command.prefetch:
             # After the reply: the uploads overlap the scheduler's commit and planning; the next
@@ -192,9 +196,12 @@ class Executor:
             "pipeline.step", micro_batches=len(parts), overlapped=overlapped, failed=bool(failure)
         )
         if failure is not None:
+            refused = failure[0] == str(ErrorCode.BAD_REQUEST)
+            metrics.STEPS.labels("refused" if refused else "error").inc()
             await request.respond_error(*failure)
             return
         result = StepResult(tokens=tokens, compute_s=time.perf_counter() - started)
+        observe_step(result)
         await request.respond(encode(result))
 
     def _micro_batch_count(self) -> int:
@@ -212,8 +219,10 @@ class Executor:
             try:
                 received = await self.inbox.receive(stage.hidden_transfer, KV_TRANSFER_TIMEOUT_S)
             except (TransferFailedError, TimeoutError) as exc:
+                metrics.TRANSFER_FAILURES.labels("activations", "received").inc()
                 await request.respond_error(str(ErrorCode.UNAVAILABLE), f"no activations: {exc}")
                 return
+            observe_transfer("activations", "received", received.nbytes)
             stage.batch["hidden"] = received.tensors.get("hidden")
         outcome = await self._compute_stage(stage)
         if isinstance(outcome, tuple):
@@ -291,10 +300,11 @@ class Executor:
                 timeout=self.context.settings.scheduler.step_timeout_s,
             )
             if sending is not None:
-                await sending
+                observe_transfer("activations", "sent", (await sending).bytes_sent)
         except (TimeoutError, NatsError, TransferError) as exc:
             if sending is not None:
                 sending.cancel()
+                metrics.TRANSFER_FAILURES.labels("activations", "sent").inc()
             return str(ErrorCode.UNAVAILABLE), f"next stage {self.next_stage}: {exc!r}"
         headers = reply.headers or {}
         if ERROR_CODE_HEADER in headers:
@@ -349,13 +359,16 @@ class Executor:
             self.engine = await loop.run_in_executor(
                 self._compute, partial(self.build, layers, lambda _device: state)
             )
+        source = "disk" if state is None else ("peer" if from_peers else "local")
+        seconds = time.perf_counter() - started
+        metrics.MODEL_LOAD_SECONDS.labels("role", source).observe(seconds)
         self.log.info(
             "role.taken",
             epoch=plan.epoch,
             layers=layers,
             next_stage=self.next_stage,
             from_peers=from_peers,
-            seconds=round(time.perf_counter() - started, 3),
+            seconds=round(seconds, 3),
         )
 
     async def _gather_weights(
@@ -410,8 +423,10 @@ class Executor:
             received = await receiving
         except (TimeoutError, NatsError, TransferError, TransferFailedError) as exc:
             receiving.cancel()
+            metrics.TRANSFER_FAILURES.labels("weights", "received").inc()
             self.log.warning("weights.fetch_failed", source=source, error=repr(exc))
             return None
+        observe_transfer("weights", "received", received.nbytes)
         return dict(received.tensors)
 
     async def on_weights(self, request: Request) -> None:
@@ -442,8 +457,10 @@ class Executor:
                 timeout_s=KV_TRANSFER_TIMEOUT_S,
             )
         except (TransferError, TimeoutError) as exc:
+            metrics.TRANSFER_FAILURES.labels("weights", "sent").inc()
             await request.respond_error(str(ErrorCode.UNAVAILABLE), f"transfer failed: {exc}")
             return
+        observe_transfer("weights", "sent", stats.bytes_sent)
         self.log.info("weights.sent", destination=command.destination, layers=command.layers)
         await request.respond(encode(KvMoveReply(request_id="", nbytes=stats.bytes_sent)))
 
@@ -471,10 +488,12 @@ class Executor:
             await request.respond_error(str(ErrorCode.NOT_FOUND), str(exc))
             return
         except (TransferError, TimeoutError) as exc:
+            metrics.TRANSFER_FAILURES.labels("kv", "sent").inc()
             self.log.warning("kv.migrate_failed", request_id=command.request_id, error=str(exc))
             await request.respond_error(str(ErrorCode.UNAVAILABLE), f"transfer failed: {exc}")
             return
         await loop.run_in_executor(self._compute, self.engine.release, [command.request_id])
+        observe_transfer("kv", "sent", stats.bytes_sent)
         self.log.info(
             "kv.migrated",
             request_id=command.request_id,
@@ -498,11 +517,13 @@ class Executor:
                 self._compute, self.engine.import_kv, command.request_id, length, tensors, "host"
             )
         except (TransferFailedError, TimeoutError, KeyError) as exc:
+            metrics.TRANSFER_FAILURES.labels("kv", "received").inc()
             await request.respond_error(str(ErrorCode.UNAVAILABLE), f"no KV cache arrived: {exc}")
             return
         except EngineError as exc:
             await request.respond_error(str(ErrorCode.BAD_REQUEST), str(exc))
             return
+        observe_transfer("kv", "received", received.nbytes)
         reply = KvMoveReply(request_id=command.request_id, nbytes=received.nbytes, landed=landed)
         await request.respond(encode(reply))
 
@@ -525,8 +546,10 @@ class Executor:
             self.engine.release(command.release)
         if command.offload:
             self.engine.offload(command.offload)
+            metrics.KV_SWAPS.labels("offload").inc(len(command.offload))
         if command.upload:
             self.engine.upload(command.upload)
+            metrics.KV_SWAPS.labels("upload").inc(len(command.upload))
 
     def _prefetch(self, request_ids: list[str]) -> list[str]:
         """Upload what is offloaded here, as far as slots are free; returns what was not."""
@@ -534,6 +557,7 @@ class Executor:
         ready = [rid for rid in request_ids if rid in held][: self.engine.num_free_slots]
         if ready:
             self.engine.upload(ready)
+            metrics.KV_SWAPS.labels("upload").inc(len(ready))
         return [rid for rid in request_ids if rid not in ready]
 
     def _prefetch_done(self, future: asyncio.Future[list[str]]) -> None:
@@ -580,6 +604,17 @@ class Executor:
         if isinstance(self.engine, ShardedEngine):
             self._compute.submit(self.engine.close).result()
         self._compute.shutdown(wait=True)
+
+
+def observe_step(result: StepResult) -> None:
+    metrics.STEPS.labels("ok").inc()
+    metrics.STEP_SECONDS.observe(result.compute_s)
+    metrics.SAMPLED_TOKENS.inc(len(result.tokens))
+
+
+def observe_transfer(kind: str, direction: str, nbytes: int) -> None:
+    metrics.TRANSFERS.labels(kind, direction).inc()
+    metrics.TRANSFER_BYTES.labels(kind, direction).inc(nbytes)
 
 
 def split_micro_batches(steps: list[SequenceStep], count: int) -> list[list[SequenceStep]]:
@@ -763,14 +798,20 @@ async def serve(context: ServiceContext) -> None:
     finally:
         if lease is not None:
             await release_host_lease(context, lease)
+    seconds = time.perf_counter() - started
+    source = "host-pool" if lease else "disk"
+    metrics.MODEL_LOAD_SECONDS.labels("start", source).observe(seconds)
     context.log.info(
-        "model.loaded",
-        source="host-pool" if lease else "disk",
-        tensor_parallel=ranks,
-        seconds=round(time.perf_counter() - started, 3),
+        "model.loaded", source=source, tensor_parallel=ranks, seconds=round(seconds, 3)
     )
     executor = Executor(context, engine, instance_id, compute)
     executor.build = build
+    metrics.observe_engine_memory(
+        settings.max_slots,
+        settings.host_kv_slots,
+        free_slots=lambda: executor.engine.num_free_slots,
+        offloaded=lambda: len(executor.engine.offloaded_ids()),
+    )
     service = await context.add_micro_service(
         "Runs decoding iterations of one instance's model",
         metadata={

@@ -20,6 +20,7 @@ from nats.js.kv import KeyValue
 from nats.micro.request import Request
 from pydantic import ValidationError
 
+from services.loader import metrics
 from shared.codec import DecodeError, decode, encode
 from shared.config import spotserve_home
 from shared.loading.format import CheckpointError, is_converted, read_index
@@ -72,6 +73,7 @@ class Loader:
             body = FetchModelRequest.model_validate(decode(request.data))
             name = check_model_name(body.model)
         except (DecodeError, ValidationError, ValueError) as exc:
+            metrics.FETCH_ERRORS.labels("bad_request").inc()
             await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad fetch request: {exc}")
             return
         started = time.perf_counter()
@@ -82,19 +84,24 @@ class Loader:
                 tier, lease = await self._lease_from_pool(name, path, tier)
         except CheckpointError as exc:
             self.log.warning("fetch.failed", model=name, error=str(exc))
+            metrics.FETCH_ERRORS.labels("not_found").inc()
             await request.respond_error(str(ErrorCode.NOT_FOUND), str(exc))
             return
         except RemoteStoreError as exc:
             self.log.warning("fetch.remote_unavailable", model=name, error=str(exc))
+            metrics.FETCH_ERRORS.labels("unavailable").inc()
             await request.respond_error(
                 str(ErrorCode.UNAVAILABLE), f"the remote store did not deliver: {exc}; retry later"
             )
             return
         except Exception as exc:
             self.log.exception("fetch.error", model=name)
+            metrics.FETCH_ERRORS.labels("internal").inc()
             await request.respond_error(str(ErrorCode.INTERNAL), f"fetch failed: {exc!r}")
             return
         seconds = time.perf_counter() - started
+        metrics.FETCHES.labels(tier).inc()
+        metrics.FETCH_SECONDS.labels(tier).observe(seconds)
         self.log.info("fetch.done", model=name, tier=tier, seconds=round(seconds, 3))
         reply = FetchModelReply(model=name, path=str(path), tier=tier, seconds=seconds, host=lease)
         await request.respond(encode(reply))
@@ -115,6 +122,7 @@ class Loader:
                 signature = await asyncio.to_thread(_files_signature, path)
                 checked = self._checked.get(name) == signature
                 verify = self.context.settings.loader.verify and not checked
+                started = time.perf_counter()
                 try:
                     pooled = await asyncio.to_thread(self.pool.admit, name, path, verify)
                 except OSError as exc:  # e.g. /dev/shm full
@@ -123,9 +131,13 @@ class Loader:
                 if pooled is None:
                     self.log.info("pool.no_room", model=name, capacity=self.pool.capacity_bytes)
                     return tier, None
+                metrics.LOAD_SECONDS.labels("host-memory").observe(time.perf_counter() - started)
+                metrics.LOADED_BYTES.labels("host-memory").inc(pooled.nbytes)
                 self._checked[name] = signature
                 await self.publish_inventory()
-            return tier, self.pool.lease(name, self.context.settings.loader.host_lease_s)
+            lease = self.pool.lease(name, self.context.settings.loader.host_lease_s)
+            metrics.HOST_LEASES.inc()
+            return tier, lease
 
     async def on_release(self, request: Request) -> None:
         body = await parse_request(request, ReleaseLeaseRequest, "release request")
@@ -150,7 +162,10 @@ class Loader:
             # The pull checked every partition.
             self._checked[name] = await asyncio.to_thread(_files_signature, path)
             pulled = await asyncio.to_thread(_model_bytes, path)
-            self._measured("remote", pulled / (time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            metrics.LOAD_SECONDS.labels("local-disk").observe(seconds)
+            metrics.LOADED_BYTES.labels("local-disk").inc(pulled)
+            self._measured("remote", pulled / seconds)
             await self.publish_inventory()
             return path, "remote"
 
@@ -166,6 +181,7 @@ class Loader:
         # Exponentially weighted: recent transfers count most, one outlier does not rule.
         previous = self.bandwidth_bps.get(tier)
         self.bandwidth_bps[tier] = bps if previous is None else 0.7 * bps + 0.3 * previous
+        metrics.BANDWIDTH.labels(tier).set(self.bandwidth_bps[tier])
 
     async def publish_inventory(self) -> None:
         """Put this node's inventory in the KV bucket (the planner's input)."""
@@ -248,6 +264,12 @@ async def serve(context: ServiceContext) -> None:
             direct_io=settings.direct_io,
         )
     loader = Loader(context, node, models_dir, pool)
+    if pool is not None:
+        metrics.HOST_POOL_CAPACITY.set(pool.capacity_bytes)
+        # Read when scraped (the pool is thread-safe).
+        metrics.HOST_POOL_USED.set_function(
+            lambda: pool.capacity_bytes - pool.free_chunks() * pool.chunk_bytes
+        )
     service = await context.add_micro_service(
         "Brings converted models from the remote store to this node's disk and host memory",
         metadata={

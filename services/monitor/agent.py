@@ -19,6 +19,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
+from services.monitor import metrics
 from services.monitor.cloud import (
     CloudAdapter,
     CloudNotice,
@@ -58,9 +59,11 @@ class NoticeAgent:
         try:
             notice = await asyncio.to_thread(self.adapter.poll)
         except MetadataUnreachableError as exc:
+            metrics.AGENT_POLL_ERRORS.labels("unreachable").inc()
             self._problem("agent.metadata_unreachable", str(exc))
             return None
         except MetadataError as exc:
+            metrics.AGENT_POLL_ERRORS.labels("malformed").inc()
             self._problem("agent.malformed_response", str(exc))
             return None
         self._last_problem = None
@@ -85,20 +88,24 @@ class NoticeAgent:
                 FLEET_NOTICE, encode(body), timeout=self.request_timeout_s
             )
         except (NoRespondersError, TimeoutError, NatsError) as exc:
+            metrics.AGENT_NOTICES.labels("undelivered").inc()
             log.warning("agent.notice_not_delivered", error=repr(exc))
             return
         headers = reply.headers or {}
         code = headers.get(ERROR_CODE_HEADER)
         if code == str(ErrorCode.NOT_FOUND):
             # The instance may not have registered yet: try again at the next poll.
+            metrics.AGENT_NOTICES.labels("unknown_instance").inc()
             log.warning("agent.instance_unknown", error=headers.get(ERROR_HEADER))
             return
         if code is not None:
+            metrics.AGENT_NOTICES.labels("refused").inc()
             log.error("agent.notice_refused", code=code, error=headers.get(ERROR_HEADER))
             if code == str(ErrorCode.BAD_REQUEST):
                 self.sent.add(notice.key)  # it will not get better
             return
         self.sent.add(notice.key)
+        metrics.AGENT_NOTICES.labels("accepted").inc()
         try:
             event = FleetEvent.model_validate(decode(reply.data))
         except (DecodeError, ValueError):

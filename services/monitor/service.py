@@ -58,6 +58,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from nats.micro.request import Request
 from pydantic import ValidationError
 
+from services.monitor import metrics
 from shared.bus import resolve_nats_url
 from shared.cluster import die_with_parent
 from shared.codec import DecodeError, decode, encode, encoding_from_headers
@@ -206,6 +207,7 @@ class Monitor:
                 self.log.warning("fleet.publish_retry", kind=kind, msg_id=msg_id, error=repr(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        metrics.FLEET_EVENTS.labels(kind).inc()
         if ack.duplicate:
             # An earlier try was stored after all: that stored event is the truth.
             stored = await self.context.js.get_msg(FLEET_STREAM, ack.seq)
@@ -411,6 +413,7 @@ class Monitor:
         for tracked in list(self.instances.values()):
             if now - tracked.last_seen > self.settings.lease_s:
                 kind: FleetEventKind = "left" if tracked.notice is not None else "lost"
+                metrics.LEASE_EXPIRATIONS.inc()
                 self.log.warning(
                     "registry.lease_expired",
                     instance_id=tracked.record.instance_id,
@@ -524,6 +527,7 @@ class Monitor:
             if self.instances.get(tracked.record.instance_id) is not tracked:
                 return  # gone meanwhile
             await self._kill(tracked.record)
+            metrics.LOCAL_KILLS.inc()
             await self._end(tracked, "left", source="local", delete_key=True)
 
     async def _kill(self, record: InstanceRecord) -> None:
@@ -578,6 +582,8 @@ class Monitor:
         env["SPOTSERVE_NATS__URL"] = resolve_nats_url(self.context.settings.nats)
         env["SPOTSERVE_EXECUTOR__INSTANCE_ID"] = instance_id
         env["SPOTSERVE_MONITOR__PRICE_CLASS"] = price_class
+        # Any free port: one the monitor's environment names is taken (by the monitor itself).
+        env["SPOTSERVE_METRICS__PORT"] = "0"
         settings = self.context.settings.monitor
         if settings.executor_nats_user is not None:  # the executor's own NATS user
             env["SPOTSERVE_NATS__USER"] = settings.executor_nats_user
@@ -600,6 +606,7 @@ class Monitor:
                 preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
         self.children[instance_id] = process
+        metrics.INSTANCES_ADDED.inc()
         self.log.info("fleet.added", instance_id=instance_id, pid=process.pid, log=str(log_path))
         return Pending(process, self.loop.time(), time.time(), price_class, log_path)
 
@@ -670,17 +677,21 @@ class Endpoints:
         try:
             notice = PreemptNotice.model_validate(decode(request.data, encoding))
         except (DecodeError, ValidationError) as exc:
+            metrics.PREEMPT_NOTICES.labels("unknown", "rejected").inc()
             await _respond_error(request, ErrorCode.BAD_REQUEST, f"bad preempt notice: {exc}")
             return
         try:
             outcome, event = await self.monitor.notice(notice)
         except FleetError as exc:
+            metrics.PREEMPT_NOTICES.labels(notice.source, "rejected").inc()
             await _respond_error(request, exc.code, exc.message)
             return
         except Exception as exc:  # a bug must not take the monitor down
             self.log.exception("fleet.notice_failed")
+            metrics.PREEMPT_NOTICES.labels(notice.source, "rejected").inc()
             await _respond_error(request, ErrorCode.INTERNAL, f"notice failed: {exc!r}")
             return
+        metrics.PREEMPT_NOTICES.labels(notice.source, outcome).inc()
         self.log.info(
             "fleet.notice",
             instance_id=notice.instance_id,
@@ -714,6 +725,19 @@ class Endpoints:
         await request.respond(encode(self.monitor.status(), encoding))
 
 
+def observe_instances(monitor: Monitor) -> None:
+    """The instances gauge, read when scraped (from the metrics server's thread: copies of the
+    dicts the event loop changes)."""
+
+    def count(preempting: bool) -> int:
+        tracked = list(monitor.instances.values())
+        return sum(1 for t in tracked if (t.notice is not None) == preempting)
+
+    metrics.INSTANCES.labels("running").set_function(lambda: count(preempting=False))
+    metrics.INSTANCES.labels("preempting").set_function(lambda: count(preempting=True))
+    metrics.INSTANCES.labels("pending").set_function(lambda: len(monitor.pending))
+
+
 async def serve(context: ServiceContext) -> None:
     settings = context.settings.monitor
     if settings.lease_s <= settings.heartbeat_s:
@@ -721,6 +745,7 @@ async def serve(context: ServiceContext) -> None:
             "monitor.lease_too_short", lease_s=settings.lease_s, heartbeat_s=settings.heartbeat_s
         )
     monitor = Monitor(context, await instances_bucket(context.js))
+    observe_instances(monitor)
     # Rebuild before answering anything: a notice must find the instances already known.
     await monitor.start()
     endpoints = Endpoints(monitor)

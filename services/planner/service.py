@@ -24,6 +24,7 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
+from services.planner import metrics
 from services.planner.costmodel import NoFeasibleConfig
 from services.planner.jit import InFlightRequest
 from services.planner.policy import (
@@ -195,6 +196,16 @@ class Planner:
             mode=self.mode,
         )
 
+    def trigger(self) -> str:
+        """Why a plan is due now (the ``trigger`` label of the plans counter)."""
+        if self.previous is None:
+            return "initial"
+        if self.state.last_seq > self.previous.fleet_seq:
+            return "fleet"
+        if self.mode != self.previous.mode:
+            return "mode"
+        return "arrival_rate"
+
     def needs_plan(self) -> bool:
         live = any(i not in self.state.deadlines for i in self.state.instances)
         if self.previous is None:
@@ -217,9 +228,11 @@ class Planner:
             self.log.warning("planner.no_live_instances", dying=len(view.dying))
             return
         epoch = (self.previous.epoch if self.previous else 0) + 1
+        trigger = self.trigger()
         try:
             plan = await asyncio.to_thread(self.policy.plan, view, self.previous, epoch, now)
         except NoFeasibleConfig as exc:
+            metrics.PLAN_FAILURES.labels("infeasible").inc()
             self.log.error("planner.infeasible", error=str(exc), live=len(view.live))
             return
         plan = plan.model_copy(update={"arrival_rate_rps": self.arrival_rate})
@@ -227,10 +240,13 @@ class Planner:
             self.plan_seq = await publish_plan(self.context, plan, self.plan_seq)
         except (TimeoutError, NatsError, JetStreamError) as exc:
             # Another planner published first, or JetStream is away: start from what is stored.
+            metrics.PLAN_FAILURES.labels("publish_failed").inc()
             self.log.warning("planner.publish_failed", epoch=epoch, error=repr(exc))
             self.previous, self.plan_seq = await last_plan(self.context)
+            observe_current(self.previous)
             return
         self.previous = plan
+        observe_published(plan, trigger)
         self.log.info(
             "planner.plan",
             epoch=epoch,
@@ -255,6 +271,7 @@ class Planner:
     async def run(self) -> None:
         """Follow the FLEET stream from its start; plan whenever caught up and out of date."""
         self.previous, self.plan_seq = await last_plan(self.context)
+        observe_current(self.previous)
         subscription = await self.context.js.subscribe(
             f"{FLEET_SUBJECT_PREFIX}.*", stream=FLEET_STREAM, ordered_consumer=True
         )
@@ -281,6 +298,28 @@ class Planner:
             self.state.last_seq = max(self.state.last_seq, seq)
             return
         self.state.apply(event, seq)
+
+
+def observe_published(plan: Plan, trigger: str) -> None:
+    metrics.PLANS.labels(trigger).inc()
+    metrics.DECISION_SECONDS.observe(plan.decision_s)
+    for transfer in plan.transfers:
+        source = "loader" if transfer.source_instance is None else "peer"
+        metrics.TRANSFER_BYTES.labels(transfer.kind, source).inc(transfer.nbytes)
+    for decision in plan.jit:
+        metrics.JIT_DECISIONS.labels(decision.action).inc()
+    observe_current(plan)
+
+
+def observe_current(plan: Plan | None) -> None:
+    """The gauges of the current plan."""
+    if plan is None:
+        return
+    metrics.PLAN_EPOCH.set(plan.epoch)
+    metrics.PARALLEL_DEGREE.labels("data").set(plan.config.data)
+    metrics.PARALLEL_DEGREE.labels("pipeline").set(plan.config.pipeline)
+    metrics.PARALLEL_DEGREE.labels("tensor").set(plan.config.tensor)
+    metrics.NEEDS_ON_DEMAND.set(1 if plan.needs_on_demand else 0)
 
 
 def policy_settings(settings: PlannerSettings) -> PolicySettings:

@@ -145,6 +145,10 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
         """The queue of a sequence the policy holds (KeyError otherwise)."""
         return self._jobs[sequence].queue
 
+    def queue_length(self, level: int) -> int:
+        """Jobs in queue ``level`` (safe to call from another thread: one len())."""
+        return len(self._queues[level])
+
     def snapshot(self) -> list[list[str]]:
         """Request ids per queue, Q0 first, each in its queue's order."""
         return [[sequence.request_id for sequence in queue] for queue in self._queues]

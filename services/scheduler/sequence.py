@@ -35,6 +35,8 @@ class Sequence:
     # Tokens the client already has that a restart from scratch generates again (baselines).
     replay: list[int] = field(default_factory=list)
     restarts: int = 0
+    # When the scheduler last forwarded a chunk of it (its monotonic clock; metrics).
+    forwarded_at: float | None = None
 
     @classmethod
     def create(

@@ -16,6 +16,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -26,7 +27,9 @@ from nats.js.errors import Error as JetStreamError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from pydantic import ValidationError
 
+from services.scheduler import metrics
 from services.scheduler.kvmemory import apply_after_step, apply_before_step, plan_memory
+from services.scheduler.mlfq import SkipJoinMlfqPolicy
 from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput, make_policy
 from services.scheduler.sequence import Sequence
 from shared.codec import DecodeError, content_type_header, decode, encode
@@ -137,6 +140,7 @@ class Scheduler:
         through shared.runtime.follow_plans: newer epochs only; without a planner, none come
         and every executor serves.)"""
         previous, self.plan = self.plan, plan
+        metrics.PLAN_EPOCH.set(plan.epoch)
         for instance_id, handle in self.executors.items():
             handle.view = replace(handle.view, accepts_new=self._serves(instance_id))
         if plan.mode == "restart" and previous is not None and not previous.same_roles(plan):
@@ -191,6 +195,7 @@ class Scheduler:
         restarted = self.policy.requeue_executor(handle.view.instance_id)
         for sequence in restarted:
             sequence.restart_from_scratch()
+        metrics.RESTARTS.inc(len(restarted))
         self.log.info(
             "requests.restarted",
             instance_id=handle.view.instance_id,
@@ -241,6 +246,7 @@ class Scheduler:
                 handle.pending_release.append(request_id)
                 for other in self.executors.values():
                     other.wake.set()
+            metrics.MOVES.labels("kv_migration" if carried else "recompute").inc()
             self.log.info(
                 "request.moved",
                 request_id=request_id,
@@ -368,8 +374,10 @@ class Scheduler:
             return
         if request.request_id in self.held:
             return  # a redelivery of a request we are already running
+        redelivered = message.metadata.num_delivered > 1
+        metrics.RECEIVED.labels("redelivered" if redelivered else "first").inc()
         committed = []
-        if message.metadata.num_delivered > 1:
+        if redelivered:
             committed = await self._read_committed(request.request_id)
         sequence = Sequence.create(request, message, self.tokenizer, committed)
         log = self.log.bind(request_id=request.request_id)
@@ -458,6 +466,7 @@ class Scheduler:
         if self.plan is not None and self.plan.mode in ("reroute", "restart"):
             for sequence in lost:
                 sequence.restart_from_scratch()
+            metrics.RESTARTS.inc(len(lost))
         self.log.warning(
             "executor.lost", instance_id=instance_id, reason=reason, requeued=len(lost)
         )
@@ -489,6 +498,15 @@ class Scheduler:
             handle.pending_release = []
             handle.release_all = False
             apply_before_step(plan)
+            metrics.BATCH_SIZE.observe(len(batch))
+            for action, moved in (
+                ("offload", plan.offload),
+                ("upload", plan.upload),
+                ("prefetch", plan.prefetch),
+                ("drop", plan.drop),
+            ):
+                if moved:
+                    metrics.KV_SWAPS.labels(action).inc(len(moved))
             sent = time.perf_counter()
             try:
                 result = await self._step_unless_gone(handle, command)
@@ -496,8 +514,12 @@ class Scheduler:
                 await self._on_step_failed(handle, batch, exc)
                 continue
             received = time.perf_counter()
+            metrics.ITERATION.observe(received - sent)
             apply_after_step(plan)
             await self._apply(handle, batch, result)
+            # The scheduler's own time for this iteration, outside the executor.
+            overhead_s = sent - planned + time.perf_counter() - received
+            metrics.OVERHEAD.observe(overhead_s)
             self.log.debug(
                 "step.done",
                 instance_id=handle.view.instance_id,
@@ -507,8 +529,7 @@ class Scheduler:
                 dropped=len(plan.drop),
                 compute_ms=round(result.compute_s * 1000, 2),
                 round_trip_ms=round((received - sent) * 1000, 2),
-                # The scheduler's own time for this iteration, outside the executor.
-                scheduler_ms=round((sent - planned + time.perf_counter() - received) * 1000, 3),
+                scheduler_ms=round(overhead_s * 1000, 3),
             )
 
     async def _step_unless_gone(self, handle: ExecutorHandle, command: StepCommand) -> StepResult:
@@ -567,6 +588,7 @@ class Scheduler:
     ) -> None:
         instance_id = handle.view.instance_id
         self.log.warning("step.failed", instance_id=instance_id, error=str(exc))
+        metrics.STEP_FAILURES.labels("true" if exc.executor_lost else "false").inc()
         # Whatever the executor holds is suspect (a swap may have half happened): free all of
         # it and let every sequence bound there recompute from its committed tokens.
         handle.release_all = True
@@ -595,6 +617,8 @@ class Scheduler:
             chunk = sequence.append(token_id, self.eos_token_ids)
             if chunk is not None:
                 chunks.append((sequence, chunk))
+            else:
+                metrics.REPLAYED_TOKENS.inc()
             if sequence.finished:
                 handle.pending_release.append(sequence.request_id)
         self.policy.update_from_output(
@@ -650,6 +674,7 @@ class Scheduler:
 
     async def _forward(self, sequence: Sequence, chunk: TokenChunk) -> None:
         request = sequence.request
+        self._observe_forward(sequence, chunk)
         try:
             if request.reply_subject and request.stream:
                 await self._send(request.reply_subject, chunk, request.encoding)
@@ -661,6 +686,19 @@ class Scheduler:
             # The token is committed; a client that missed it can read the TOKENS stream.
             self.log.warning("forward.failed", request_id=request.request_id, error=repr(exc))
 
+    @staticmethod
+    def _observe_forward(sequence: Sequence, chunk: TokenChunk) -> None:
+        """Metrics of a committed chunk about to be forwarded."""
+        now = time.monotonic()
+        if chunk.index == 0:
+            # Admission's wall clock (accepted_at) to the scheduler's: synchronized clocks.
+            latency = time.time() - sequence.request.accepted_at
+            metrics.TIME_TO_FIRST_TOKEN.observe(max(0.0, latency))
+        elif sequence.forwarded_at is not None:
+            metrics.INTER_TOKEN.observe(now - sequence.forwarded_at)
+        sequence.forwarded_at = now
+        metrics.GENERATED_TOKENS.inc(len(chunk.token_ids))
+
     async def _send(self, subject: str, body: object, encoding: str) -> None:
         enc = "json" if encoding == "json" else "msgpack"
         await self.context.nc.publish(subject, encode(body, enc), headers=content_type_header(enc))
@@ -669,6 +707,10 @@ class Scheduler:
         await sequence.message.ack()
         self.held.pop(sequence.request_id, None)
         self.capacity.set()
+        metrics.REQUESTS.labels(sequence.finish_reason or "stop").inc()
+        # Admission's wall clock (accepted_at) to the scheduler's: synchronized clocks.
+        latency = time.time() - sequence.request.accepted_at
+        metrics.END_TO_END.observe(max(0.0, latency))
         self.context.log.info(
             "request.finished",
             request_id=sequence.request_id,
@@ -695,6 +737,7 @@ class Scheduler:
         await sequence.message.term()
         self.held.pop(request.request_id, None)
         self.capacity.set()
+        metrics.REQUESTS.labels("error").inc()
 
     # ---- keeping held requests alive ----
 
@@ -725,6 +768,23 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     return True
 
 
+def observe_gauges(scheduler: Scheduler) -> None:
+    """Gauges read when scraped (from the metrics server's thread: single reads only, and
+    copies of the dicts the event loop changes)."""
+
+    def held() -> list[Sequence]:
+        return [s for s in list(scheduler.held.values()) if not s.finished]
+
+    metrics.HELD.set_function(lambda: len(held()))
+    metrics.WAITING.set_function(lambda: sum(1 for s in held() if s.executor is None))
+    metrics.RUNNING.set_function(lambda: sum(1 for s in held() if s.executor is not None))
+    metrics.EXECUTORS.set_function(lambda: len(scheduler.executors))
+    policy = scheduler.policy
+    if isinstance(policy, SkipJoinMlfqPolicy):
+        for level in range(policy.settings.num_queues):
+            metrics.MLFQ_QUEUE.labels(str(level)).set_function(partial(policy.queue_length, level))
+
+
 def build_policy(settings: SchedulerSettings, model_dir: Path) -> SchedulerPolicy:
     if settings.policy != "skip-join-mlfq":
         return make_policy(settings.policy)
@@ -743,6 +803,7 @@ async def serve(context: ServiceContext) -> None:
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
     policy = await asyncio.to_thread(build_policy, context.settings.scheduler, model_dir)
     scheduler = Scheduler(context, tokenizer, policy)
+    observe_gauges(scheduler)
     service = await context.add_micro_service(
         "Batches accepted requests at iteration level and streams their tokens",
         metadata={"policy": context.settings.scheduler.policy},
