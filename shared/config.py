@@ -247,6 +247,9 @@ class GatewaySettings(BaseModel):
     token_timeout_s: float = Field(default=120.0, gt=0)
     # Prompts x n of one HTTP request (each becomes one spotserve request).
     max_choices: int = Field(default=16, ge=1, le=128)
+    # Generation requests served at once (each holds a connection and NATS subscriptions);
+    # beyond it: 429 at once. Admission's overload bound applies cluster-wide as well.
+    max_concurrent_requests: int = Field(default=1024, ge=1)
     # The fleet's status is asked at most this often (no running instance: 503 at once).
     capacity_check_s: float = Field(default=1.0, gt=0)
     # Require ``Authorization: Bearer <key>`` on /v1/* (None: open, as on 127.0.0.1 by

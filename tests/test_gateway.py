@@ -12,16 +12,19 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
+from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.gateway.chat import DEFAULT_TEMPLATE, ChatTemplate
+from services.gateway.backend import ApiError, Backend
+from services.gateway.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
 from shared.client import SpotserveClient
 from shared.cluster import ClusterUrls, LocalCluster
+from shared.config import GatewaySettings
 from shared.model.tokenizer import TextTokenizer
 from shared.natsserver import EmbeddedNatsServer, free_port
 from shared.security import init_credentials
@@ -318,7 +321,10 @@ async def test_a_client_that_goes_away_mid_stream_leaves_the_gateway_serving(
 
     def in_flight() -> bool:
         samples = scrape(gateway_metrics_url(base_url))
-        return samples.get(("spotserve_gateway_choices_in_flight", ())) == 0.0
+        return (
+            samples.get(("spotserve_gateway_choices_in_flight", ())) == 0.0
+            and samples.get(("spotserve_gateway_requests_in_flight", ())) == 0.0
+        )
 
     await eventually(lambda: asyncio.to_thread(in_flight), "no choice in flight", 60)
 
@@ -495,6 +501,20 @@ def test_an_api_key_guards_the_api(
         gateway.wait(timeout=30)
 
 
+def test_the_gateway_bounds_its_concurrent_requests() -> None:
+    backend = Backend(cast(Client, None), GatewaySettings(max_concurrent_requests=2))
+    first, second = backend.take_slot(), backend.take_slot()
+    with pytest.raises(ApiError) as refused:
+        backend.take_slot()
+    assert refused.value.status == 429 and refused.value.retry_after_s
+    first()
+    first()  # giving a slot back twice frees it once
+    assert backend.active_requests == 1
+    backend.take_slot()
+    second()
+    assert backend.active_requests == 1
+
+
 # -- the chat template ---------------------------------------------------------------------------
 
 LLAMA3_STYLE = (
@@ -544,8 +564,6 @@ def test_the_model_template_renders_as_transformers_does(
 
 
 def test_template_errors_and_the_default(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from services.gateway.chat import ChatTemplateError
-
     model_dir = with_template(tiny_model_dir, tmp_path / "templated", LLAMA3_STYLE)
     with pytest.raises(ChatTemplateError, match="unknown role developer"):
         ChatTemplate.from_model_dir(model_dir).render([{"role": "developer", "content": "x"}])

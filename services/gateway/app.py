@@ -345,26 +345,37 @@ async def _respond(
     specs: list[ChoiceSpec],
     formatter: _Format,
 ) -> Response:
-    await state.backend.check_capacity()
-    events = state.backend.run_choices(specs)
-    # Wait for every choice's first event: a refusal (400, 429, ...) is then an HTTP status,
-    # not an error in the middle of a 200 stream.
+    backend = state.backend
+    await backend.check_capacity()
+    release = backend.take_slot()
+    events = backend.run_choices(specs)
     try:
+        # Wait for every choice's first event: a refusal (400, 429, ...) is then an HTTP
+        # status, not an error in the middle of a 200 stream.
         first = await _first_events(events, len(specs))
+        if not stream:
+            choices = await _collect(first, events, len(specs))
+        else:
+            sse = _sse(formatter, first, events, specs, include_usage, release)
+            # Started here, so that its cleanup runs even if the client leaves before the body.
+            opening = await anext(sse)
     except BaseException:
         await events.aclose()
+        release()
         raise
     if not stream:
-        try:
-            choices = await _collect(first, events, len(specs))
-        finally:
-            await events.aclose()
+        await events.aclose()
+        release()
         return JSONResponse(_final_body(formatter, specs, choices))
     return StreamingResponse(
-        _sse(formatter, first, events, specs, include_usage),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
+        _prepend(opening, sse), media_type="text/event-stream", headers=SSE_HEADERS
     )
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def _first_events(events: AsyncIterator[ChoiceEvent], count: int) -> list[ChoiceEvent]:
@@ -430,6 +441,7 @@ async def _sse(
     events: AsyncIterator[ChoiceEvent],
     specs: list[ChoiceSpec],
     include_usage: bool,
+    release: Callable[[], None],
 ) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per arriving piece, an optional usage chunk, [DONE]. An
     error after the stream began arrives as an error event, and the stream ends."""
@@ -464,3 +476,4 @@ async def _sse(
         yield b"data: [DONE]\n\n"
     finally:
         await events.aclose()
+        release()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,31 @@ class Backend:
             chunk_timeout_s=settings.token_timeout_s,
         )
         self._capacity = _Capacity()
+        self.active_requests = 0
+
+    def take_slot(self) -> Callable[[], None]:
+        """Count one generation request in (429 beyond max_concurrent_requests); returns the
+        function that gives its slot back (once, however often it is called) when its
+        response or stream has ended."""
+        limit = self.settings.max_concurrent_requests
+        if self.active_requests >= limit:
+            raise ApiError(
+                429,
+                f"the gateway is serving {self.active_requests} requests (its limit); retry later",
+                "rate_limit_error",
+                code="rate_limit_exceeded",
+                retry_after_s=OVERLOADED_RETRY_AFTER_S,
+            )
+        self.active_requests += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active_requests -= 1
+
+        return release
 
     async def check_capacity(self) -> None:
         """503 at once when no executor instance is running (instead of a request that would

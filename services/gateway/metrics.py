@@ -15,6 +15,10 @@ HTTP_REQUESTS = Counter(
     "HTTP requests answered, by route and status code",
     ["route", "status"],
 )
+REQUESTS_IN_FLIGHT = Gauge(
+    "spotserve_gateway_requests_in_flight",
+    "Generation requests (HTTP) the gateway is serving now (bounded by max_concurrent_requests)",
+)
 CHOICES_IN_FLIGHT = Gauge(
     "spotserve_gateway_choices_in_flight",
     "Choices (one spotserve request each) the gateway is streaming now",

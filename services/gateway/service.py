@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from services.gateway import metrics
 from services.gateway.app import GatewayState, create_app
 from services.gateway.backend import Backend
 from services.gateway.chat import ChatTemplate
@@ -66,6 +67,7 @@ async def serve(context: ServiceContext) -> None:
         max_body_bytes=settings.admission.max_request_bytes,
         api_key=settings.gateway.resolved_api_key(),
     )
+    metrics.REQUESTS_IN_FLIGHT.set_function(lambda: state.backend.active_requests)
     sock = bind_socket(settings.gateway.host, settings.gateway.port)
     port = sock.getsockname()[1]
     http_url = f"http://{url_host(settings.gateway.host)}:{port}"
