@@ -14,7 +14,7 @@ import typer
 from loadgen.replay import Replayer, ReplayError, ReplayOptions, default_out_dir, stderr_progress
 from loadgen.report import Prices, compare_main, markdown_table, summarize, write_plots
 from loadgen.traces import TraceError, arrivals_from_spec, read_fleet_trace
-from shared.config import NatsSettings
+from shared.config import NatsSettings, Settings
 from shared.messages import ServingMode
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -52,8 +52,12 @@ def replay(
     ] = True,
     grace: Annotated[float, typer.Option(help="Preemption grace period, trace seconds.")] = 30.0,
     warmup: Annotated[
-        float, typer.Option(help="Wall seconds of the first arrivals played first, unrecorded.")
-    ] = 20.0,
+        float | None,
+        typer.Option(
+            help="Wall seconds of the first arrivals played first, unrecorded (default: the"
+            " arrival-rate window, SPOTSERVE_ADMISSION__RATE_WINDOW_S, 60 s)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Arrivals and prompts.")] = 0,
     nats_url: Annotated[
         str | None, typer.Option(help="Drive this running cluster (default: start one here).")
@@ -104,7 +108,9 @@ def replay(
         fit_context=fit_context,
         grace_s=grace,
         seed=seed,
-        warmup_s=warmup,
+        # A full arrival-rate window: every policy starts with the planner's rate measured on
+        # the same steady load (a shorter one leaves the first policy the meter's ramp).
+        warmup_s=Settings().admission.rate_window_s if warmup is None else warmup,
     )
     out_dir = out or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
