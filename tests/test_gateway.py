@@ -133,27 +133,21 @@ async def test_token_id_prompts_batches_echo_and_n(
     )
     assert echoed.choices[0].text.startswith(PROMPT)
 
-    batch = await api.completions.create(
-        model=MODEL,
-        prompt=[PROMPT, "Another prompt"],
-        max_tokens=3,
-        n=2,
-        seed=7,
-        extra_body={"ignore_eos": True},
-    )
+    batched: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": [PROMPT, "Another prompt"],
+        "max_tokens": 3,
+        "n": 2,
+        "seed": 7,
+        "extra_body": {"ignore_eos": True},
+    }
+    batch = await api.completions.create(**batched)
     assert [choice.index for choice in batch.choices] == [0, 1, 2, 3]
     assert batch.usage is not None and batch.usage.completion_tokens == 4 * 3
     # Each prompt counts once (n does not multiply it), as OpenAI counts it.
     expected_prompt = len(tokenizer.encode(PROMPT)) + len(tokenizer.encode("Another prompt"))
     assert batch.usage.prompt_tokens == expected_prompt
-    again = await api.completions.create(
-        model=MODEL,
-        prompt=[PROMPT, "Another prompt"],
-        max_tokens=3,
-        n=2,
-        seed=7,
-        extra_body={"ignore_eos": True},
-    )
+    again = await api.completions.create(**batched)
     assert [c.text for c in again.choices] == [c.text for c in batch.choices]  # seeded
 
 

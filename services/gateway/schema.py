@@ -53,13 +53,12 @@ class _SamplingRequest(BaseModel):
             "presence_penalty": self.presence_penalty != 0,
             "frequency_penalty": self.frequency_penalty != 0,
             "logit_bias": bool(self.logit_bias),
-            "stream_options": self.stream_options is not None and not self.stream,
         }
         for name, bad in unsupported.items():
             if bad:
-                if name == "stream_options":
-                    raise ValueError("stream_options is only allowed with stream: true")
                 raise ValueError(f"{name} is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
 
     @property

@@ -207,13 +207,13 @@ class Planner:
         return "arrival_rate"
 
     def needs_plan(self) -> bool:
-        live = any(i not in self.state.deadlines for i in self.state.instances)
-        if self.previous is None:
-            return live
-        if self.state.last_seq > self.previous.fleet_seq:
+        trigger = self.trigger()
+        if trigger == "fleet":
             return True
-        if self.mode != self.previous.mode:
+        live = any(i not in self.state.deadlines for i in self.state.instances)
+        if trigger != "arrival_rate":
             return live
+        assert self.previous is not None
         used = self.previous.arrival_rate_rps
         moved = abs(self.arrival_rate - used) > self.settings.rate_change * max(used, 0.01)
         return live and moved
