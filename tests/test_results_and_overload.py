@@ -106,4 +106,7 @@ async def test_more_requests_than_the_bound_are_refused_at_once_and_none_is_lost
     assert outcomes.count("completed") >= 1  # and each one either completed or was refused
     # Once the queue has drained, a new request is accepted again.
     await asyncio.sleep(1.5)
-    assert len((await client.generate("After the flood", max_tokens=4)).token_ids) == 4
+    assert (
+        len((await client.generate("After the flood", max_tokens=4, ignore_eos=True)).token_ids)
+        == 4
+    )

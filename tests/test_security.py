@@ -226,7 +226,9 @@ async def test_a_cluster_of_authenticated_services_serves_a_client(
     settings = secured_cluster.nats_settings("client")
     nc = await connect(secured_cluster.nats_url, settings, name="test-client", deadline_s=10)
     try:
-        completion = await SpotserveClient(nc).generate("Secure hello", max_tokens=6)
+        completion = await SpotserveClient(nc).generate(
+            "Secure hello", max_tokens=6, ignore_eos=True
+        )
     finally:
         await nc.close()
     assert len(completion.token_ids) == 6

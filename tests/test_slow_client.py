@@ -50,10 +50,13 @@ async def test_a_client_that_stops_reading_does_not_stall_others(
     try:
         # Other clients are served while the silent one's requests generate.
         completions = await asyncio.wait_for(
-            asyncio.gather(*(client.generate(f"Reader {i}", max_tokens=12) for i in range(3))),
+            asyncio.gather(
+                *(client.generate(f"Reader {i}", max_tokens=12, ignore_eos=True) for i in range(3))
+            ),
             timeout=180,
         )
-        assert all(len(c.token_ids) == 12 for c in completions)
+        outcomes = [(c.finish_reason, len(c.token_ids), c.completion_tokens) for c in completions]
+        assert outcomes == [("length", 12, 12)] * 3
         # The silent client's requests finish all the same; their results wait for it.
         for request_id in request_ids:
             for _ in range(600):

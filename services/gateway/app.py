@@ -8,7 +8,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from services.gateway import metrics
 from services.gateway.backend import ApiError, Backend, ChoiceEvent, ChoiceSpec, invalid_request
@@ -367,15 +368,43 @@ async def _respond(
         await events.aclose()
         release()
         return JSONResponse(_final_body(formatter, specs, choices))
-    return StreamingResponse(
-        _prepend(opening, sse), media_type="text/event-stream", headers=SSE_HEADERS
-    )
+    return _EventStreamResponse(_prepend(opening, sse))
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for item in rest:
-        yield item
+class _EventStreamResponse(StreamingResponse):
+    """Server-sent events that stop as soon as the client hangs up and always close their body.
+
+    Starlette (ASGI 2.4 servers) notices a hang-up only at its next write and then leaves the
+    body generator to the garbage collector, which kept the choices and their slot open."""
+
+    def __init__(self, body: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.event_source = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.create_task(self.stream_response(send))
+        hang_up = asyncio.create_task(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait((streaming, hang_up), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (streaming, hang_up):
+                task.cancel()
+            await asyncio.gather(streaming, hang_up, return_exceptions=True)
+            await self.event_source.aclose()
+        if streaming.cancelled():
+            return  # the client hung up first
+        error = streaming.exception()
+        if error is not None and not isinstance(error, OSError):  # OSError: it hung up mid-write
+            raise error
+
+
+async def _prepend(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # `async for` leaves an abandoned generator open
 
 
 async def _first_events(events: AsyncIterator[ChoiceEvent], count: int) -> list[ChoiceEvent]:
@@ -442,7 +471,7 @@ async def _sse(
     specs: list[ChoiceSpec],
     include_usage: bool,
     release: Callable[[], None],
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Server-sent events: a chunk per arriving piece, an optional usage chunk, [DONE]. An
     error after the stream began arrives as an error event, and the stream ends."""
     choices = [_Choice() for _ in specs]
