@@ -23,8 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from functools import partial
 from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 from bench.loading import evict
 from shared.bus import connect
@@ -41,13 +45,49 @@ from shared.subjects import loader_fetch_subject, loader_release_subject
 NODE = "bench-node"
 
 
-async def first_token(nats_url: str, model: str, lease: bool) -> tuple[float, float, str]:
+class Loader:
+    """The node's loader process, its output in a log file (shown if it dies)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.loader"], env=env, stdout=log, stderr=log
+            )
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError(
+                f"the loader exited with {self.process.returncode}; its log ends:\n"
+                + "\n".join(tail)
+            )
+
+    async def answer(self, request: Awaitable[Msg]) -> Msg:
+        """Wait for ``request``, failing at once if the loader dies meanwhile."""
+        task = asyncio.ensure_future(request)
+        try:
+            while not task.done():
+                self.check_alive()
+                await asyncio.wait({task}, timeout=0.5)
+            return task.result()
+        finally:
+            task.cancel()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+async def first_token(
+    nats_url: str, loader: Loader, model: str, lease: bool
+) -> tuple[float, float, str]:
     """(seconds to first token, of which fetching, tier) for one executor start."""
     nc = await connect(nats_url, NatsSettings(), name="bench-executor")
     try:
         started = time.perf_counter()
         body = encode({"model": model, "host_lease": lease})
-        reply = await nc.request(loader_fetch_subject(NODE), body, timeout=600)
+        reply = await loader.answer(nc.request(loader_fetch_subject(NODE), body, timeout=600))
         fetched = FetchModelReply.model_validate(decode(reply.data))
         fetched_at = time.perf_counter()
         weights = partial(load_from_host_pool, fetched.host) if fetched.host else None
@@ -63,29 +103,17 @@ async def first_token(nats_url: str, model: str, lease: bool) -> tuple[float, fl
         await nc.close()
 
 
-def start_loader(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.loader"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def stop(loader: subprocess.Popen[bytes]) -> None:
-    loader.terminate()
-    loader.wait()
-
-
-async def wait_for_loader(nats_url: str) -> None:
+async def wait_for_loader(nats_url: str, loader: Loader) -> None:
     nc = await connect(nats_url, NatsSettings(), name="bench-wait")
     try:
         for _ in range(600):
+            loader.check_alive()
             try:
                 await nc.request(loader_fetch_subject(NODE), b"{}", timeout=1)
                 return
-            except Exception:
+            except (TimeoutError, NatsError):
                 await asyncio.sleep(0.1)
+        raise RuntimeError("the loader did not answer within 10 minutes")
     finally:
         await nc.close()
 
@@ -105,25 +133,27 @@ def main() -> None:
             SPOTSERVE_LOADER__NODE=NODE,
             SPOTSERVE_LOADER__MODELS_DIR=str(disk),
         )
-        loader = start_loader(env)
+        log_path = Path(tmp) / "loader.log"
+        loader = Loader(env, log_path)
         try:
             asyncio.run(_push(server.url, model_dir, args.size))
-            asyncio.run(wait_for_loader(server.url))
+            asyncio.run(wait_for_loader(server.url, loader))
             rows = []
             shutil.rmtree(disk, ignore_errors=True)
-            rows.append(("remote store", *asyncio.run(first_token(server.url, args.size, True))))
-            stop(loader)  # a fresh loader: its pool is empty, the model is on its disk
-            loader = start_loader(env)
-            asyncio.run(wait_for_loader(server.url))
+            remote = asyncio.run(first_token(server.url, loader, args.size, True))
+            rows.append(("remote store", *remote))
+            loader.stop()  # a fresh loader: its pool is empty, the model is on its disk
+            loader = Loader(env, log_path)
+            asyncio.run(wait_for_loader(server.url, loader))
             evict(sorted((disk / args.size).glob("part-*.bin")))
-            cold = asyncio.run(first_token(server.url, args.size, True))
+            cold = asyncio.run(first_token(server.url, loader, args.size, True))
             rows.append(("local disk (cold cache)", *cold))
-            pooled = asyncio.run(first_token(server.url, args.size, True))
+            pooled = asyncio.run(first_token(server.url, loader, args.size, True))
             rows.append(("host memory (pool)", *pooled))
-            no_pool = asyncio.run(first_token(server.url, args.size, False))
+            no_pool = asyncio.run(first_token(server.url, loader, args.size, False))
             rows.append(("page cache, no pool", *no_pool))
         finally:
-            stop(loader)
+            loader.stop()
             server.stop()
     print(f"cold start of {args.size} ({model_dir}), fetch through a loader process over NATS")
     print(f"{'tier':>24}  {'to first token s':>16}  {'of which fetch s':>16}  {'loader said':>18}")

@@ -13,6 +13,7 @@ Space is reserved chunk by chunk with ``posix_fallocate``: a full ``/dev/shm`` i
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -47,6 +48,7 @@ from shared.loading.reader import (
 from shared.messages import HostLease
 
 POOL_PREFIX = "spotserve-hostpool-"
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; 3.11 lacks the name
 
 
 def partition_spans(index: CheckpointIndex) -> list[int]:
@@ -220,15 +222,25 @@ class HostChunkPool:
                 self._free.extend(self._models.pop(victim).chunks)
             if len(self._free) < count:
                 return None
+            # Chunks used before first: their pages are allocated and mapped already.
+            self._free.sort(key=lambda chunk: chunk not in self._reserved)
             taken, self._free = self._free[:count], self._free[count:]
             return taken
 
     def _reserve(self, chunks: list[int]) -> None:
-        for chunk in chunks:
-            if chunk not in self._reserved:
-                # ENOSPC here (shared memory full) instead of a SIGBUS on the first write.
-                os.posix_fallocate(self._fd, chunk * self.chunk_bytes, self.chunk_bytes)
-                self._reserved.add(chunk)
+        """Allocate and map new chunks' pages, in parallel threads (it is CPU work: zeroing)."""
+        fresh = [chunk for chunk in chunks if chunk not in self._reserved]
+        with ThreadPoolExecutor(max_workers=self.read_threads) as pool:
+            list(pool.map(self._reserve_chunk, fresh))
+        self._reserved.update(fresh)
+
+    def _reserve_chunk(self, chunk: int) -> None:
+        start = chunk * self.chunk_bytes
+        # ENOSPC here (shared memory full) instead of a SIGBUS on the first write.
+        os.posix_fallocate(self._fd, start, self.chunk_bytes)
+        # Map the pages now, once: every later load into this chunk finds them mapped.
+        with contextlib.suppress(OSError):  # MADV_POPULATE_WRITE needs Linux 5.14
+            self._map.madvise(MADV_POPULATE_WRITE, start, self.chunk_bytes)
 
     def _verify(self, index: CheckpointIndex, chunks: list[int], paths: list[Path]) -> None:
         """Every stored tensor piece against its CRC32, in parallel (zlib drops the GIL)."""
