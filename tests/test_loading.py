@@ -4,6 +4,7 @@ truncated, corrupt or inconsistent checkpoints."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -59,6 +60,26 @@ def test_direct_reads_fall_back_where_the_filesystem_refuses_them(
     monkeypatch.setattr(os, "open", open_without_direct_io)
     loaded = load_checkpoint(converted, mode="direct", verify=True)
     assert refused  # the direct open was tried and refused
+    expected = reference(tiny_model_dir)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+
+
+def test_direct_reads_refused_after_open_are_read_buffered(
+    converted: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some filesystems accept O_DIRECT at open and refuse the reads (EINVAL): read buffered.
+    real_preadv = os.preadv
+    refused: list[int] = []
+
+    def preadv_without_direct_io(fd: int, buffers: Any, offset: int, *args: Any) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", preadv_without_direct_io)
+    loaded = load_checkpoint(converted, mode="direct", chunk_bytes=1 << 20, verify=True)
+    assert refused
     expected = reference(tiny_model_dir)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import math
 import mmap
 import os
@@ -220,15 +221,29 @@ def _read_chunk(
     chunk: _Chunk,
     landed: queue.Queue[_Chunk | None],
 ) -> None:
-    fd, _direct = handles[chunk.partition]
+    fd, direct = handles[chunk.partition]
     view = memoryview(memory)[chunk.buffer_offset : chunk.buffer_offset + chunk.nbytes]
+    try:
+        _read_into(fd, view, chunk.file_offset)
+    except OSError as exc:
+        if not (direct and exc.errno == errno.EINVAL):
+            raise
+        # A filesystem that accepted O_DIRECT at open but refuses these reads: read buffered.
+        buffered = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            _read_into(buffered, view, chunk.file_offset)
+        finally:
+            os.close(buffered)
+    landed.put(chunk)
+
+
+def _read_into(fd: int, view: memoryview, file_offset: int) -> None:
     done = 0
-    while done < chunk.nbytes:
-        count = os.preadv(fd, [view[done:]], chunk.file_offset + done)
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], file_offset + done)
         if count == 0:
             break  # end of file: the aligned tail past the data is zero padding
         done += count
-    landed.put(chunk)
 
 
 def _copy_to_device(
