@@ -110,8 +110,10 @@ async def test_requests_stream_through_a_preemption_with_a_grace_period(
     report = await inflight(snc)
     assert {s.instance_id for s in report.sequences} == {holder}
 
+    # 2 s: on a loaded machine the planner's reaction ate most of a 1 s grace period, and it
+    # rightly chose to recompute (no time left to move a cache), which is not what this tests.
     reply = await snc.request(
-        FLEET_NOTICE, encode({"instance_id": holder, "grace_s": 1.0}), timeout=30
+        FLEET_NOTICE, encode({"instance_id": holder, "grace_s": 2.0}), timeout=30
     )
     assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.headers
     results = await asyncio.wait_for(
@@ -183,12 +185,13 @@ async def test_an_instance_joins_then_one_dies_without_grace_while_requests_stre
     await eventually(plan_with_added, f"a plan after {added} joined", timeout_s=180)
     await finish_and_check(streams, firsts, prompts, MAX_TOKENS, tiny_model_dir, tokenizer)
 
-    # Now the serving instance dies with no grace at all: the requests it serves resume from
+    # Now a serving instance dies with no grace at all: the requests it serves resume from
     # their committed tokens elsewhere (the prefill is recomputed), nothing lost or repeated.
+    # (Usually one instance serves them all; on a slow machine the planner may use both.)
     streams, firsts = await stream_all(client, prompts, MAX_TOKENS)
-    serving = {s.instance_id for s in (await inflight(snc)).sequences}
-    assert len(serving) == 1
-    victim = serving.pop()
+    held_by = [s.instance_id for s in (await inflight(snc)).sequences if s.instance_id]
+    assert held_by
+    victim = max(sorted(set(held_by)), key=held_by.count)
     reply = await snc.request(
         FLEET_NOTICE, encode({"instance_id": victim, "grace_s": 0.0}), timeout=30
     )
