@@ -112,6 +112,8 @@ async def test_requests_stream_through_a_preemption_with_a_grace_period(
 
     # 2 s: on a loaded machine the planner's reaction ate most of a 1 s grace period, and it
     # rightly chose to recompute (no time left to move a cache), which is not what this tests.
+    # On a fast one it may expect them to finish in place; those that overrun move by their
+    # move time with their caches all the same.
     reply = await snc.request(
         FLEET_NOTICE, encode({"instance_id": holder, "grace_s": 2.0}), timeout=30
     )

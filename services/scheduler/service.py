@@ -91,7 +91,7 @@ RECONNECT_POLL_S = 0.5
 class PlannedMove:
     at_tokens: int  # generated-token count
     move_by: float  # wall-clock time (the planner's clock)
-    carry_cache: bool  # "migrate": send the KV cache along; else recompute it there
+    carry_cache: bool  # send the KV cache along ("migrate", an overrun "finish"); else recompute
 
 
 @dataclass
@@ -160,13 +160,14 @@ class Scheduler:
                 continue
             # "finish": it should end in place; "migrate": decode on for decode_steps, then
             # move; "recompute": move now. Either way it moves by move_by if still there (the
-            # cost model's estimate may be optimistic). The KV cache is recomputed on the new
-            # holder from the committed tokens.
+            # cost model's estimate may be optimistic). move_by leaves the time to send a
+            # cache, so a "finish" that overran still takes its cache along; after
+            # "recompute" (no such time) the new holder recomputes it from the committed tokens.
             steps = decision.decode_steps if decision.action != "recompute" else 0
             handle.moves[sequence.request_id] = PlannedMove(
                 at_tokens=len(sequence.generated) + steps,
                 move_by=decision.move_by if decision.move_by is not None else float("inf"),
-                carry_cache=decision.action == "migrate",
+                carry_cache=decision.action != "recompute",
             )
             moved += decision.action != "finish"
         self.log.info(
