@@ -230,6 +230,8 @@ class HostChunkPool:
     def _reserve(self, chunks: list[int]) -> None:
         """Allocate and map new chunks' pages, in parallel threads (it is CPU work: zeroing)."""
         fresh = [chunk for chunk in chunks if chunk not in self._reserved]
+        if not fresh:
+            return  # the steady state: every chunk was used before
         with ThreadPoolExecutor(max_workers=self.read_threads) as pool:
             list(pool.map(self._reserve_chunk, fresh))
         self._reserved.update(fresh)
