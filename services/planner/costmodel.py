@@ -119,9 +119,46 @@ def _times(
     t2_all = t2_all + profile.comm_decode_s * (pipelines - 1) / micro
     i1, i2 = t1_all.argmin(axis=0), t2_all.argmin(axis=0)
     cols = np.arange(len(pipelines))
-    t1, t2 = t1_all[i1, cols], t2_all[i2, cols]
+    factor = profile.latency_factor
+    t1, t2 = t1_all[i1, cols] * factor, t2_all[i2, cols] * factor
     latency = t1 + output_tokens * t2 + profile.embed_s * (output_tokens + 1)
+    latency = latency + 2 * profile.request_embed_time_s(batch) * factor
     return t1, t2, latency, micro[i1, 0], micro[i2, 0]
+
+
+def allowed_pipeline(profile: ParallelProfile, pipeline: int, tensor: int) -> bool:
+    """Whether (P, M) is a replica shape the profile's model may take: no empty stage, P
+    dividing the padded layer count where the profile has one, and at least the profile's
+    minimum devices per replica."""
+    if not valid_pipeline(profile.num_layers, pipeline):
+        return False
+    if profile.padded_layers is not None and profile.padded_layers % pipeline:
+        return False
+    return pipeline * tensor >= profile.min_devices_per_replica
+
+
+def step_seconds(
+    profile: ParallelProfile,
+    pipeline: int,
+    tensor: int,
+    prefill_batch: int,
+    prefill_tokens: int,
+    decode_batch: int,
+) -> float:
+    """One iteration of a replica: the prefill of ``prefill_batch`` new sequences of
+    ``prefill_tokens`` tokens each (t1 at that batch) and one decode step of ``decode_batch``
+    running ones (t2), each with its best micro-batching, as ``estimate`` charges them. The
+    simulator runs its replicas on this."""
+    ps = np.array([pipeline])
+    seconds = 0.0
+    if prefill_batch > 0:
+        t1, *_ = _times(profile, tensor, prefill_batch, ps, max(1, prefill_tokens), 1)
+        embed = 2 * profile.request_embed_time_s(prefill_batch) * profile.latency_factor
+        seconds += float(t1[0]) + embed + profile.embed_s
+    if decode_batch > 0:
+        _, t2, *_ = _times(profile, tensor, decode_batch, ps, profile.prefill_tokens, 1)
+        seconds += float(t2[0]) + profile.embed_s
+    return seconds
 
 
 def _memory(
@@ -214,7 +251,7 @@ def search(
         groups = int(capacities.sum())
         pipelines = np.array(
             [p for p in range(1, min(profile.num_layers, groups, max_pipeline or groups) + 1)
-             if valid_pipeline(profile.num_layers, p) and (fixed is None or p == fixed[0])]
+             if allowed_pipeline(profile, p, tensor) and (fixed is None or p == fixed[0])]
         )  # fmt: skip
         for batch in range(1, max_batch + 1):
             mem = _memory(profile, tensor, batch, pipelines, input_tokens, output_tokens)

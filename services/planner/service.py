@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -26,13 +25,9 @@ from pydantic import ValidationError
 
 from services.planner import metrics
 from services.planner.costmodel import NoFeasibleConfig
+from services.planner.fleet import FleetState, in_flight_requests, needs_plan, plan_trigger
 from services.planner.jit import InFlightRequest
-from services.planner.policy import (
-    DyingInstance,
-    FleetView,
-    PlannerPolicy,
-    SpotServePolicy,
-)
+from services.planner.policy import FleetView, PlannerPolicy, SpotServePolicy
 from services.planner.policy import PlannerSettings as PolicySettings
 from shared.codec import DecodeError, decode, encode
 from shared.config import PlannerSettings
@@ -41,7 +36,6 @@ from shared.messages import (
     FleetEvent,
     InflightReport,
     InflightSequence,
-    InstanceRecord,
     Plan,
     ServingMode,
 )
@@ -62,29 +56,6 @@ from shared.subjects import (
     SCHEDULER_INFLIGHT,
     load_bucket,
 )
-
-
-@dataclass
-class FleetState:
-    """The fleet as the events so far describe it."""
-
-    instances: dict[str, InstanceRecord] = field(default_factory=dict)
-    deadlines: dict[str, float] = field(default_factory=dict)  # dying instance -> deadline
-    gone: set[str] = field(default_factory=set)
-    last_seq: int = 0
-
-    def apply(self, event: FleetEvent, seq: int) -> None:
-        instance_id = event.instance.instance_id
-        if event.kind == "joined":
-            self.instances[instance_id] = event.instance
-            self.gone.discard(instance_id)
-        elif event.kind == "preempt-notice" and instance_id in self.instances:
-            self.deadlines[instance_id] = event.deadline or event.at
-        elif event.kind in ("lost", "left"):
-            self.instances.pop(instance_id, None)
-            self.deadlines.pop(instance_id, None)
-            self.gone.add(instance_id)
-        self.last_seq = max(self.last_seq, seq)
 
 
 async def last_plan(context: ServiceContext) -> tuple[Plan | None, int]:
@@ -146,24 +117,6 @@ async def read_inflight(context: ServiceContext) -> list[InflightSequence]:
         return []
 
 
-def in_flight_requests(
-    sequences: list[InflightSequence], previous: Plan | None, kv_bytes_per_token: int
-) -> list[InFlightRequest]:
-    """Requests on instances with a role in the previous plan, by that plan's replica."""
-    replica_of = {role.instance_id: role.replica for role in previous.roles} if previous else {}
-    return [
-        InFlightRequest(
-            request_id=sequence.request_id,
-            replica=replica_of[sequence.instance_id],
-            generated_tokens=sequence.generated_tokens,
-            max_tokens=sequence.max_tokens,
-            kv_bytes=sequence.context_tokens * kv_bytes_per_token,
-        )
-        for sequence in sequences
-        if sequence.instance_id in replica_of
-    ]
-
-
 class Planner:
     def __init__(
         self, context: ServiceContext, policy: PlannerPolicy, profile: ParallelProfile
@@ -180,43 +133,16 @@ class Planner:
         self.mode: ServingMode = "spotserve"
 
     def view(self, now: float, requests: list[InFlightRequest] | None = None) -> FleetView:
-        state = self.state
-        live = [r for i, r in state.instances.items() if i not in state.deadlines]
-        dying = [
-            DyingInstance(state.instances[i], deadline)
-            for i, deadline in state.deadlines.items()
-            if deadline > now
-        ]
-        return FleetView(
-            live=live,
-            dying=dying,
-            arrival_rate_rps=self.arrival_rate,
-            requests=requests or [],
-            fleet_seq=state.last_seq,
-            mode=self.mode,
-        )
+        return self.state.view(now, self.arrival_rate, self.mode, requests or [])
 
     def trigger(self) -> str:
         """Why a plan is due now (the ``trigger`` label of the plans counter)."""
-        if self.previous is None:
-            return "initial"
-        if self.state.last_seq > self.previous.fleet_seq:
-            return "fleet"
-        if self.mode != self.previous.mode:
-            return "mode"
-        return "arrival_rate"
+        return plan_trigger(self.state, self.previous, self.mode)
 
     def needs_plan(self) -> bool:
-        trigger = self.trigger()
-        if trigger == "fleet":
-            return True
-        live = any(i not in self.state.deadlines for i in self.state.instances)
-        if trigger != "arrival_rate":
-            return live
-        assert self.previous is not None
-        used = self.previous.arrival_rate_rps
-        moved = abs(self.arrival_rate - used) > self.settings.rate_change * max(used, 0.01)
-        return live and moved
+        return needs_plan(
+            self.state, self.previous, self.mode, self.arrival_rate, self.settings.rate_change
+        )
 
     async def replan(self) -> None:
         sequences = await read_inflight(self.context)

@@ -31,6 +31,18 @@ from services.scheduler import metrics
 from services.scheduler.kvmemory import apply_after_step, apply_before_step, plan_memory
 from services.scheduler.mlfq import SkipJoinMlfqPolicy
 from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput, make_policy
+from services.scheduler.reconfigure import (
+    BoundRequest,
+    PlannedMove,
+    carries_cache,
+    least_loaded,
+    move_due,
+    moves_by_instance,
+    planned_moves,
+    restarts,
+    restarts_lost_requests,
+    serves,
+)
 from services.scheduler.sequence import Sequence
 from shared.codec import DecodeError, content_type_header, decode, encode
 from shared.config import ConfigurationError, SchedulerSettings
@@ -87,13 +99,6 @@ class StepFailedError(Exception):
 RECONNECT_POLL_S = 0.5
 
 
-@dataclass(frozen=True)
-class PlannedMove:
-    at_tokens: int  # generated-token count
-    move_by: float  # wall-clock time (the planner's clock)
-    carry_cache: bool  # send the KV cache along ("migrate", an overrun "finish"); else recompute
-
-
 @dataclass
 class ExecutorHandle:
     view: ExecutorView
@@ -142,34 +147,23 @@ class Scheduler:
         previous, self.plan = self.plan, plan
         metrics.PLAN_EPOCH.set(plan.epoch)
         for instance_id, handle in self.executors.items():
-            handle.view = replace(handle.view, accepts_new=self._serves(instance_id))
-        if plan.mode == "restart" and previous is not None and not previous.same_roles(plan):
-            self._restart_everything(plan)
-        if plan.mode == "reroute":
-            # No use of the grace period: what an instance without a role holds restarts from
-            # scratch on the others at once.
-            for instance_id, handle in self.executors.items():
-                if not any(role.instance_id == instance_id for role in plan.roles):
-                    handle.restart = True
-                    handle.wake.set()
-        moved = 0
-        for decision in plan.jit:
-            sequence = self.held.get(decision.request_id)
-            handle = self.executors.get(decision.instance_id)
-            if sequence is None or handle is None or sequence.executor != decision.instance_id:
-                continue
-            # "finish": it should end in place; "migrate": decode on for decode_steps, then
-            # move; "recompute": move now. Either way it moves by move_by if still there (the
-            # cost model's estimate may be optimistic). move_by leaves the time to send a
-            # cache, so a "finish" that overran still takes its cache along; after
-            # "recompute" (no such time) the new holder recomputes it from the committed tokens.
-            steps = decision.decode_steps if decision.action != "recompute" else 0
-            handle.moves[sequence.request_id] = PlannedMove(
-                at_tokens=len(sequence.generated) + steps,
-                move_by=decision.move_by if decision.move_by is not None else float("inf"),
-                carry_cache=decision.action != "recompute",
-            )
-            moved += decision.action != "finish"
+            handle.view = replace(handle.view, accepts_new=serves(plan, instance_id))
+        restarting = restarts(plan, previous, self.executors)
+        if plan.mode == "restart" and restarting:
+            self.log.info("plan.restart_everything", epoch=plan.epoch)
+        for instance_id in restarting:
+            handle = self.executors[instance_id]
+            handle.restart = True
+            handle.moves.clear()
+            handle.wake.set()
+        bound = [
+            BoundRequest(s.request_id, s.executor, len(s.generated)) for s in self.held.values()
+        ]
+        moves = planned_moves(plan, bound)
+        for instance_id, group in moves_by_instance(moves, bound).items():
+            if instance_id in self.executors:
+                self.executors[instance_id].moves.update(group)
+        moved = sum(1 for d in plan.jit if d.request_id in moves and d.action != "finish")
         self.log.info(
             "plan.applied",
             epoch=plan.epoch,
@@ -178,16 +172,6 @@ class Scheduler:
         )
         for handle in self.executors.values():
             handle.wake.set()
-
-    def _restart_everything(self, plan: Plan) -> None:
-        """The restart-and-reload baseline: a new configuration stops everything; every
-        instance reloads its weights (the executors' part) and every request starts again
-        from its prompt, each executor's between two of its iterations."""
-        for handle in self.executors.values():
-            handle.restart = True
-            handle.moves.clear()
-            handle.wake.set()
-        self.log.info("plan.restart_everything", epoch=plan.epoch)
 
     def _restart_on(self, handle: ExecutorHandle) -> None:
         handle.restart = False
@@ -205,13 +189,6 @@ class Scheduler:
         for other in self.executors.values():
             other.wake.set()
 
-    def _serves(self, instance_id: str) -> bool:
-        """Whether new requests may go to this instance: it heads a replica (a pipeline's first
-        stage; later stages get their work from the stage before)."""
-        if self.plan is None:
-            return True
-        return any(r.instance_id == instance_id and r.stage == 0 for r in self.plan.roles)
-
     async def _apply_moves(self, handle: ExecutorHandle) -> None:
         """Between two iterations of ``handle``: move off the requests whose time has come,
         with their KV cache when the plan says "migrate", else to be recomputed elsewhere."""
@@ -224,18 +201,13 @@ class Scheduler:
             if sequence is None or sequence.finished or sequence.executor != here:
                 del handle.moves[request_id]
                 continue
-            if len(sequence.generated) < move.at_tokens and now < move.move_by:
+            if not move_due(move, len(sequence.generated), now):
                 continue
             del handle.moves[request_id]
             destination = self._least_loaded_server(exclude=here)
             carried = False
-            whole_models = self.plan is None or self.plan.config.pipeline == 1
-            if (
-                move.carry_cache
-                and whole_models  # a stage's cache is only part of it: recompute instead
-                and destination is not None
-                and sequence.kv_location != "none"
-            ):
+            if carries_cache(move, self.plan, destination, sequence.kv_location != "none"):
+                assert destination is not None
                 carried = await self._carry_cache(sequence, here, destination)
             if carried:
                 assert destination is not None
@@ -263,11 +235,7 @@ class Scheduler:
             for instance_id, handle in self.executors.items()
             if instance_id != exclude and handle.view.accepts_new and not handle.gone.is_set()
         ]
-        bound = {i: 0 for i in serving}
-        for sequence in self.held.values():
-            if sequence.executor in bound:
-                bound[sequence.executor] += 1
-        return min(serving, key=lambda i: (bound[i], i)) if serving else None
+        return least_loaded(serving, (s.executor for s in self.held.values()))
 
     async def _carry_cache(self, sequence: Sequence, source: str, destination: str) -> bool:
         """Move a request's KV cache source -> destination, peer to peer; False if anything
@@ -449,7 +417,7 @@ class Scheduler:
             max_batch_size=min(self.settings.max_batch_size, kv_slots),
             kv_slots=kv_slots,
             host_slots=max(0, int(metadata.get("host_kv_slots", 0))),
-            accepts_new=self._serves(instance_id),
+            accepts_new=serves(self.plan, instance_id),
         )
         handle = ExecutorHandle(view=view)
         handle.task = asyncio.create_task(self._executor_loop(handle))
@@ -464,7 +432,7 @@ class Scheduler:
         handle.gone.set()
         handle.wake.set()
         lost = self.policy.requeue_executor(instance_id)
-        if self.plan is not None and self.plan.mode in ("reroute", "restart"):
+        if restarts_lost_requests(self.plan):
             for sequence in lost:
                 sequence.restart_from_scratch()
             metrics.RESTARTS.inc(len(lost))

@@ -68,9 +68,39 @@ class ParallelProfile(BaseModel):
     embed_s: float = Field(default=0.0, ge=0)
     devices_per_instance: int = Field(ge=1)
     device_memory_bytes: int = Field(ge=0)
+    # The SpotServe artifact's latency formula (``from_artifact``): every time is multiplied by
+    # its ``final_fix_factor``, and a request batch of b pays 2 * request_embed_s(b) once.
+    latency_factor: float = Field(default=1.0, gt=0)
+    request_embed_s: list[tuple[int, float]] = Field(default_factory=list)
+    # A pipeline degree must divide this layer count (FasterTransformer pads the layers); None:
+    # any P that leaves no stage empty.
+    padded_layers: int | None = Field(default=None, ge=1)
+    # Fewest devices one replica may use (P * M): the artifact's minimum world size, which its
+    # fp32 checkpoints and FasterTransformer's buffers need on 16 GB T4s.
+    min_devices_per_replica: int = Field(default=1, ge=1)
 
     def tensor_degrees(self) -> list[int]:
         return sorted(set(self.prefill_s) & set(self.decode_s))
+
+    def request_embed_time_s(self, batch: int) -> float:
+        return _interpolate(self.request_embed_s, batch) if self.request_embed_s else 0.0
+
+    def check_covers(self, tensor: int, max_batch: int, source: str) -> None:
+        """ProfileError unless the profile measured tensor degree ``tensor`` at micro-batch
+        sizes spanning 1..max_batch (between measured sizes the times are interpolated, never
+        extrapolated past the largest)."""
+        if tensor not in self.tensor_degrees():
+            raise ProfileError(
+                f"{source}: no measurements at tensor degree {tensor}"
+                f" (has {', '.join(map(str, self.tensor_degrees())) or 'none'})"
+            )
+        for name, table in (("prefill", self.prefill_s[tensor]), ("decode", self.decode_s[tensor])):
+            sizes = [b for b, _ in table]
+            if not sizes or min(sizes) > 1 or max(sizes) < max_batch:
+                raise ProfileError(
+                    f"{source}: {name} at tensor degree {tensor} measured for batch sizes"
+                    f" {sizes}, which do not span 1..{max_batch} (the largest batch)"
+                )
 
     def prefill_layer_s(self, tensor: int, batch: int) -> float:
         return _interpolate(self.prefill_s[tensor], batch)
@@ -81,6 +111,128 @@ class ParallelProfile(BaseModel):
     @property
     def weight_bytes(self) -> int:
         return self.embed_bytes + self.num_layers * self.layer_bytes + self.head_bytes
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the field."""
+
+
+# The SpotServe artifact's T4 profiles (elastic-switch/profile/T4-4x/*.json) measure
+# FasterTransformer's Megatron GPT models; their shapes come from the artifact's checkpoint
+# generator (ckpt/generate_random_gpt_ckpt.py: vocabulary 51200, 1024 positions, fp32 weights,
+# inter size 4h, tied head) and its run scripts (scripts_ae/aws_e2e.sh: MIN_WORLD_SIZE 4 for
+# 6.7B, 12 for 20B (h6144), 16 for 30B (h7168); 4 GPUs per g4dn.12xlarge instance).
+ARTIFACT_VOCAB = 51200
+ARTIFACT_POSITIONS = 1024
+ARTIFACT_BYTES_PER_PARAM = 4  # fp32
+ARTIFACT_PREFILL_TOKENS = 512
+ARTIFACT_MIN_DEVICES = {4096: 4, 6144: 12, 7168: 16}  # by hidden size
+T4_MEMORY_BYTES = 16 * 10**9  # NVIDIA T4 datasheet: 16 GB GDDR6
+T4_PER_INSTANCE = 4  # g4dn.12xlarge
+
+
+def from_artifact(data: dict[str, object], source: str) -> ParallelProfile:
+    """A ParallelProfile from the SpotServe artifact's profile JSON, read as is: per tensor
+    degree ``tp-M`` and batch ``bsz-B``, ``init`` (ms per layer, 512-token prefill) and
+    ``incr`` (ms per layer, one decode step); ``embed[log2 B]`` ms; ``pp_init_comm`` /
+    ``pp_incr_comm`` ms per hop; ``final_fix_factor``; ``layer_num`` / ``padded_layer_num``;
+    ``hidden_size``. Its latency formula is kept (``latency_factor``, ``request_embed_s``)."""
+
+    def field(name: str) -> object:
+        if name not in data:
+            raise ProfileError(f"{source}: no {name!r} field (a SpotServe artifact profile has it)")
+        return data[name]
+
+    def number(name: str, value: object, positive: bool = False) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        if not ok or (positive and value <= 0):  # type: ignore[operator]
+            raise ProfileError(f"{source}: {name} must be a number {'> 0' if positive else '>= 0'},"
+                               f" not {value!r}")  # fmt: skip
+        return float(value)  # type: ignore[arg-type]
+
+    layers = int(number("layer_num", field("layer_num"), positive=True))
+    padded = int(number("padded_layer_num", data.get("padded_layer_num", layers), positive=True))
+    hidden = int(number("hidden_size", field("hidden_size"), positive=True))
+    embeds = field("embed")
+    if not isinstance(embeds, list) or not embeds:
+        raise ProfileError(f"{source}: embed must be a list of ms by log2(batch), not {embeds!r}")
+    prefill: dict[int, list[tuple[int, float]]] = {}
+    decode: dict[int, list[tuple[int, float]]] = {}
+    for key, table in data.items():
+        if not key.startswith("tp-"):
+            continue
+        try:
+            tensor = int(key[3:])
+        except ValueError:
+            raise ProfileError(f"{source}: {key!r} is not tp-<degree>") from None
+        if not isinstance(table, dict) or not table:
+            raise ProfileError(f"{source}: {key} must map bsz-<B> to init/incr times")
+        rows = []
+        for bkey, times in table.items():
+            where = f"{key}.{bkey}"
+            if not bkey.startswith("bsz-") or not bkey[4:].isdigit() or int(bkey[4:]) < 1:
+                raise ProfileError(f"{source}: {where} is not bsz-<batch size>")
+            if not isinstance(times, dict) or "init" not in times or "incr" not in times:
+                raise ProfileError(f"{source}: {where} needs init and incr (ms per layer)")
+            init = number(f"{where}.init", times["init"], positive=True)
+            incr = number(f"{where}.incr", times["incr"], positive=True)
+            rows.append((int(bkey[4:]), init / 1000, incr / 1000))
+        rows.sort()
+        prefill[tensor] = [(b, init) for b, init, _ in rows]
+        decode[tensor] = [(b, incr) for b, _, incr in rows]
+    if not prefill:
+        raise ProfileError(f"{source}: no tp-<degree> tables")
+    layer_params = 12 * hidden * hidden + 13 * hidden
+    factor = number("final_fix_factor", data.get("final_fix_factor", 1.0), positive=True)
+    return ParallelProfile(
+        model=str(data.get("name", source)),
+        device="cuda:T4",
+        created_at=0.0,
+        num_layers=layers,
+        layer_bytes=layer_params * ARTIFACT_BYTES_PER_PARAM,
+        embed_bytes=(ARTIFACT_VOCAB + ARTIFACT_POSITIONS) * hidden * ARTIFACT_BYTES_PER_PARAM,
+        head_bytes=2 * hidden * ARTIFACT_BYTES_PER_PARAM,  # final layer norm; the head is tied
+        kv_bytes_per_token=2 * hidden * layers * ARTIFACT_BYTES_PER_PARAM,
+        prefill_tokens=ARTIFACT_PREFILL_TOKENS,
+        prefill_s=prefill,
+        decode_s=decode,
+        comm_prefill_s=number("pp_init_comm", field("pp_init_comm")) / 1000,
+        comm_decode_s=number("pp_incr_comm", field("pp_incr_comm")) / 1000,
+        devices_per_instance=T4_PER_INSTANCE,
+        device_memory_bytes=T4_MEMORY_BYTES,
+        latency_factor=factor,
+        request_embed_s=[(2**i, number(f"embed[{i}]", ms) / 1000) for i, ms in enumerate(embeds)],
+        padded_layers=padded,
+        min_devices_per_replica=ARTIFACT_MIN_DEVICES.get(hidden, 1),
+    )
+
+
+def read_any_parallel_profile(path: Path) -> ParallelProfile:
+    """A SpotServe artifact profile (it has ``layer_num`` and ``tp-*`` tables) or a profile
+    ``spotserve profile`` wrote; ProfileError naming the file otherwise."""
+    import json
+
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read it ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile is a JSON object")
+    if "layer_num" in data:
+        return from_artifact(data, str(path))
+    try:
+        return ParallelProfile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "profile"
+        raise ProfileError(
+            f"{path}: not a parallel profile ({where}: {first['msg']}); expected the output of"
+            " `spotserve profile` or a SpotServe artifact profile"
+        ) from None
 
 
 def _interpolate(points: list[tuple[int, float]], x: int) -> float:
