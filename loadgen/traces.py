@@ -2,7 +2,8 @@
 
 Two kinds of traces:
 - request arrivals (`arrivals_from_spec`): synthetic Poisson/Gamma processes, a per-minute rate
-  list, or a real request log (Azure LLM inference CSV, BurstGPT CSV);
+  list, a real request log (Azure LLM inference CSV, BurstGPT CSV), or the SpotServe
+  artifact's query file (`index,arrival_s,input_tokens,gap_ms` rows, no header);
 - fleet availability (`read_fleet_trace`): SpotServe's spot-instance add/remove traces, as CSV
   rows or JSON lines.
 
@@ -68,9 +69,12 @@ BURSTGPT_HEADER = (
     "Total tokens",
     "Log Type",
 )
+# The SpotServe artifact's query file (queries/query_*.txt): no header, one request a row.
+QUERY_COLUMNS = ("index", "arrival_s", "input_tokens", "gap_ms")
 _ACCEPTED = (
     f"accepted headers: {','.join(AZURE_HEADER)} (Azure LLM inference); "
     f"{','.join(BURSTGPT_HEADER)} (BurstGPT); "
+    f"no header and rows {','.join(QUERY_COLUMNS)} starting at index 0 (SpotServe queries); "
     "or a per-minute rate list of numbers (comma/space separated)"
 )
 # Synthetic processes are drawn in fixed-size chunks: numpy's Generator draws element by
@@ -89,11 +93,22 @@ def arrivals_from_spec(
     seed: int = 0,
 ) -> list[Arrival]:
     """Arrivals for a spec: "poisson:RATE", "gamma:RATE:CV", or a path to a per-minute rate
-    list, an Azure LLM inference CSV or a BurstGPT CSV (detected from the first line).
+    list, an Azure LLM inference CSV, a BurstGPT CSV or a SpotServe artifact query file
+    (detected from the first non-blank line).
 
-    Synthetic specs use input_tokens/output_tokens for every request and need a bound
-    (duration_s and/or max_requests). Arrivals are kept while at_s < duration_s, at most
-    max_requests of them. Deterministic for a given seed.
+    Synthetic specs and rate lists use input_tokens/output_tokens for every request; synthetic
+    specs need a bound (duration_s and/or max_requests). Azure and BurstGPT logs carry both
+    lengths and start at 0 s (their first request). A query file (rows
+    `index,arrival_s,input_tokens,gap_ms`, no header) carries the input length, takes
+    output_tokens for every request (the file has none; the paper uses 128) and keeps its
+    arrival times as written (the first request is not moved to 0 s); gap_ms is checked to be
+    a number and otherwise unused. A file is a query file when its first non-blank line has
+    exactly 4 comma-separated numeric cells, the first being "0" (the index) and the third an
+    integer (input tokens), and it has more than one non-blank line; anything else made of
+    numbers, e.g. the one-line "0,0.5,1,2", is a rate list.
+
+    Arrivals are kept while at_s < duration_s, at most max_requests of them. Deterministic for
+    a given seed.
     """
     _check_bounds(duration_s, max_requests)
     if input_tokens < 1 or output_tokens < 1:
@@ -188,6 +203,8 @@ def _arrivals_from_file(
         arrivals = _read_request_csv(path, line_no, AZURE_HEADER, _azure_row)
     elif header == tuple(c.lower() for c in BURSTGPT_HEADER):
         arrivals = _read_request_csv(path, line_no, BURSTGPT_HEADER, _burstgpt_row)
+    elif _looks_like_queries(text, lines):
+        arrivals = _read_queries(path, lines, output_tokens)
     elif _looks_numeric(text):
         rates = _parse_rates(path, lines)
         rng = np.random.default_rng(seed)
@@ -216,6 +233,87 @@ def _looks_numeric(text: str) -> bool:
     except ValueError:
         return False
     return bool(tokens)
+
+
+# -- SpotServe artifact query files -----------------------------------------------------------
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _looks_like_queries(first: str, lines: list[tuple[int, str]]) -> bool:
+    """The first non-blank line is a query row with index 0 (4 comma-separated numbers, the
+    first "0", the third an integer) and the file has more rows: a one-line list of 4 rates
+    is never taken for a one-request query file."""
+    cells = [cell.strip() for cell in first.split(",")]
+    if len(cells) != 4 or cells[0] != "0" or not _DIGITS.fullmatch(cells[2]):
+        return False
+    if not _looks_numeric(cells[1]) or not _looks_numeric(cells[3]):
+        return False
+    return sum(1 for _, text in lines if text.strip()) > 1
+
+
+def _read_queries(path: Path, lines: list[tuple[int, str]], output_tokens: int) -> list[Arrival]:
+    """Rows `index,arrival_s,input_tokens,gap_ms`: indices 0, 1, 2, ..., arrival times in
+    non-decreasing order, kept as written."""
+    arrivals: list[Arrival] = []
+    previous: tuple[int, float] | None = None  # (line, arrival time) of the previous row
+    for line_no, text in lines:
+        if not text.strip():
+            continue
+        cells = [cell.strip() for cell in text.split(",")]
+        if len(cells) != len(QUERY_COLUMNS):
+            raise _error(
+                path,
+                line_no,
+                f"expected {len(QUERY_COLUMNS)} columns ({','.join(QUERY_COLUMNS)}), "
+                f"got {len(cells)}",
+            )
+        index_text, at_text, tokens_text, gap_text = cells
+        if not _DIGITS.fullmatch(index_text):
+            raise _error(path, line_no, f"index {index_text!r} is not an integer >= 0")
+        if int(index_text) != len(arrivals):
+            expected = "0 (the first row)" if not arrivals else f"{len(arrivals)} (previous + 1)"
+            raise _error(
+                path, line_no, f"index {index_text} is out of sequence, expected {expected}"
+            )
+        at_s = _query_time(path, line_no, at_text)
+        if previous is not None and at_s < previous[1]:
+            raise _error(
+                path,
+                line_no,
+                f"arrival time {at_text} s is before line {previous[0]}'s {previous[1]!r} s "
+                "(expected arrival times in non-decreasing order)",
+            )
+        if not _DIGITS.fullmatch(tokens_text) or int(tokens_text) < 1:
+            raise _error(path, line_no, f"input tokens {tokens_text!r} is not an integer >= 1")
+        if not _is_finite_number(gap_text):
+            raise _error(
+                path,
+                line_no,
+                f"gap {gap_text!r} is not a finite number "
+                "(milliseconds since the previous request)",
+            )
+        arrivals.append(Arrival(at_s, int(tokens_text), output_tokens))
+        previous = (line_no, at_s)
+    return arrivals
+
+
+def _query_time(path: Path, line_no: int, text: str) -> float:
+    try:
+        at_s = float(text)
+    except ValueError:
+        raise _error(path, line_no, f"arrival time {text!r} is not a number (seconds)") from None
+    if not (at_s >= 0 and math.isfinite(at_s)):
+        raise _error(path, line_no, f"arrival time {text!r} must be a finite number >= 0 (seconds)")
+    return at_s
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 # -- per-minute rate lists ---------------------------------------------------------------------
