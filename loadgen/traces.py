@@ -32,6 +32,7 @@ __all__ = [
     "FleetTrace",
     "TraceError",
     "arrivals_from_spec",
+    "backfill_nodes",
     "read_fleet_trace",
     "scale_lengths",
     "timeline",
@@ -692,3 +693,21 @@ def timeline(trace: FleetTrace) -> list[tuple[float, int]]:
         live += 1 if event.kind == "add" else -1
         points.append((event.at_s, live))
     return points
+
+
+def backfill_nodes(trace: FleetTrace, delay_s: float = 90.0) -> set[str]:
+    """Nodes that stand in for preempted ones: added exactly ``delay_s`` after a remove, up to
+    as many as that remove took. The SpotServe artifact's "+O" traces backfill each preemption
+    with an on-demand instance 90 s later and do not mark those nodes otherwise."""
+    removed: dict[float, int] = {}
+    for event in trace.events:
+        if event.kind == "remove":
+            removed[event.at_s] = removed.get(event.at_s, 0) + 1
+    backfill: set[str] = set()
+    for event in trace.events:
+        key = round(event.at_s - delay_s, 6)
+        matches = [t for t in removed if abs(t - key) < 1e-6 and removed[t] > 0]
+        if event.kind == "add" and matches:
+            removed[matches[0]] -= 1
+            backfill.add(event.node)
+    return backfill

@@ -215,6 +215,8 @@ class PlannerSettings(BaseModel):
     # Tensor-parallel degrees the profile measures (1 always). An executor serves one group of
     # M = its tensor_parallel ranks, so an instance of M devices takes roles of that M only.
     tensor_degrees: list[int] = Field(default_factory=lambda: [1])
+    # Throughput planned per request/s of measured arrivals (utilisation below 1/margin).
+    rate_margin: float = Field(default=1.2, ge=1.0)
     # Events arriving within this window become one reconfiguration.
     debounce_s: float = Field(default=0.5, gt=0)
     # Re-plan when the arrival rate moves by more than this fraction.

@@ -516,6 +516,19 @@ class Plan(InternalModel):
 
         return roles(self) == roles(other)
 
+    def reloads_everything(self, previous: Plan | None) -> bool:
+        """The restart-and-reload baseline (the artifact's Reparallelization): a new
+        configuration restarts every engine, which reloads from its node's disk, and every
+        request starts again from its prompt."""
+        return self.mode == "restart" and previous is not None and not previous.same_roles(self)
+
+    @property
+    def weights_from_disk(self) -> bool:
+        """Whether an instance taking a new role reads its weights from its node's disk
+        instead of from peers: the baselines (the artifact's Rerouting loads new pipelines
+        from disk, its Reparallelization reloads everything)."""
+        return self.mode in ("reroute", "restart")
+
 
 # -- tensor transfer (shared.transfer) -----------------------------------------------------------
 # Peer-to-peer tensor streaming: offer (request/reply) -> chunks against credits -> acks.

@@ -13,6 +13,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 
 from nats.errors import Error as NatsError
@@ -83,25 +84,26 @@ def describe_validation_error(error: ValidationError) -> str:
 class ArrivalMeter:
     """Accepted requests per second over a sliding window (bounded: old arrivals drop out)."""
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
-        self.started = time.monotonic()
+        self.clock = clock  # the simulator passes its virtual clock
+        self.started = clock()
         self._arrivals: deque[float] = deque()
 
     def record(self) -> None:
-        self._arrivals.append(time.monotonic())
+        self._arrivals.append(self.clock())
         self._trim()
 
     def rate(self) -> ArrivalRate:
         self._trim()
         # Right after start the window is not full yet: divide by the time actually observed.
-        observed = min(self.window_s, max(time.monotonic() - self.started, 1.0))
+        observed = min(self.window_s, max(self.clock() - self.started, 1.0))
         return ArrivalRate(
             requests_per_s=len(self._arrivals) / observed, window_s=observed, at=time.time()
         )
 
     def _trim(self) -> None:
-        horizon = time.monotonic() - self.window_s
+        horizon = self.clock() - self.window_s
         while self._arrivals and self._arrivals[0] < horizon:
             self._arrivals.popleft()
 

@@ -343,14 +343,16 @@ class Executor:
         self.pipeline_stages = len({r.stage for r in plan.roles if r.replica == role.replica})
         wanted = (role.first_layer, role.last_layer)
         previous, self.plan = self.plan, plan
-        # The restart-and-reload baseline reloads on every new configuration.
-        reload = plan.mode == "restart" and previous is not None and not previous.same_roles(plan)
+        reload = plan.reloads_everything(previous)
         if wanted == self.engine.layers and not reload:
             return
         last = self.engine.model.args.n_layers - 1
         layers = None if wanted == (0, last) else wanted
         started = time.perf_counter()
-        state, from_peers = (None, {}) if reload else await self._gather_weights(plan, wanted, last)
+        if reload or plan.weights_from_disk:
+            state, from_peers = None, {}
+        else:
+            state, from_peers = await self._gather_weights(plan, wanted, last)
         loop = asyncio.get_running_loop()
         # On the compute thread: steps already queued run first, later ones find the new engine.
         if state is None:

@@ -88,6 +88,14 @@ class PlannerSettings:
     whole_instance_groups: bool = False
     kv_bandwidth_bytes_s: float = 1e9  # KV caches off a dying instance, over NATS
     kv_overhead_s: float = 0.5  # set-up and acknowledgement of a cache hand-over
+    # Capacity planned per request/s measured: below 1/rate_margin utilisation, queues stay
+    # short (at a utilisation near 1 they grow without bound). The SpotServe artifact plans
+    # for a required throughput 1.0-1.33x its arrival rates (scripts_ae/aws_e2e.sh).
+    rate_margin: float = 1.2
+
+    def target_rate(self, measured_rps: float) -> float:
+        """The throughput a configuration must reach for this measured arrival rate."""
+        return measured_rps * self.rate_margin
 
 
 @dataclass
@@ -110,7 +118,8 @@ class SpotServePolicy:
         old_roles = list(previous.roles) if previous else []
 
         result = search(
-            profile, view.live, view.arrival_rate_rps, s.input_tokens, s.output_tokens,
+            profile, view.live, s.target_rate(view.arrival_rate_rps), s.input_tokens,
+            s.output_tokens,
             s.max_batch, tolerance=s.tolerance, memory_reserve_fraction=s.memory_reserve_fraction,
             prefer=previous.config if previous and s.keep_previous else None,
             fill_spare=s.fill_spare, gpipe_prefill=s.gpipe_prefill, max_pipeline=s.max_pipeline,

@@ -255,6 +255,7 @@ def policy_settings(settings: PlannerSettings) -> PolicySettings:
         max_batch=settings.max_batch,
         fill_spare=settings.fill_spare,
         max_pipeline=settings.max_pipeline,
+        rate_margin=settings.rate_margin,
         whole_instance_groups=True,  # what the executors serve
     )
 

@@ -89,7 +89,7 @@ def restarts(plan: Plan, previous: Plan | None, instances: Iterable[str]) -> set
     request starts again. Reroute: what an instance without a role holds restarts at once on
     the others (no use of the grace period). SpotServe: none."""
     instances = list(instances)
-    if plan.mode == "restart" and previous is not None and not previous.same_roles(plan):
+    if plan.reloads_everything(previous):
         return set(instances)
     if plan.mode == "reroute":
         with_role = {role.instance_id for role in plan.roles}
