@@ -7,16 +7,19 @@ report.json files alone, so a run never has to be replayed to be re-plotted or c
 Two clocks
 ----------
 Latencies and every `*_s` time are **wall seconds** since the run's start (the replay's own
-clock, `"clock": "wall"`). Cost is in **trace time**: the replay runs at `time_scale` of the
-trace's clock, so an instance up for `w` wall seconds is billed `w / time_scale` seconds
-(time_scale 0.1: a 36 s wall span is 360 s = 0.1 instance-hour).
+clock, `"clock": "wall"`), or simulated seconds for `spotserve-loadgen simulate`
+(`"clock": "simulated"`, the same schema otherwise, so `compare` takes both). Cost is in
+**trace time**: the replay runs at `time_scale` of the trace's clock, so an instance up for `w`
+wall seconds is billed `w / time_scale` seconds (time_scale 0.1: a 36 s wall span is 360 s =
+0.1 instance-hour).
 
 report.json, schema_version 1
 -----------------------------
 Top level:
 
 - `schema_version` (int): 1.
-- `clock` (str): `"wall"`: the clock of every latency and `*_s` time below.
+- `clock` (str): `"wall"` (replay) or `"simulated"` (simulate): the clock of every latency
+  and `*_s` time below.
 - `policy` (str): `"spotserve"`, `"reroute"`, `"restart"` or `"ondemand"`.
 - `arrivals` (str): the arrival spec or file name the replay used.
 - `fleet_trace` (str | null): the fleet (preemption) trace, null for none.
@@ -271,7 +274,10 @@ def _validate_run(run: RunRecord, slo_s: float | None) -> None:
 
 
 def summarize(
-    run: RunRecord, prices: Prices = Prices(), slo_s: float | None = None
+    run: RunRecord,
+    prices: Prices = Prices(),
+    slo_s: float | None = None,
+    clock: Literal["wall", "simulated"] = "wall",
 ) -> dict[str, Any]:
     """The report.json content (JSON-serializable; schema in the module docstring)."""
     _validate_run(run, slo_s)
@@ -281,7 +287,7 @@ def summarize(
     instances = [_instance_summary(span, run, prices) for span in run.instances]
     return {
         "schema_version": SCHEMA_VERSION,
-        "clock": "wall",
+        "clock": clock,
         "policy": run.policy,
         "arrivals": run.arrivals,
         "fleet_trace": run.fleet_trace,
