@@ -35,7 +35,7 @@ from typing import Any, Literal
 from loadgen.report import InstanceSpan, RequestRecord, RunRecord
 from loadgen.traces import Arrival, FleetTrace, backfill_nodes
 from services.admission.service import ArrivalMeter
-from services.planner.costmodel import NoFeasibleConfig, search, step_seconds
+from services.planner.costmodel import NoFeasibleConfig, step_seconds
 from services.planner.fleet import FleetState, in_flight_requests, needs_plan
 from services.planner.policy import PlannerSettings, SpotServePolicy
 from services.scheduler.kvmemory import apply_after_step, apply_before_step, plan_memory
@@ -255,11 +255,7 @@ class Simulation:
         span = max(a.at_s for a in arrivals) * self.o.time_scale if arrivals else 1.0
         rate = len(arrivals) / max(span, 1e-9)
         records = [self._record_for(f"probe-{i}") for i in range(64)]
-        s = self.o.planner
-        result = search(self.profile, records, s.target_rate(rate), s.input_tokens,
-                        s.output_tokens, s.max_batch,
-                        max_pipeline=s.max_pipeline,
-                        whole_instance_groups=s.whole_instance_groups)  # fmt: skip
+        result = self.policy.configuration(records, rate)
         return result.instances + self.o.spares
 
     def _record_for(self, node: str) -> InstanceRecord:
@@ -458,7 +454,9 @@ class Simulation:
                 disk = sum(t.nbytes for t in transfers if t.source_instance is None)
             loader = self._loader(node).estimate_load_s(MODEL, disk) or 0.0
             seconds = max(peer / c.link_bytes_s, local / c.pcie_bytes_s, loader)
-            landing[node] = self.now + plan.decision_s + restart + c.transfer_fixed_s + seconds
+            # The plan's own decision time (milliseconds, wall clock) is not charged: runs
+            # stay deterministic.
+            landing[node] = self.now + restart + c.transfer_fixed_s + seconds
         return landing
 
     def _loader(self, node: str) -> LoaderInventory:

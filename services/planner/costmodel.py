@@ -21,6 +21,11 @@ computes the same) divides by m1, so with P = 1 and m1 = B it charges one sequen
 for the whole batch: micro-batching looks free. ``gpipe_prefill=True`` drops that division (B/m1
 sequences per slot, P + m1 - 1 slots: the GPipe schedule). The default is DESIGN.md's form.
 
+Continuous batching (``continuous_batching=True``, what spotserve's scheduler does): requests
+join a running batch one at a time, so over its lifetime a request's batch pauses for B
+single-sequence prefills (each through all P stages) instead of one batched t1; the latency
+charges B * t1(b=1) in place of t1. ``step_seconds`` is the same model per iteration.
+
 Memory, per device of the fullest stage: f * layer_bytes / M, plus the whole embedding on the
 first stage (replicated, as the checkpoint layout stores it), plus head_bytes / M on the last
 stage, plus the KV cache of B sequences of (input + output) tokens for the stage's layers / M.
@@ -104,6 +109,7 @@ def _times(
     input_tokens: int,
     output_tokens: int,
     gpipe_prefill: bool = False,
+    continuous_batching: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """t1, t2, latency, m1, m2 for every P in ``pipelines`` at (M, B)."""
     layers = profile.num_layers
@@ -121,7 +127,16 @@ def _times(
     cols = np.arange(len(pipelines))
     factor = profile.latency_factor
     t1, t2 = t1_all[i1, cols] * factor, t2_all[i2, cols] * factor
-    latency = t1 + output_tokens * t2 + profile.embed_s * (output_tokens + 1)
+    if continuous_batching:
+        # Requests join a running batch one by one: over its lifetime a request's batch stops
+        # for B single-sequence prefills (its own and one per slot that turns over), each
+        # through every stage.
+        single = profile.prefill_layer_s(tensor, 1) * scale * f * pipelines
+        single = (single + profile.comm_prefill_s * scale * (pipelines - 1)) * factor
+        prefills = batch * single
+    else:
+        prefills = t1
+    latency = prefills + output_tokens * t2 + profile.embed_s * (output_tokens + 1)
     latency = latency + 2 * profile.request_embed_time_s(batch) * factor
     return t1, t2, latency, micro[i1, 0], micro[i2, 0]
 
@@ -190,12 +205,14 @@ def estimate(
     output_tokens: int,
     *,
     gpipe_prefill: bool = False,
+    continuous_batching: bool = False,
 ) -> Estimate:
     """The cost model at one (P, M, B), with its best micro-batch counts."""
     ps = np.array([pipeline])
     t1, t2, lat, m1, m2 = _times(
-        profile, tensor, batch, ps, input_tokens, output_tokens, gpipe_prefill
-    )
+        profile, tensor, batch, ps, input_tokens, output_tokens, gpipe_prefill,
+        continuous_batching,
+    )  # fmt: skip
     mem = _memory(profile, tensor, batch, ps, input_tokens, output_tokens)
     return Estimate(
         pipeline, tensor, batch, int(m1[0]), int(m2[0]),
@@ -234,6 +251,7 @@ def search(
     max_pipeline: int | None = None,
     whole_instance_groups: bool = False,
     fixed: tuple[int, int] | None = None,
+    continuous_batching: bool = False,
 ) -> SearchResult:
     """The configuration for these (surviving) instances and this arrival rate; ``max_pipeline``
     caps P. ``whole_instance_groups``: an instance holds one tensor-parallel group of all its
@@ -260,8 +278,9 @@ def search(
                 continue
             ps = pipelines[fits]
             t1, t2, lat, m1, m2 = _times(
-                profile, tensor, batch, ps, input_tokens, output_tokens, gpipe_prefill
-            )
+                profile, tensor, batch, ps, input_tokens, output_tokens, gpipe_prefill,
+                continuous_batching,
+            )  # fmt: skip
             d_max = groups // ps
             d_min = np.maximum(1, np.ceil(arrival_rate_rps * lat / batch - 1e-9)).astype(int)
             n = len(ps)

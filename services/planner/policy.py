@@ -17,6 +17,7 @@ from typing import Protocol
 from services.planner.costmodel import (
     DEFAULT_MEMORY_RESERVE_FRACTION,
     DEFAULT_TOLERANCE,
+    SearchResult,
     estimate,
     search,
 )
@@ -82,6 +83,10 @@ class PlannerSettings:
     memory_reserve_fraction: float = DEFAULT_MEMORY_RESERVE_FRACTION
     fill_spare: bool = False  # costmodel.search: every replica that fits, not the fewest
     gpipe_prefill: bool = False  # costmodel: t1 without DESIGN.md's / m1
+    # costmodel: requests join running batches one by one (spotserve's scheduler), so a
+    # request's latency holds B single-sequence prefills; False: one batched prefill (the
+    # SpotServe artifact's static batches).
+    continuous_batching: bool = True
     keep_previous: bool = True  # keep the previous (P, M, B) while its latency is similar
     max_pipeline: int | None = None  # cap on P (None: any that fits)
     # An instance takes one tensor-parallel group of all its devices, or no role.
@@ -109,6 +114,26 @@ class SpotServePolicy:
     # Seconds spent in each part of the last plan() (config, jit, mapping, migration).
     timings: dict[str, float] = field(default_factory=dict)
 
+    def configuration(
+        self,
+        instances: Sequence[InstanceRecord],
+        measured_rps: float,
+        previous: Plan | None = None,
+        fixed: tuple[int, int] | None = None,
+    ) -> SearchResult:
+        """The configuration search for these instances at this measured arrival rate (with
+        the settings' margin); ``fixed`` (P, M) for the rerouting baseline."""
+        s = self.settings
+        return search(
+            self.profile, instances, s.target_rate(measured_rps), s.input_tokens,
+            s.output_tokens, s.max_batch, tolerance=s.tolerance,
+            memory_reserve_fraction=s.memory_reserve_fraction,
+            prefer=previous.config if previous and s.keep_previous else None,
+            fill_spare=s.fill_spare, gpipe_prefill=s.gpipe_prefill, max_pipeline=s.max_pipeline,
+            continuous_batching=s.continuous_batching,
+            whole_instance_groups=s.whole_instance_groups, fixed=fixed,
+        )  # fmt: skip
+
     def plan(self, view: FleetView, previous: Plan | None, epoch: int, now: float) -> Plan:
         started = time.perf_counter()
         s, profile = self.settings, self.profile
@@ -117,16 +142,10 @@ class SpotServePolicy:
         dying = {k: v for k, v in dying.items() if k not in live_ids}
         old_roles = list(previous.roles) if previous else []
 
-        result = search(
-            profile, view.live, s.target_rate(view.arrival_rate_rps), s.input_tokens,
-            s.output_tokens,
-            s.max_batch, tolerance=s.tolerance, memory_reserve_fraction=s.memory_reserve_fraction,
-            prefer=previous.config if previous and s.keep_previous else None,
-            fill_spare=s.fill_spare, gpipe_prefill=s.gpipe_prefill, max_pipeline=s.max_pipeline,
-            whole_instance_groups=s.whole_instance_groups,
-            fixed=(previous.config.pipeline, previous.config.tensor)
-            if previous and view.mode == "reroute" else None,
-        )  # fmt: skip
+        fixed = None
+        if previous is not None and view.mode == "reroute":
+            fixed = (previous.config.pipeline, previous.config.tensor)
+        result = self.configuration(view.live, view.arrival_rate_rps, previous, fixed)
         config = result.config
         t_config = time.perf_counter()
 
@@ -221,6 +240,7 @@ class SpotServePolicy:
         est = estimate(
             self.profile, old.pipeline, old.tensor, old.batch, self.settings.input_tokens,
             self.settings.output_tokens, gpipe_prefill=self.settings.gpipe_prefill,
+            continuous_batching=self.settings.continuous_batching,
         )  # fmt: skip
         share = _kv_share(old_roles, self.profile.num_layers)
         held: dict[str, float] = {}
