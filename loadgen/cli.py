@@ -1,56 +1,146 @@
-"""``spotserve-loadgen`` (also ``python -m loadgen``): replay traces against a cluster, compare
-reports. See the README's "Replaying traces" section."""
+"""``spotserve-loadgen`` (also ``python -m loadgen``): replay traces against a cluster, simulate
+them on a virtual clock, compare reports. See the README's "Replaying traces" section."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
 
 from loadgen.replay import Replayer, ReplayError, ReplayOptions, default_out_dir, stderr_progress
-from loadgen.report import Prices, compare_main, markdown_table, summarize, write_plots
-from loadgen.traces import TraceError, arrivals_from_spec, read_fleet_trace
+from loadgen.report import (
+    Prices,
+    compare_main,
+    markdown_table,
+    summarize,
+    write_plots,
+    write_report,
+)
+from loadgen.simulate import SimCosts, SimOptions, SimulationError
+from loadgen.simulate import simulate as simulate_policy
+from loadgen.traces import Arrival, FleetTrace, TraceError, arrivals_from_spec, read_fleet_trace
+from services.planner.policy import PlannerSettings
+from services.scheduler.policy import POLICY_NAMES
 from shared.config import NatsSettings, Settings
 from shared.messages import ServingMode
+from shared.model.profile import ProfileError, read_any_parallel_profile
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 POLICIES = get_args(ServingMode)
 
+# Options that replay and simulate share.
+ArrivalsOption = Annotated[
+    str,
+    typer.Option(
+        help="poisson:RATE, gamma:RATE:CV (req/s of trace time), or a file: per-minute rate"
+        " list, Azure LLM inference CSV, BurstGPT CSV, SpotServe artifact query file.",
+    ),
+]
+FleetOption = Annotated[
+    Path | None,
+    typer.Option(help="Spot availability trace: t_ms,add|remove,node CSV or SpotServe JSONL."),
+]
+PolicyOption = Annotated[
+    list[str] | None,
+    typer.Option(help="spotserve | reroute | restart | ondemand (repeat: run each in turn)."),
+]
+TimeScaleOption = Annotated[
+    float, typer.Option(help="Trace seconds -> wall seconds (0.05: 20 min in 1 min).")
+]
+DurationOption = Annotated[
+    float | None, typer.Option(help="Trace seconds to replay (default: the fleet trace's).")
+]
+MaxRequestsOption = Annotated[int | None, typer.Option(help="Stop after this many requests.")]
+InputTokensOption = Annotated[int, typer.Option(help="Prompt tokens (synthetic arrivals).")]
+OutputTokensOption = Annotated[int, typer.Option(help="Output tokens (synthetic arrivals).")]
+GraceOption = Annotated[
+    float, typer.Option(min=0.0, help="Preemption grace period, trace seconds.")
+]
+SeedOption = Annotated[int, typer.Option(help="Arrivals and prompts.")]
+OutOption = Annotated[Path | None, typer.Option(help="Report directory.")]
+SloOption = Annotated[
+    float | None, typer.Option(help="End-to-end latency SLO (s) for the goodput.")
+]
+SpotPriceOption = Annotated[float, typer.Option(help="$/h of a spot instance.")]
+OnDemandPriceOption = Annotated[float, typer.Option(help="$/h of an on-demand instance.")]
+BaselineOption = Annotated[
+    str | None, typer.Option(help="The policy the table's ratios divide by.")
+]
+
+
+@contextmanager
+def _exit_2_on(*errors: type[Exception]) -> Iterator[None]:
+    """Any of ``errors`` becomes ``error: <message>`` on stderr and exit status 2."""
+    try:
+        yield
+    except errors as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _checked_policies(
+    policy: list[str] | None, time_scale: float, baseline: str | None
+) -> list[ServingMode]:
+    """The policies to run (default: spotserve); usage errors before anything runs."""
+    policies = policy or ["spotserve"]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise typer.BadParameter(f"unknown policy {unknown}; choose from {list(POLICIES)}")
+    if baseline is not None and baseline not in policies:
+        raise typer.BadParameter(f"--baseline {baseline!r} is not one of the policies run")
+    if time_scale <= 0:
+        raise typer.BadParameter("--time-scale must be > 0")
+    return policies  # type: ignore[return-value]
+
+
+def _read_inputs(
+    arrivals: str,
+    fleet: Path | None,
+    duration: float | None,
+    max_requests: int | None,
+    **spec_options: Any,
+) -> tuple[FleetTrace | None, list[Arrival]]:
+    """The fleet trace and the arrivals (to ``duration``, else to the trace's end); TraceError
+    naming file and line for a bad one."""
+    trace = read_fleet_trace(fleet) if fleet is not None else None
+    end = duration if duration is not None else trace.duration_s if trace else None
+    return trace, arrivals_from_spec(
+        arrivals, duration_s=end, max_requests=max_requests, **spec_options
+    )
+
+
+def _write_outputs(reports: list[dict[str, Any]], out_dir: Path, baseline: str | None) -> None:
+    """report-<policy>.json, report.md and the plots in ``out_dir``; the table on stdout."""
+    for report in reports:
+        write_report(report, out_dir / f"report-{report['policy']}.json")
+    table = markdown_table(reports, baseline=baseline)
+    (out_dir / "report.md").write_text(table + "\n", encoding="utf-8")
+    plots = write_plots(reports, out_dir)
+    typer.echo(table)
+    typer.echo(f"wrote {out_dir}: reports, report.md, {len(plots)} plots")
+
 
 @app.command()
 def replay(
-    arrivals: Annotated[
-        str,
-        typer.Option(
-            help="poisson:RATE, gamma:RATE:CV (req/s of trace time), or a file: per-minute rate"
-            " list, Azure LLM inference CSV, BurstGPT CSV."
-        ),
-    ],
-    fleet: Annotated[
-        Path | None,
-        typer.Option(help="Spot availability trace: t_ms,add|remove,node CSV or SpotServe JSONL."),
-    ] = None,
-    policy: Annotated[
-        list[str] | None,
-        typer.Option(help="spotserve | reroute | restart | ondemand (repeat: run each in turn)."),
-    ] = None,
-    time_scale: Annotated[
-        float, typer.Option(help="Trace seconds -> wall seconds (0.05: 20 min in 1 min).")
-    ] = 1.0,
-    duration: Annotated[
-        float | None, typer.Option(help="Trace seconds to replay (default: the fleet trace's).")
-    ] = None,
-    max_requests: Annotated[int | None, typer.Option(help="Stop after this many requests.")] = None,
-    input_tokens: Annotated[int, typer.Option(help="Prompt tokens (synthetic arrivals).")] = 512,
-    output_tokens: Annotated[int, typer.Option(help="Output tokens (synthetic arrivals).")] = 128,
+    arrivals: ArrivalsOption,
+    fleet: FleetOption = None,
+    policy: PolicyOption = None,
+    time_scale: TimeScaleOption = 1.0,
+    duration: DurationOption = None,
+    max_requests: MaxRequestsOption = None,
+    input_tokens: InputTokensOption = 512,
+    output_tokens: OutputTokensOption = 128,
     fit_context: Annotated[
         bool, typer.Option(help="Scale request lengths down to the model's context.")
     ] = True,
-    grace: Annotated[float, typer.Option(help="Preemption grace period, trace seconds.")] = 30.0,
+    grace: GraceOption = 30.0,
     warmup: Annotated[
         float | None,
         typer.Option(
@@ -58,7 +148,7 @@ def replay(
             " arrival-rate window, SPOTSERVE_ADMISSION__RATE_WINDOW_S, 60 s)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Arrivals and prompts.")] = 0,
+    seed: SeedOption = 0,
     nats_url: Annotated[
         str | None, typer.Option(help="Drive this running cluster (default: start one here).")
     ] = None,
@@ -67,35 +157,18 @@ def replay(
         typer.Option(help="Embedded cluster's executors (default: the trace's first nodes)."),
     ] = None,
     model_size: Annotated[str, typer.Option(help="Embedded model (tiny, small).")] = "tiny",
-    out: Annotated[Path | None, typer.Option(help="Report directory.")] = None,
-    slo: Annotated[
-        float | None, typer.Option(help="End-to-end latency SLO (s) for the goodput.")
-    ] = None,
-    spot_price: Annotated[float, typer.Option(help="$/h of a spot instance.")] = 1.9046,
-    on_demand_price: Annotated[float, typer.Option(help="$/h of an on-demand instance.")] = 3.912,
-    baseline: Annotated[
-        str | None, typer.Option(help="The policy the table's ratios divide by.")
-    ] = None,
+    out: OutOption = None,
+    slo: SloOption = None,
+    spot_price: SpotPriceOption = 1.9046,
+    on_demand_price: OnDemandPriceOption = 3.912,
+    baseline: BaselineOption = None,
 ) -> None:
     """Replay arrivals (and a fleet trace) under one or more serving policies; write
     report-<policy>.json, report.md and plots, and print the side-by-side table."""
-    policies = policy or ["spotserve"]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise typer.BadParameter(f"unknown policy {unknown}; choose from {list(POLICIES)}")
-    if time_scale <= 0:
-        raise typer.BadParameter("--time-scale must be > 0")
-    try:
-        trace = read_fleet_trace(fleet) if fleet is not None else None
-        # Checked before any cluster starts: a bad spec or file fails at once.
-        arrivals_from_spec(
-            arrivals,
-            duration_s=duration if duration is not None else trace.duration_s if trace else None,
-            max_requests=max_requests,
-        )
-    except TraceError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    policies = _checked_policies(policy, time_scale, baseline)
+    # Checked before any cluster starts: a bad spec or file fails at once.
+    with _exit_2_on(TraceError):
+        trace, _ = _read_inputs(arrivals, fleet, duration, max_requests)
     base = ReplayOptions(
         arrivals=arrivals,
         fleet=trace,
@@ -116,19 +189,140 @@ def replay(
     out_dir.mkdir(parents=True, exist_ok=True)
     prices = Prices(spot_per_hour=spot_price, on_demand_per_hour=on_demand_price)
     size = instances or (len(trace.initial_nodes) if trace else 2)
-    try:
+    with _exit_2_on(ReplayError, TraceError, ValueError):
         reports = run_policies(base, policies, nats_url, size, model_size, prices, slo)
-    except (ReplayError, TraceError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    for report in reports:
-        path = out_dir / f"report-{report['policy']}.json"
-        path.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    table = markdown_table(reports, baseline=baseline)
-    (out_dir / "report.md").write_text(table + "\n", encoding="utf-8")
-    plots = write_plots(reports, out_dir)
-    typer.echo(table)
-    typer.echo(f"wrote {out_dir}: reports, report.md, {len(plots)} plots")
+    _write_outputs(reports, out_dir, baseline)
+
+
+_COSTS = SimCosts()
+_GBIT = 1e9 / 8  # bytes/s per Gbit/s
+
+
+@app.command("simulate")
+def simulate_command(
+    arrivals: ArrivalsOption,
+    profile: Annotated[
+        Path,
+        typer.Option(
+            help="The model's timing profile: a SpotServe artifact profile JSON or the"
+            " ParallelProfile JSON `spotserve profile` writes."
+        ),
+    ],
+    fleet: FleetOption = None,
+    policy: PolicyOption = None,
+    time_scale: TimeScaleOption = 1.0,
+    duration: DurationOption = None,
+    max_requests: MaxRequestsOption = None,
+    input_tokens: InputTokensOption = 512,
+    output_tokens: OutputTokensOption = 128,
+    grace: GraceOption = 30.0,
+    seed: SeedOption = 0,
+    out: OutOption = None,
+    slo: SloOption = None,
+    spot_price: SpotPriceOption = 1.9046,
+    on_demand_price: OnDemandPriceOption = 3.912,
+    baseline: BaselineOption = None,
+    scheduler: Annotated[
+        str, typer.Option(help=f"Iteration-level scheduler: {' | '.join(POLICY_NAMES)}.")
+    ] = "fcfs",
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of a replica.")] = 4,
+    spares: Annotated[int, typer.Option(min=0, help="Idle instances kept beyond the plan's.")] = 0,
+    on_demand_instances: Annotated[
+        int | None,
+        typer.Option(min=1, help="The ondemand policy's fleet (default: what the planner needs)."),
+    ] = None,
+    max_pipeline: Annotated[
+        int | None, typer.Option(min=1, help="Largest pipeline degree (default: any).")
+    ] = None,
+    rate_margin: Annotated[
+        float, typer.Option(help="Capacity planned per measured request/s.")
+    ] = PlannerSettings().rate_margin,
+    link_gbps: Annotated[
+        float, typer.Option(help="Gbit/s between instances.")
+    ] = _COSTS.link_bytes_s / _GBIT,
+    pcie_gbps: Annotated[
+        float, typer.Option(help="Gbit/s inside an instance (PCIe 3.0 x16: 15.75 GB/s).")
+    ] = _COSTS.pcie_bytes_s / _GBIT,
+    transfer_fixed_s: Annotated[
+        float, typer.Option(min=0.0, help="Fixed seconds of a weights or KV cache hand-over.")
+    ] = _COSTS.transfer_fixed_s,
+    disk_gbps: Annotated[
+        float, typer.Option(help="Gbit/s of a weight load from local disk.")
+    ] = _COSTS.disk_bytes_s / _GBIT,
+    remote_gbps: Annotated[
+        float, typer.Option(help="Gbit/s of a weight load from the remote store.")
+    ] = _COSTS.remote_bytes_s / _GBIT,
+    restart_s: Annotated[
+        float, typer.Option(min=0.0, help="Seconds an engine (re)start takes before it loads.")
+    ] = _COSTS.restart_s,
+    step_overhead_s: Annotated[
+        float, typer.Option(min=0.0, help="Seconds per iteration outside the executor.")
+    ] = _COSTS.step_overhead_s,
+) -> None:
+    """Simulate arrivals and a fleet trace on a virtual clock, with the planner's and the
+    scheduler's own code, under one or more serving policies; write the same reports as
+    replay (report-<policy>.json, report.md, plots) and print the side-by-side table."""
+    policies = _checked_policies(policy, time_scale, baseline)
+    if scheduler not in POLICY_NAMES:
+        raise typer.BadParameter(
+            f"unknown scheduler {scheduler!r}; choose from {list(POLICY_NAMES)}"
+        )
+    rates = {"--link-gbps": link_gbps, "--pcie-gbps": pcie_gbps, "--disk-gbps": disk_gbps,
+             "--remote-gbps": remote_gbps, "--rate-margin": rate_margin}  # fmt: skip
+    for name, value in rates.items():
+        if not value > 0:
+            raise typer.BadParameter(f"{name} must be > 0")
+    # Everything read and checked before the first policy runs.
+    with _exit_2_on(TraceError, ProfileError, ValueError):
+        model = read_any_parallel_profile(profile)
+        model.check_covers(model.devices_per_instance, max_batch, str(profile))
+        trace, requests = _read_inputs(
+            arrivals, fleet, duration, max_requests,
+            input_tokens=input_tokens, output_tokens=output_tokens, seed=seed,
+        )  # fmt: skip
+    base = SimOptions(
+        profile=model,
+        arrivals=requests,
+        arrivals_name=arrivals,
+        fleet=trace,
+        fleet_name=fleet.name if fleet else None,
+        grace_s=grace,
+        time_scale=time_scale,
+        max_batch=max_batch,
+        scheduler=scheduler,
+        spares=spares,
+        on_demand_instances=on_demand_instances,
+        planner=PlannerSettings(
+            max_pipeline=max_pipeline,
+            whole_instance_groups=True,
+            max_batch=max_batch,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            rate_margin=rate_margin,
+        ),
+        costs=SimCosts(
+            link_bytes_s=link_gbps * _GBIT,
+            pcie_bytes_s=pcie_gbps * _GBIT,
+            transfer_fixed_s=transfer_fixed_s,
+            disk_bytes_s=disk_gbps * _GBIT,
+            remote_bytes_s=remote_gbps * _GBIT,
+            restart_s=restart_s,
+            step_overhead_s=step_overhead_s,
+        ),
+    )
+    prices = Prices(spot_per_hour=spot_price, on_demand_per_hour=on_demand_price)
+    reports = []
+    started = time.perf_counter()
+    with _exit_2_on(TraceError, ProfileError, SimulationError, ValueError):
+        for name in policies:
+            stderr_progress(f"simulating {name} ...")
+            run = simulate_policy(replace(base, policy=name))
+            reports.append(summarize(run, prices, slo, clock="simulated"))
+    elapsed = time.perf_counter() - started
+    out_dir = out or default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_outputs(reports, out_dir, baseline)
+    typer.echo(f"simulated {', '.join(policies)} in {elapsed:.1f} s of wall-clock time")
 
 
 def run_policies(

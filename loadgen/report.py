@@ -477,10 +477,16 @@ def markdown_table(
         "",
         f"Baseline: `{labels[base]}`"
         + (" (the first report)" if baseline is None else "")
-        + ". Ratios are report / baseline (below 1 is better). Latencies in wall seconds,"
-        " cost in trace time.",
+        + ". Ratios are report / baseline (below 1 is better). Latencies in"
+        f" {_clock_name(reports)} seconds, cost in trace time.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _clock_name(reports: list[dict[str, Any]]) -> str:
+    """ "wall", "simulated", or both when a comparison mixes replayed and simulated runs."""
+    clocks = sorted({str(r.get("clock", "wall")) for r in reports})
+    return " / ".join(clocks)
 
 
 def _source_labels(paths: list[Path]) -> list[str]:
@@ -541,7 +547,7 @@ def _plot_cdf(ax: Axes, reports: list[dict[str, Any]], labels: list[str]) -> Non
             label += " (no completed requests)"
         fractions = np.arange(1, len(e2e) + 1) / max(len(e2e), 1)
         ax.step(e2e, fractions, where="post", label=label)
-    ax.set_xlabel("end-to-end latency (wall s)")
+    ax.set_xlabel(f"end-to-end latency ({_clock_name(reports)} s)")
     ax.set_ylabel("fraction of completed requests")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -606,15 +612,15 @@ def write_plots(reports: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     axes = fig.subplots(len(reports), 1, sharex=True, squeeze=False)[:, 0]
     for ax, report, label in zip(axes, reports, labels, strict=True):
         _plot_instances(ax, report, label)
-    axes[-1].set_xlabel("time since start (wall s)")
+    axes[-1].set_xlabel(f"time since start ({_clock_name(reports)} s)")
     paths.append(_save(fig, out_dir / "instances.png"))
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for report, label in zip(reports, labels, strict=True):
         _plot_latency_over_time(ax, report, label)
-    ax.set_xlabel("request sent (wall s since start)")
-    ax.set_ylabel("end-to-end latency (wall s)")
+    ax.set_xlabel(f"request sent ({_clock_name(reports)} s since start)")
+    ax.set_ylabel(f"end-to-end latency ({_clock_name(reports)} s)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

@@ -68,6 +68,8 @@ from shared.model.profile import ParallelProfile
 # The token every simulated step samples (its value does not matter: ignore_eos).
 SIM_TOKEN = 5
 MODEL = "model"
+# The largest on-demand fleet the simulation sizes for a rate.
+MAX_ON_DEMAND = 64
 # Simulated seconds after the last arrival and fleet event before the rest is unfinished.
 UNFINISHED_AFTER_S = 24 * 3600.0
 
@@ -248,15 +250,29 @@ class Simulation:
                     self.meter._arrivals.append(arrival.at_s * scale - window)
             self.meter.started = -window
         self._replan(initial=True)
+        if self.plan is None:
+            live = len(self.fleet.instances)
+            raise SimulationError(
+                f"{self.profile.model} fits no configuration of the {live} instances the run"
+                f" starts with ({self.profile.devices_per_instance} devices each, at least"
+                f" {self.profile.min_devices_per_replica} devices per replica)"
+            )
 
     def _instances_for_rate(self) -> int:
-        """The on-demand fleet: the instances the planner's search uses for the mean rate."""
+        """The on-demand fleet: the fewest instances on which the planner's search meets the
+        mean arrival rate (with its margin), plus the spares."""
         arrivals = self.o.arrivals
         span = max(a.at_s for a in arrivals) * self.o.time_scale if arrivals else 1.0
         rate = len(arrivals) / max(span, 1e-9)
-        records = [self._record_for(f"probe-{i}") for i in range(64)]
-        result = self.policy.configuration(records, rate)
-        return result.instances + self.o.spares
+        records: list[InstanceRecord] = []
+        for count in range(1, MAX_ON_DEMAND + 1):
+            records.append(self._record_for(f"probe-{count}"))
+            try:
+                if not self.policy.configuration(records, rate).needs_on_demand:
+                    return count + self.o.spares
+            except NoFeasibleConfig:
+                continue  # the model does not fit this few instances
+        return MAX_ON_DEMAND + self.o.spares
 
     def _record_for(self, node: str) -> InstanceRecord:
         price = "on-demand" if node in self.on_demand_nodes else "spot"

@@ -252,7 +252,13 @@ class SpotServePolicy:
                                self.settings.kv_overhead_s)
             for i, b in held.items()
         }  # fmt: skip
-        return arrange(affected, deadlines, now, est.decode_step_s, t_migrate, est.prefill_s)
+        # A request's time per token: under continuous batching its batch also stops for the
+        # prefills of the requests that join it (the cost model's latency spread over tokens),
+        # so a "finish" is not promised on the bare decode step.
+        t_decode = est.decode_step_s
+        if self.settings.continuous_batching:
+            t_decode = est.latency_s / self.settings.output_tokens
+        return arrange(affected, deadlines, now, t_decode, t_migrate, est.prefill_s)
 
 
 def _kv_share(roles: Sequence[DeviceRole], num_layers: int) -> dict[tuple[str, int], float]:
