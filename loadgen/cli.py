@@ -23,7 +23,7 @@ from loadgen.report import (
     write_plots,
     write_report,
 )
-from loadgen.simulate import SimCosts, SimOptions, SimulationError
+from loadgen.simulate import BACKFILL_S, SimCosts, SimOptions, SimulationError
 from loadgen.simulate import simulate as simulate_policy
 from loadgen.traces import Arrival, FleetTrace, TraceError, arrivals_from_spec, read_fleet_trace
 from services.planner.policy import PlannerSettings
@@ -258,6 +258,12 @@ def simulate_command(
     step_overhead_s: Annotated[
         float, typer.Option(min=0.0, help="Seconds per iteration outside the executor.")
     ] = _COSTS.step_overhead_s,
+    backfill_s: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Nodes added this long after a remove are on-demand (+O traces)."
+        ),
+    ] = BACKFILL_S,
 ) -> None:
     """Simulate arrivals and a fleet trace on a virtual clock, with the planner's and the
     scheduler's own code, under one or more serving policies; write the same reports as
@@ -292,6 +298,7 @@ def simulate_command(
         scheduler=scheduler,
         spares=spares,
         on_demand_instances=on_demand_instances,
+        backfill_s=backfill_s,
         planner=PlannerSettings(
             max_pipeline=max_pipeline,
             whole_instance_groups=True,
@@ -393,8 +400,12 @@ def compare(
         raise typer.Exit(2) from None
 
 
-# The SpotServe artifact's trace segment A_S, when this checkout sits beside the kit's traces.
-KIT_SEGMENT = Path(__file__).resolve().parents[2] / "shared/traces/spotserve/trace_0304_real.jsonl"
+# The SpotServe artifact's inputs, when this checkout sits beside the kit's traces: trace
+# segment A_S, the GPT-20B T4 profile and the 20B arrivals the paper replayed.
+KIT = Path(__file__).resolve().parents[2] / "shared/traces/spotserve"
+KIT_SEGMENT = KIT / "trace_0304_real.jsonl"
+KIT_PROFILE_20B = KIT / "profiles/t4x4_megatron_h6144_profile.json"
+KIT_ARRIVALS_20B = KIT / "queries/query_tpt0.35_cv6.txt"
 # Otherwise an example of the same format (ours, not a real trace): 4 instances, one preempted
 # at 5 min, one added at 8 min, two preempted at 14 min, 20 minutes in all.
 EXAMPLE_SEGMENT = """\
@@ -420,9 +431,11 @@ def demo(
     output_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 64,
     out: Annotated[Path | None, typer.Option(help="Report directory.")] = None,
 ) -> None:
-    """The mission in about a minute: an embedded cluster replays a compressed spot-availability
-    segment with real preemptions (SIGKILL at each deadline) under SpotServe and one baseline,
-    then prints the side-by-side table and writes the reports and plots."""
+    """The mission in about two minutes: an embedded cluster replays a compressed
+    spot-availability segment with real preemptions (SIGKILL at each deadline) under SpotServe
+    and one baseline, prints the side-by-side table and writes the reports and plots; then the
+    same segment at the paper's scale (GPT-20B on 4xT4 instances, the artifact's arrivals)
+    under all four policies, simulated with the planner's and scheduler's own code."""
     out_dir = out or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     if fleet is None:
@@ -452,4 +465,22 @@ def demo(
         spot_price=1.9046,
         on_demand_price=3.912,
         baseline=baseline,
+    )
+    if not (KIT_PROFILE_20B.exists() and KIT_ARRIVALS_20B.exists()):
+        typer.echo(
+            f"the paper-scale simulation needs the SpotServe artifact's profiles and arrivals"
+            f" ({KIT}); skipped"
+        )
+        return
+    typer.echo(
+        f"\n{fleet.name} at the paper's scale, simulated: GPT-20B on 4xT4 instances"
+        f" ({KIT_PROFILE_20B.name}), the paper's arrivals ({KIT_ARRIVALS_20B.name}), 30 s grace"
+    )
+    simulate_command(
+        arrivals=str(KIT_ARRIVALS_20B),
+        profile=KIT_PROFILE_20B,
+        fleet=fleet,
+        policy=list(POLICIES),
+        out=out_dir / "paper-scale",
+        baseline="spotserve",
     )

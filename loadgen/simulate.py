@@ -68,6 +68,8 @@ from shared.model.profile import ParallelProfile
 # The token every simulated step samples (its value does not matter: ignore_eos).
 SIM_TOKEN = 5
 MODEL = "model"
+# The artifact's "+O" traces backfill a preemption with an on-demand instance this much later.
+BACKFILL_S = 90.0
 # The largest on-demand fleet the simulation sizes for a rate.
 MAX_ON_DEMAND = 64
 # Simulated seconds after the last arrival and fleet event before the rest is unfinished.
@@ -119,10 +121,21 @@ class SimOptions:
     # The on-demand policy's fleet: None: what the planner needs for the mean arrival rate.
     on_demand_instances: int | None = None
     # Nodes of the fleet trace added this long after a remove are on-demand ("+O" traces).
-    backfill_s: float = 90.0
+    backfill_s: float = BACKFILL_S
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     costs: SimCosts = field(default_factory=SimCosts)
     warmup: bool = True  # the rate meter starts with the first window of arrivals
+    # The rate the plan in force at 0 was made for; None: the meter's rate at 0. A replay's
+    # warm-up leaves the live planner's last plan at a rate it read while the meter was still
+    # filling (it re-plans only on a change above rate_change), so a calibration against a
+    # live run starts from that plan's rate (bench.sim_calibration reads it off the PLANS
+    # stream), as it starts from the trace's first nodes.
+    initial_rate_rps: float | None = None
+    # Every instance holds the whole model from its join on (the embedded cluster's executors
+    # load it before they register, and an executor given a role of the layers it holds keeps
+    # its engine): a role of all layers lands at once, without a transfer. False: an instance
+    # loads its role's weights when it gets one (the paper's setting).
+    preloaded: bool = False
 
 
 class SimulationError(ValueError):
@@ -192,6 +205,9 @@ class Simulation:
         self.plans = 0
         self.migrations = 0
         self.on_demand_nodes: set[str] = set()
+        # Added nodes that have not joined yet, and those a notice cancelled before they did.
+        self.joining: set[str] = set()
+        self.cancelled: set[str] = set()
         self.role_counter = itertools.count()
         self.generations = itertools.count()
         self.remaining = len(options.arrivals)
@@ -232,7 +248,7 @@ class Simulation:
                 t = (event.at_s - first) * scale
                 if event.kind == "add" and not (event.at_s <= first and event.node in initial):
                     self.at(t + self.costs.restart_s, lambda n=event.node: self._join(n))
-                    self.at(t, lambda n=event.node: self._note(n, "add"))
+                    self.at(t, lambda n=event.node: self._add(n))
                 elif event.kind == "remove":
                     notice = max(0.0, t - o.grace_s * scale)
                     self.at(notice, lambda n=event.node, d=t: self._notice(n, d))
@@ -298,7 +314,15 @@ class Simulation:
     def _note(self, node: str, kind: str) -> None:
         self.fleet_events.append((self.now, kind, node))
 
+    def _add(self, node: str) -> None:
+        self.joining.add(node)
+        self._note(node, "add")
+
     def _join(self, node: str) -> None:
+        if node in self.cancelled:
+            self.cancelled.discard(node)
+            return
+        self.joining.discard(node)
         record = self._record_for(node)
         price: Literal["spot", "on-demand"] = (
             "on-demand" if node in self.on_demand_nodes or self.o.policy == "ondemand" else "spot"
@@ -307,6 +331,16 @@ class Simulation:
         self._fleet_event("joined", record)
 
     def _notice(self, node: str, deadline: float) -> None:
+        if node in self.joining:
+            # The monitor's merge rule: a notice for an added instance that has not joined yet
+            # cancels the add (its process is stopped, the planner never hears of it); the
+            # replay counts the notice all the same. Without this the node joined late and
+            # stayed for the rest of the run.
+            self.joining.discard(node)
+            self.cancelled.add(node)
+            self.preemptions += 1
+            self._note(node, "notice")
+            return
         instance = self.instances.get(node)
         if instance is None or instance.gone:
             return
@@ -359,6 +393,8 @@ class Simulation:
 
     def _replan(self, initial: bool = False) -> None:
         rate = self.meter.rate().requests_per_s
+        if initial and self.o.initial_rate_rps is not None:
+            rate = self.o.initial_rate_rps
         if not self.fleet.has_live():
             return
         inflight = [
@@ -453,6 +489,12 @@ class Simulation:
             instance = self.instances[node]
             if initial or (key == instance.role and not reload):
                 landing[node] = self.now
+                continue
+            last = self.profile.num_layers - 1
+            whole = all(r.first_layer == 0 and r.last_layer == last
+                        for r in plan.roles if r.instance_id == node)  # fmt: skip
+            if self.o.preloaded and whole and instance.engine_up and not reload:
+                landing[node] = self.now  # the engine it runs already holds these layers
                 continue
             transfers = [t for t in plan.transfers if t.kind == "weights" and t.instance_id == node]
             restart = c.restart_s if reload or not instance.engine_up else 0.0

@@ -44,8 +44,9 @@ migration for nothing), else the one that occupies the fewest instances, then de
 lowest latency, with D the smallest sufficient one (the default: the rest of the fleet stays
 free). With ``fill_spare=True`` D is every replica that fits (spare replicas lower queueing) and
 among similar candidates the highest throughput wins, then the fewest instances. When nothing
-reaches the rate, take the maximum throughput (D as large as fits) and say that on-demand
-capacity is needed.
+reaches the rate, take the maximum throughput (D as large as fits; the previous configuration
+while its throughput is within ``tolerance`` of the maximum) and say that on-demand capacity is
+needed.
 """
 
 from __future__ import annotations
@@ -331,8 +332,14 @@ def _select(
         needs_on_demand = False
     else:
         throughput = table[:, _DMAX] * table[:, _B] / table[:, _LAT]
-        index = int(np.lexsort((table[:, _LAT], -throughput))[0])
-        row = table[index]
+        # As above: within tolerance of the best throughput the previous configuration stays
+        # (a reconfiguration for a few percent moves weights and recomputes caches).
+        similar = table[throughput >= throughput.max() * (1 - tolerance)]
+        index = _preferred(similar, prefer)
+        if index is None:
+            similar_tpt = similar[:, _DMAX] * similar[:, _B] / similar[:, _LAT]
+            index = int(np.lexsort((similar[:, _LAT], -similar_tpt))[0])
+        row = similar[index]
         data, instances = int(row[_DMAX]), int(row[_INST_MAX])
         needs_on_demand = arrival_rate_rps > 0
     pipeline, tensor, batch = int(row[_P]), int(row[_M]), int(row[_B])
