@@ -11,6 +11,7 @@ from shared.messages import (
     AcceptedRequest,
     FinishReason,
     GenerateResult,
+    InflightSequence,
     StepSequence,
     TokenChunk,
     Usage,
@@ -79,6 +80,16 @@ class Sequence:
             seed=self.request.seed,
             sample_index=len(self.generated),
             cached_tokens=self.cached_tokens,
+        )
+
+    def inflight(self) -> InflightSequence:
+        """Where it runs, for the planner's just-in-time arrangement."""
+        return InflightSequence(
+            request_id=self.request_id,
+            instance_id=self.executor,
+            context_tokens=self.cached_tokens,
+            generated_tokens=len(self.generated),
+            max_tokens=self.request.max_tokens,
         )
 
     def lose_cache(self) -> None:

@@ -52,7 +52,6 @@ from shared.messages import (
     ErrorDetail,
     ErrorReply,
     InflightReport,
-    InflightSequence,
     KvAdoptCommand,
     KvMigrateCommand,
     Plan,
@@ -282,17 +281,7 @@ class Scheduler:
     async def on_inflight(self, request: Request) -> None:
         """nats.micro handler: the requests held now, with where their KV caches are."""
         report = InflightReport(
-            sequences=[
-                InflightSequence(
-                    request_id=sequence.request_id,
-                    instance_id=sequence.executor,
-                    context_tokens=sequence.cached_tokens,
-                    generated_tokens=len(sequence.generated),
-                    max_tokens=sequence.request.max_tokens,
-                )
-                for sequence in self.held.values()
-                if not sequence.finished
-            ]
+            sequences=[s.inflight() for s in self.held.values() if not s.finished]
         )
         await request.respond(encode(report))
 
