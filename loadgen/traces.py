@@ -301,13 +301,7 @@ def _read_queries(path: Path, lines: list[tuple[int, str]], output_tokens: int) 
 
 
 def _query_time(path: Path, line_no: int, text: str) -> float:
-    try:
-        at_s = float(text)
-    except ValueError:
-        raise _error(path, line_no, f"arrival time {text!r} is not a number (seconds)") from None
-    if not (at_s >= 0 and math.isfinite(at_s)):
-        raise _error(path, line_no, f"arrival time {text!r} must be a finite number >= 0 (seconds)")
-    return at_s
+    return _non_negative(path, line_no, "arrival time", text)
 
 
 def _is_finite_number(text: str) -> bool:
@@ -330,14 +324,19 @@ def _parse_rates(path: Path, lines: list[tuple[int, str]]) -> list[float]:
 
 
 def _rate_value(path: Path, line_no: int, token: str) -> float:
-    try:
-        rate = float(token)
-    except ValueError:
-        raise _error(path, line_no, f"rate {token!r} is not a number") from None
     # A quiet minute (rate 0) is fine; a negative or infinite rate is a broken file.
-    if not (rate >= 0 and math.isfinite(rate)):
-        raise _error(path, line_no, f"rate {token!r} must be a finite number >= 0")
-    return rate
+    return _non_negative(path, line_no, "rate", token)
+
+
+def _non_negative(path: Path, line_no: int, name: str, text: str) -> float:
+    """A finite number >= 0, else a TraceError naming the file, the line and the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _error(path, line_no, f"{name} {text!r} is not a number") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise _error(path, line_no, f"{name} {text!r} must be a finite number >= 0")
+    return value
 
 
 def _piecewise_poisson(
