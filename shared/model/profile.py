@@ -208,7 +208,7 @@ def from_artifact(data: dict[str, object], source: str) -> ParallelProfile:
 
 
 def read_any_parallel_profile(path: Path) -> ParallelProfile:
-    """A SpotServe artifact profile (it has ``layer_num`` and ``tp-*`` tables) or a profile
+    """A SpotServe artifact profile (it has ``layer_num`` or ``tp-*`` tables) or a profile
     ``spotserve profile`` wrote; ProfileError naming the file otherwise."""
     import json
 
@@ -222,7 +222,7 @@ def read_any_parallel_profile(path: Path) -> ParallelProfile:
         raise ProfileError(f"{path}: not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: a profile is a JSON object")
-    if "layer_num" in data:
+    if "layer_num" in data or any(key.startswith("tp-") for key in data):
         return from_artifact(data, str(path))
     try:
         return ParallelProfile.model_validate(data)
