@@ -125,6 +125,9 @@ class SimOptions:
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     costs: SimCosts = field(default_factory=SimCosts)
     warmup: bool = True  # the rate meter starts with the first window of arrivals
+    # Wall seconds of the first arrivals the replay's warm-up played just before 0 (the meter
+    # holds those of them within its window at 0); None: one rate window.
+    warmup_s: float | None = None
     # The rate the plan in force at 0 was made for; None: the meter's rate at 0. A replay's
     # warm-up leaves the live planner's last plan at a rate it read while the meter was still
     # filling (it re-plans only on a change above rate_change), so a calibration against a
@@ -261,9 +264,10 @@ class Simulation:
         # The initial plan: weights already loaded, the meter warmed up (as replay warms up).
         if o.warmup:
             window = self.costs.rate_window_s
+            span = window if o.warmup_s is None else o.warmup_s
             for arrival in o.arrivals:
-                if arrival.at_s * scale < window:
-                    self.meter._arrivals.append(arrival.at_s * scale - window)
+                if arrival.at_s * scale < span:
+                    self.meter._arrivals.append(arrival.at_s * scale - span)
             self.meter.started = -window
         self._replan(initial=True)
         if self.plan is None:
