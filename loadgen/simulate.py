@@ -97,6 +97,22 @@ class SimCosts:
     # Outside the executor, per iteration (the scheduler's RPC and commit); 0 at paper scale,
     # measured for the live system by bench.sim_calibration.
     step_overhead_s: float = 0.0
+    # Outside the profile's compute, per sequence in an iteration's batch (its token's commit
+    # and forward, its share of the step command and of sampling); 0 at paper scale, measured
+    # for the live system by bench.sim_calibration.
+    token_overhead_s: float = 0.0
+    # The scheduler's intake from JetStream (the live scheduler's fetch_timeout_s): nats-py's
+    # batch fetch returns with the first message, but its pull request may stay open on the
+    # server until its window ends, and a request arriving meanwhile is then held until that
+    # end (``Intake``); intake_hold_fraction of those it could hold are (a race between the
+    # server's delivery and the client's next pull request), measured for the live system by
+    # bench.sim_calibration. 0: a request reaches the scheduler at once (paper scale).
+    intake_window_s: float = 0.0
+    intake_hold_fraction: float = 1.0
+    # Per request, outside the iterations: admission's hand-over through JetStream to the
+    # scheduler, and the last token's commit and forward to the client (charged on the way
+    # in); 0 at paper scale, measured for the live system by bench.sim_calibration.
+    request_overhead_s: float = 0.0
     # Planner: events within this window become one plan; admission's rate meter.
     debounce_s: float = 0.5
     rate_window_s: float = 60.0
@@ -125,15 +141,21 @@ class SimOptions:
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     costs: SimCosts = field(default_factory=SimCosts)
     warmup: bool = True  # the rate meter starts with the first window of arrivals
-    # Wall seconds of the first arrivals the replay's warm-up played just before 0 (the meter
-    # holds those of them within its window at 0); None: one rate window.
+    # The replay's warm-up played the arrivals of its first warmup_s wall seconds, and 0 came
+    # warmup_end_s after it started (its last request's end): the meter holds those within its
+    # window at 0. None: one rate window for both.
     warmup_s: float | None = None
+    warmup_end_s: float | None = None
     # The rate the plan in force at 0 was made for; None: the meter's rate at 0. A replay's
     # warm-up leaves the live planner's last plan at a rate it read while the meter was still
     # filling (it re-plans only on a change above rate_change), so a calibration against a
     # live run starts from that plan's rate (bench.sim_calibration reads it off the PLANS
     # stream), as it starts from the trace's first nodes.
     initial_rate_rps: float | None = None
+    # When admission first publishes its rate after 0 (then every rate_interval_s); None: at
+    # rate_interval_s. A live admission publishes on its own clock, and the planner plans on
+    # the rate last published, so a calibration against a live run takes its phase.
+    rate_phase_s: float | None = None
     # Every instance holds the whole model from its join on (the embedded cluster's executors
     # load it before they register, and an executor given a role of the layers it holds keeps
     # its engine): a role of all layers lands at once, without a transfer. False: an instance
@@ -182,6 +204,48 @@ class Executor:
     moves: dict[str, PlannedMove] = field(default_factory=dict)
 
 
+@dataclass
+class Intake:
+    """When requests reach the scheduler from JetStream (``SimCosts.intake_window_s``). The
+    scheduler fetches in windows, one after the other while none comes; a fetch returns with the
+    first request and the next one starts then, but the server may hold what arrives before the
+    returned fetch's window ends and hand it over at that end (measured with nats-py 2.16 and
+    nats-server 2.15: a second request within the window waits for its end, or not, by a race).
+    ``hold_fraction`` of the requests it could hold are held, spread evenly."""
+
+    window_s: float
+    hold_fraction: float = 1.0
+    start: float = 0.0  # when the fetch running now started
+    blocked: float = float("-inf")  # until when the server holds what arrives
+    due: float | None = None  # a hand-over already due then
+    credit: float = 0.0
+    could_hold: int = 0
+    held: int = 0
+
+    def take_at(self, now: float) -> float:
+        """When a request in JetStream at ``now`` (the calls in time order) is taken."""
+        window = self.window_s
+        if window <= 0:
+            return now
+        if self.due is not None and now < self.due:
+            self.held += 1
+            return self.due  # with the others held until the same window's end
+        if now < self.blocked:
+            self.could_hold += 1
+            self.credit += self.hold_fraction
+            if self.credit >= 1.0:
+                self.credit -= 1.0
+                self.held += 1
+                due = self.blocked
+                self.blocked = self.start + window
+                self.start = self.due = due
+                return due
+        idle = (now - self.start) // window  # fetches that timed out meanwhile
+        self.blocked = self.start + idle * window + window
+        self.start = now
+        return now
+
+
 class Simulation:
     def __init__(self, options: SimOptions) -> None:
         self.o = options
@@ -214,6 +278,8 @@ class Simulation:
         self.role_counter = itertools.count()
         self.generations = itertools.count()
         self.remaining = len(options.arrivals)
+        self.published_rps: float | None = None  # the rate admission published last
+        self.intake = Intake(self.costs.intake_window_s, self.costs.intake_hold_fraction)
         # Every replica's members and head, old ones included (they drain until they break).
         self.members: dict[str, list[str]] = {}
         self.head_of: dict[str, str] = {}
@@ -231,7 +297,8 @@ class Simulation:
         self._start_fleet()
         for index, arrival in enumerate(self.o.arrivals):
             self.at(arrival.at_s * self.o.time_scale, lambda i=index, a=arrival: self._arrive(i, a))
-        self.at(self.costs.rate_interval_s, self._meter_tick)
+        first_tick = self.o.rate_phase_s
+        self.at(self.costs.rate_interval_s if first_tick is None else first_tick, self._meter_tick)
         while self.events and self.remaining > 0 and self.events[0][0] <= self.horizon:
             self.now, _, action = heapq.heappop(self.events)
             action()
@@ -265,9 +332,10 @@ class Simulation:
         if o.warmup:
             window = self.costs.rate_window_s
             span = window if o.warmup_s is None else o.warmup_s
+            end = span if o.warmup_end_s is None else o.warmup_end_s
             for arrival in o.arrivals:
                 if arrival.at_s * scale < span:
-                    self.meter._arrivals.append(arrival.at_s * scale - span)
+                    self.meter._arrivals.append(arrival.at_s * scale - end)
             self.meter.started = -window
         self._replan(initial=True)
         if self.plan is None:
@@ -385,18 +453,30 @@ class Simulation:
     def _plan_if_due(self, due: float) -> None:
         if self.plan_due == due:  # a later event pushed it back: that one plans
             self.plan_due = None
-            self._replan()
+            # As the planner service after a quiet debounce window: only if a plan is due (the
+            # initial plan already covers the first nodes' joins, which scheduled this one).
+            rate = self._planner_rate()
+            if needs_plan(self.fleet, self.plan, self.o.policy, rate, self.costs.rate_change):
+                self._replan()
 
     def _meter_tick(self) -> None:
-        rate = self.meter.rate().requests_per_s
+        # Admission publishes its meter's rate; the planner knows that one until the next.
+        rate = self.published_rps = self.meter.rate().requests_per_s
         if self.plan_due is None and needs_plan(self.fleet, self.plan, self.o.policy,
                                                 rate, self.costs.rate_change):  # fmt: skip
             self._replan()
         if self.remaining > 0:
             self.at(self.now + self.costs.rate_interval_s, self._meter_tick)
 
+    def _planner_rate(self) -> float:
+        """The rate the planner knows: the one admission published last (before the first,
+        the meter's: the warm-up's)."""
+        if self.published_rps is None:
+            return self.meter.rate().requests_per_s
+        return self.published_rps
+
     def _replan(self, initial: bool = False) -> None:
-        rate = self.meter.rate().requests_per_s
+        rate = self._planner_rate()
         if initial and self.o.initial_rate_rps is not None:
             rate = self.o.initial_rate_rps
         if not self.fleet.has_live():
@@ -637,7 +717,8 @@ class Simulation:
                                len(batch) - len(new))  # fmt: skip
         swapped = [*memory.offload, *memory.upload]
         swap_bytes = sum(_kv_bytes(self.profile, s) for s in swapped)
-        return seconds + swap_bytes / self.costs.pcie_bytes_s + self.costs.step_overhead_s
+        overhead = self.costs.step_overhead_s + len(batch) * self.costs.token_overhead_s
+        return seconds + swap_bytes / self.costs.pcie_bytes_s + overhead
 
     def _step_done(
         self, head: str, generation: int, batch: list[Sequence], memory: Any, seconds: float
@@ -700,6 +781,21 @@ class Simulation:
         self.records[request_id] = RequestRecord(
             request_id, self.now, arrival.input_tokens, arrival.output_tokens
         )
+        delay = self.costs.request_overhead_s
+        if delay > 0:
+            self.at(self.now + delay, lambda: self._reach(sequence))
+        else:
+            self._reach(sequence)
+
+    def _reach(self, sequence: Sequence) -> None:
+        """The request is in JetStream: the scheduler takes it when its intake lets it."""
+        taken = self.intake.take_at(self.now)
+        if taken > self.now:
+            self.at(taken, lambda: self._take(sequence))
+        else:
+            self._take(sequence)
+
+    def _take(self, sequence: Sequence) -> None:
         self.scheduler.add_request(sequence)
         self._wake_all()
 
