@@ -30,8 +30,12 @@ BOUND = 0.5
 @pytest.mark.skipif(not A_S.is_file(), reason=f"the kit's traces are not at {KIT_TRACES}")
 @pytest.mark.timeout(480)
 def test_the_simulation_predicts_a_live_replay(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # 22 trace minutes in 53 s: 7 instances, 4 added at 3 times, 3 preempted (1.2 s grace).
-    case = Case(A_S, name="A_S", arrivals="gamma:0.08:1", time_scale=0.04, env=ENV)
+    # 22 trace minutes in 53 s: 7 instances, 4 added at 3 times, 3 preempted. A 75 s grace
+    # (3 s of wall time, as the bench's 30 s at x0.1) leaves a busy machine time to move the
+    # requests off a dying instance: with 1.2 s, a request still there at the kill waited for
+    # the scheduler to find the executor gone (seconds of discovery the simulation does not
+    # model) and alone made the live P99 (8.5 s against 0.7 s simulated, in a CI run).
+    case = Case(A_S, name="A_S", arrivals="gamma:0.08:1", time_scale=0.04, grace_s=75.0, env=ENV)
     result = calibrate(case, tiny_model_dir, tmp_path)
     shown = f"\n{table([result], BOUND)}\n{constants_table([result])}"
     print(shown)  # pytest -rP shows it
