@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from loadgen.report import InstanceSpan, RequestRecord, RunRecord
@@ -523,7 +523,7 @@ class Simulation:
             self.at(landing[node], lambda n=node, t=target: self._swap(n, t))
         # The scheduler's part (services/scheduler/service.py apply_plan).
         for head, executor in self.executors.items():
-            executor.view = _with(executor.view, accepts_new=serves(plan, head))
+            executor.view = replace(executor.view, accepts_new=serves(plan, head))
         for head in restarts(plan, previous, list(self.executors)):
             self._restart_on(head, from_scratch=True)
         bound = [BoundRequest(s.request_id, s.executor, len(s.generated))
@@ -825,12 +825,6 @@ class Simulation:
         )
 
 
-def _with(view: ExecutorView, **changes: Any) -> ExecutorView:
-    from dataclasses import replace
-
-    return replace(view, **changes)
-
-
 def _kv_bytes(profile: ParallelProfile, sequence: Sequence) -> int:
     return sequence.cached_tokens * profile.kv_bytes_per_token
 
@@ -862,9 +856,3 @@ def simulate(options: SimOptions) -> RunRecord:
     if options.planner.whole_instance_groups:
         options.profile.check_covers(tensor, options.max_batch, options.profile.model)
     return Simulation(options).run()
-
-
-def simulate_all(base: SimOptions, policies: Iterable[ServingMode]) -> list[RunRecord]:
-    from dataclasses import replace
-
-    return [simulate(replace(base, policy=policy)) for policy in policies]
