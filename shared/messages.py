@@ -152,6 +152,10 @@ class AcceptedRecord(InternalModel):
     accepted_at: float
 
 
+class Empty(InternalModel):
+    """The body of a request that carries nothing (an empty body or ``{}`` both parse)."""
+
+
 class ErrorDetail(InternalModel):
     code: str
     message: str
@@ -253,6 +257,12 @@ class ReleaseLeaseRequest(StrictModel):
     lease_id: str = Field(min_length=1, max_length=64)
 
 
+class LeaseReleased(InternalModel):
+    """A loader's answer to a lease release: False when it held no such lease."""
+
+    released: bool
+
+
 class HeldModel(InternalModel):
     # The fastest tier holding it (a pooled model is on local disk too).
     tier: Literal["host-memory", "local-disk"]
@@ -308,8 +318,20 @@ class KvMoveReply(InternalModel):
     landed: str | None = None  # adopt: "host" (the scheduler uploads it before it runs)
 
 
+class WeightsSent(InternalModel):
+    """A peer's answer to :class:`WeightsSendCommand`: the bytes it streamed."""
+
+    nbytes: int = 0
+
+
 class ReleaseCommand(InternalModel):
     request_ids: list[str]
+
+
+class Released(InternalModel):
+    """An executor's answer to :class:`ReleaseCommand`: how many caches it freed."""
+
+    released: int
 
 
 # -- fleet (monitor) -----------------------------------------------------------------------------
