@@ -21,7 +21,7 @@ from shared.config import NatsSettings
 from shared.messages import TokenChunk
 from shared.runtime import discover
 from shared.subjects import SERVICE_EXECUTOR, SERVICE_SCHEDULER
-from tests.helpers import isolated_cluster
+from tests.helpers import eventually, isolated_cluster
 
 PROMPTS = ("First request", "Second one, a bit longer", "Third", "The fourth and last request")
 MAX_TOKENS = 40
@@ -66,11 +66,10 @@ def tokens_of(chunks: list[TokenChunk]) -> list[int]:
 
 
 async def wait_for_instances(nc: Client, service: str, count: int) -> None:
-    for _ in range(300):
-        if len(await discover(nc, service, verb="PING", window_s=0.2)) >= count:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{service} did not come back")
+    async def answering() -> bool:
+        return len(await discover(nc, service, verb="PING", window_s=0.2)) >= count
+
+    await eventually(answering, f"{count} {service} answering again", timeout_s=90)
 
 
 async def run_with_fault(

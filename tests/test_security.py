@@ -188,14 +188,15 @@ async def test_a_client_may_call_the_api_and_get_replies_in_its_inbox(
 
     await admission.subscribe(GENERATE, cb=answer)
     await admission.flush()
-    reply = None
-    for _ in range(20):  # once in a while the first request beat the new interest (seen once)
+
+    async def served() -> nats.aio.msg.Msg | None:
         try:
-            reply = await client.request(GENERATE, b"{}", timeout=5)
-            break
+            return await client.request(GENERATE, b"{}", timeout=5)
         except NoRespondersError:
-            await asyncio.sleep(0.1)
-    assert reply is not None and reply.data == b"served"
+            return None  # once in a while the first request beat the new interest (seen once)
+
+    reply = await eventually(served, "the admission user's generate subscription", timeout_s=30)
+    assert reply.data == b"served"
     assert reply.subject.startswith(inbox_prefix("client") + ".")
     assert peers["client"].errors == []
 

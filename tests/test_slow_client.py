@@ -14,6 +14,8 @@ import msgpack
 
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
+from shared.messages import ResultReply
+from tests.helpers import eventually
 
 SLOW_REQUESTS = 3
 SLOW_TOKENS = 300
@@ -59,11 +61,12 @@ async def test_a_client_that_stops_reading_does_not_stall_others(
         assert outcomes == [("length", 12, 12)] * 3
         # The silent client's requests finish all the same; their results wait for it.
         for request_id in request_ids:
-            for _ in range(600):
+
+            async def finished(request_id: str = request_id) -> ResultReply | None:
                 result = await client.result(request_id)
-                if result.finish_reason is not None:
-                    break
-                await asyncio.sleep(0.5)
+                return result if result.finish_reason is not None else None
+
+            result = await eventually(finished, f"{request_id} to finish", timeout_s=300)
             assert result.finish_reason == "length" and len(result.token_ids) == SLOW_TOKENS
     finally:
         writer.close()
