@@ -164,7 +164,7 @@ def main() -> None:
 async def _push(nats_url: str, model_dir: Path, name: str) -> None:
     nc = await connect(nats_url, NatsSettings(), name="bench-push")
     try:
-        await push_model(nc.jetstream(timeout=120), model_dir, name)
+        await push_model(nc, nc.jetstream(timeout=120), model_dir, name)
     finally:
         await nc.close()
 

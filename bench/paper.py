@@ -29,7 +29,7 @@ from typing import Any
 from loadgen.report import Prices, markdown_table, summarize, write_plots, write_report
 from loadgen.simulate import SimOptions, simulate
 from loadgen.traces import arrivals_from_spec, read_fleet_trace
-from services.planner.policy import PlannerSettings
+from shared.config import PlannerSettings
 from shared.model.profile import ParallelProfile, read_any_parallel_profile
 
 KIT = Path(__file__).resolve().parents[2] / "shared" / "traces" / "spotserve"
@@ -225,7 +225,7 @@ def beyond_the_paper(traces: list[str]) -> None:
     print("|---|---|---:|---:|---:|---:|")
     for trace in traces:
         options = base_options("20B", trace)
-        static = replace(options.planner, continuous_batching=False)
+        static = options.planner.model_copy(update={"continuous_batching": False})
         for policy in ("spotserve", "ondemand"):
             (before,) = run_cell(replace(options, planner=static), (policy,))
             (after,) = run_cell(options, (policy,))

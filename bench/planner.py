@@ -29,13 +29,8 @@ from pathlib import Path
 from services.planner.costmodel import search
 from services.planner.jit import InFlightRequest
 from services.planner.mapping import km_mapping, naive_mapping
-from services.planner.policy import (
-    DyingInstance,
-    FleetView,
-    Mapper,
-    PlannerSettings,
-    SpotServePolicy,
-)
+from services.planner.policy import DyingInstance, FleetView, Mapper, SpotServePolicy
+from shared.config import PlannerSettings
 from shared.messages import InstanceRecord, Plan
 from shared.model.profile import ParallelProfile
 
@@ -202,7 +197,7 @@ def cold_start_s(profile: ParallelProfile, count: int, settings: PlannerSettings
 def iter_rows(args: argparse.Namespace, settings_list: list[Setting]) -> Iterator[str]:
     first = settings_list[0]
     profile = load_profile(first.profile)
-    settings = PlannerSettings(fill_spare=first.fill_spare)
+    settings = PlannerSettings(fill_spare=first.fill_spare, max_pipeline=None)
     yield f"decision time, {profile.model.split(':')[0]} ({first.profile.name}), {settings}"
     yield (
         "  notice: warm fleet at 90 % of what all but one instance sustain, a full batch in"
@@ -232,7 +227,7 @@ def iter_rows(args: argparse.Namespace, settings_list: list[Setting]) -> Iterato
     )
     for setting in settings_list:
         profile = load_profile(setting.profile)
-        settings = PlannerSettings(fill_spare=setting.fill_spare)
+        settings = PlannerSettings(fill_spare=setting.fill_spare, max_pipeline=None)
         for path in args.trace:
             events = load_trace(Path(path))
             km, km_log = replay(events, profile, settings, setting.rate, km_mapping)

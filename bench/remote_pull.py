@@ -96,8 +96,8 @@ async def run(
             await timed("stock push", stock_push(js, model, stock))
             await timed("stock get", stock_pull(js, stock, work / "get-only"))
             await timed("stock pull", stock_pull_checked(stock, work / stock))
-            await timed("new push", push_model(js, model, new))
-            await timed("new pull", pull_model(js, new, work / new))
+            await timed("new push", push_model(nc, js, model, new))
+            await timed("new pull", pull_model(nc, js, new, work / new))
             await timed("disk", asyncio.to_thread(plain_write, work / "plain.bin", nbytes))
             for target in ("get-only", stock, new, "plain.bin"):
                 await asyncio.to_thread(shutil.rmtree, work / target, True)

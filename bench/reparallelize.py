@@ -147,7 +147,7 @@ def run_cluster(
 async def _push(nats_url: str, model_dir: Path) -> None:
     nc = await connect(nats_url, NatsSettings(), name="bench-push", deadline_s=10)
     try:
-        await push_model(nc.jetstream(timeout=120), model_dir, "bench-model")
+        await push_model(nc, nc.jetstream(timeout=120), model_dir, "bench-model")
     finally:
         await nc.close()
 

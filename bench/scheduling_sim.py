@@ -39,7 +39,7 @@ class SrptOracle(FcfsPolicy):
         everyone.sort(key=lambda s: s.request.max_tokens - len(s.generated))
         batch = everyone[: executor.max_batch_size]
         for sequence in batch:
-            sequence.executor = executor.instance_id
+            sequence.bind_to(executor.instance_id)
         self.running[executor.instance_id] = batch
         self.waiting = type(self.waiting)(s for s in everyone if s not in batch)
         return list(batch)

@@ -76,7 +76,8 @@ def engine_type_checks(trees: dict[Path, ast.AST]) -> list[str]:
     return found
 
 
-HAND_BUILT_ERROR = re.compile(r"respond_error\(|ERROR_CODE_HEADER|Nats-Service-Error")
+# nats.micro's own Request.respond_error (shared.rpc.respond_error is the typed way).
+HAND_BUILT_ERROR = re.compile(r"(?<!rpc)\.respond_error\(|ERROR_CODE_HEADER|Nats-Service-Error")
 
 
 def hand_built_error_replies(files: list[Path]) -> list[str]:

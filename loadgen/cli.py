@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,9 +26,14 @@ from loadgen.report import (
 from loadgen.simulate import BACKFILL_S, SimCosts, SimOptions, SimulationError
 from loadgen.simulate import simulate as simulate_policy
 from loadgen.traces import Arrival, FleetTrace, TraceError, arrivals_from_spec, read_fleet_trace
-from services.planner.policy import PlannerSettings
 from services.scheduler.policy import POLICY_NAMES
-from shared.config import NatsSettings, Settings
+from shared.config import (
+    ON_DEMAND_PRICE_PER_HOUR,
+    SPOT_PRICE_PER_HOUR,
+    NatsSettings,
+    PlannerSettings,
+    Settings,
+)
 from shared.messages import ServingMode
 from shared.model.profile import ProfileError, read_any_parallel_profile
 
@@ -159,8 +164,8 @@ def replay(
     model_size: Annotated[str, typer.Option(help="Embedded model (tiny, small).")] = "tiny",
     out: OutOption = None,
     slo: SloOption = None,
-    spot_price: SpotPriceOption = 1.9046,
-    on_demand_price: OnDemandPriceOption = 3.912,
+    spot_price: SpotPriceOption = SPOT_PRICE_PER_HOUR,
+    on_demand_price: OnDemandPriceOption = ON_DEMAND_PRICE_PER_HOUR,
     baseline: BaselineOption = None,
 ) -> None:
     """Replay arrivals (and a fleet trace) under one or more serving policies; write
@@ -219,8 +224,8 @@ def simulate_command(
     seed: SeedOption = 0,
     out: OutOption = None,
     slo: SloOption = None,
-    spot_price: SpotPriceOption = 1.9046,
-    on_demand_price: OnDemandPriceOption = 3.912,
+    spot_price: SpotPriceOption = SPOT_PRICE_PER_HOUR,
+    on_demand_price: OnDemandPriceOption = ON_DEMAND_PRICE_PER_HOUR,
     baseline: BaselineOption = None,
     scheduler: Annotated[
         str, typer.Option(help=f"Iteration-level scheduler: {' | '.join(POLICY_NAMES)}.")
@@ -334,7 +339,7 @@ def simulate_command(
 
 def run_policies(
     base: ReplayOptions,
-    policies: list[str],
+    policies: Sequence[str],
     nats_url: str | None,
     instances: int,
     model_size: str,
@@ -368,7 +373,7 @@ def run_policies(
 async def _replay_all(
     settings: NatsSettings,
     base: ReplayOptions,
-    policies: list[str],
+    policies: Sequence[str],
     prices: Prices,
     slo: float | None,
 ) -> list[dict[str, Any]]:
@@ -462,8 +467,8 @@ def demo(
         model_size="tiny",
         out=out_dir,
         slo=None,
-        spot_price=1.9046,
-        on_demand_price=3.912,
+        spot_price=SPOT_PRICE_PER_HOUR,
+        on_demand_price=ON_DEMAND_PRICE_PER_HOUR,
         baseline=baseline,
     )
     if not (KIT_PROFILE_20B.exists() and KIT_ARRIVALS_20B.exists()):

@@ -30,34 +30,49 @@ from typing import Any
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from pydantic import ValidationError
 
 from loadgen.report import InstanceSpan, RequestRecord, RunRecord
-from loadgen.traces import Arrival, FleetEvent, FleetTrace, arrivals_from_spec, scale_lengths
-from shared.client import GenerateError, SpotserveClient
-from shared.codec import decode, encode
+from loadgen.traces import Arrival, FleetTrace, TraceEvent, arrivals_from_spec, scale_lengths
+from shared.client import CHUNK_TIMEOUT_S, GenerateError, SpotserveClient
+from shared.codec import decode
 from shared.messages import (
-    AddInstancesReply,
+    AddInstancesRequest,
+    Empty,
     FleetStatus,
-    ModeReply,
+    ModeRequest,
     Plan,
+    PreemptNotice,
     ServingMode,
 )
-from shared.runtime import discover
-from shared.subjects import (
-    ADMIN_MODE,
-    FLEET_ADD,
-    FLEET_NOTICE,
-    FLEET_STATUS,
-    PLANS_STREAM,
-    PLANS_SUBJECT,
-    SERVICE_ADMISSION,
+from shared.rpc import (
+    ADD_ENDPOINT,
+    MODE_ENDPOINT,
+    NOTICE_ENDPOINT,
+    STATUS_ENDPOINT,
+    Endpoint,
+    NoResponders,
+    ReplyT,
+    RequestT,
+    RpcError,
+    RpcTimeout,
+    call,
 )
+from shared.runtime import discover
+from shared.subjects import PLANS_STREAM, PLANS_SUBJECT, SERVICE_ADMISSION
+from shared.waiting import wait_until
 
 # Fleet requests wait for the monitor; an added instance may take a while to load its model.
 FLEET_REQUEST_TIMEOUT_S = 60.0
+# The mode and the fleet's status: quick answers, with room for a busy cluster.
+ADMIN_REQUEST_TIMEOUT_S = 10.0
 JOIN_TIMEOUT_S = 300.0
 PLAN_TIMEOUT_S = 120.0
+# How often a wait for the fleet or for a plan looks again.
+POLL_S = 0.5
+PROGRESS_INTERVAL_S = 1.0
+# What a replay expects of the cluster before any instance is known: the model's context.
+DEFAULT_CONTEXT_LENGTH = 2048
 # Synthetic prompts draw token ids from here (below any model's vocabulary we ship, above the
 # special tokens at the start).
 PROMPT_TOKEN_RANGE = (16, 250)
@@ -121,7 +136,7 @@ class Replayer:
         self.nc = nc
         self.options = options
         self.client = SpotserveClient(
-            nc, first_chunk_timeout_s=options.request_timeout_s, chunk_timeout_s=120.0
+            nc, first_chunk_timeout_s=options.request_timeout_s, chunk_timeout_s=CHUNK_TIMEOUT_S
         )
         self.progress = progress or (lambda _line: None)
         self._start = 0.0
@@ -244,7 +259,7 @@ class Replayer:
                 f"{self.options.policy:>9} [{bar}] {done}/{len(records)} requests"
                 f" ({failed} failed) {self.now():.0f} s"
             )
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
 
     async def _sleep_until(self, at_s: float) -> None:
         delay = at_s - self.now()
@@ -280,7 +295,7 @@ class Replayer:
         scale = self.options.time_scale
         grace = self.options.grace_s
         first = trace.events[0].at_s
-        steps: list[tuple[float, FleetEvent]] = []
+        steps: list[tuple[float, TraceEvent]] = []
         for event in trace.events:
             if event.at_s <= first and event.kind == "add":
                 continue  # the initial nodes: already mapped
@@ -300,7 +315,7 @@ class Replayer:
             for task in adding:
                 task.cancel()
 
-    async def _remove_node(self, fleet: FleetTracker, event: FleetEvent) -> None:
+    async def _remove_node(self, fleet: FleetTracker, event: TraceEvent) -> None:
         """The notice for a trace ``remove``: at its time less the grace period (already so)."""
         first = self.options.fleet.events[0].at_s if self.options.fleet else 0.0
         instance_id = fleet.node_instance.get(event.node)
@@ -330,19 +345,20 @@ class Replayer:
         infos = await discover(self.nc, SERVICE_ADMISSION, window_s=1.0)
         if not infos:
             raise ReplayError("no admission service answers: is the cluster running?")
-        return int(infos[0].get("metadata", {}).get("context_length", 2048))
+        metadata = infos[0].get("metadata", {})
+        return int(metadata.get("context_length", DEFAULT_CONTEXT_LENGTH))
 
     async def set_mode(self, mode: ServingMode) -> None:
         """Switch the cluster's serving mode and wait for a plan made under it."""
-        reply = await self._request(ADMIN_MODE, {"mode": mode}, 10.0)
-        ModeReply.model_validate(decode(reply))
-        deadline = time.monotonic() + PLAN_TIMEOUT_S
-        while time.monotonic() < deadline:
+        body = _request_body(ModeRequest, mode=mode)
+        await self._call(MODE_ENDPOINT, body, ADMIN_REQUEST_TIMEOUT_S)
+
+        async def planned_under_mode() -> bool:
             plan = await self.current_plan()
-            if plan is not None and plan.mode == mode:
-                return
-            await asyncio.sleep(0.5)
-        raise ReplayError(f"no plan under mode {mode!r} within {PLAN_TIMEOUT_S:.0f} s")
+            return plan is not None and plan.mode == mode
+
+        if not await wait_until(planned_under_mode, PLAN_TIMEOUT_S, POLL_S):
+            raise ReplayError(f"no plan under mode {mode!r} within {PLAN_TIMEOUT_S:.0f} s")
 
     async def current_plan(self) -> Plan | None:
         try:
@@ -352,42 +368,42 @@ class Replayer:
         return Plan.model_validate(decode(message.data or b""))
 
     async def fleet_status(self) -> FleetStatus:
-        return FleetStatus.model_validate(decode(await self._request(FLEET_STATUS, {}, 10.0)))
+        return await self._call(STATUS_ENDPOINT, Empty(), ADMIN_REQUEST_TIMEOUT_S)
 
     async def add_instances(self, count: int, price_class: str, wait: bool = True) -> list[str]:
         """New instances from the monitor (``wait``: until they have joined)."""
-        body = {"count": count, "price_class": price_class}
-        reply = AddInstancesReply.model_validate(
-            decode(await self._request(FLEET_ADD, body, FLEET_REQUEST_TIMEOUT_S))
-        )
+        body = _request_body(AddInstancesRequest, count=count, price_class=price_class)
+        reply = await self._call(ADD_ENDPOINT, body, FLEET_REQUEST_TIMEOUT_S)
         wanted = set(reply.instance_ids)
         if wait:
             await self._wait_fleet(lambda s: wanted <= _ids(s, running_only=True))
         return reply.instance_ids
 
     async def notice(self, instance_id: str, grace_s: float) -> None:
-        body = {"instance_id": instance_id, "grace_s": grace_s, "source": "trace"}
-        await self._request(FLEET_NOTICE, body, FLEET_REQUEST_TIMEOUT_S)
+        body = _request_body(
+            PreemptNotice, instance_id=instance_id, grace_s=grace_s, source="trace"
+        )
+        await self._call(NOTICE_ENDPOINT, body, FLEET_REQUEST_TIMEOUT_S)
 
     async def _wait_fleet(self, done: Callable[[FleetStatus], bool]) -> None:
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if done(await self.fleet_status()):
-                return
-            await asyncio.sleep(0.5)
-        raise ReplayError(f"the fleet did not reach the wanted state in {JOIN_TIMEOUT_S:.0f} s")
+        async def reached() -> bool:
+            return done(await self.fleet_status())
 
-    async def _request(self, subject: str, body: dict[str, Any], timeout_s: float) -> bytes:
+        if not await wait_until(reached, JOIN_TIMEOUT_S, POLL_S):
+            raise ReplayError(f"the fleet did not reach the wanted state in {JOIN_TIMEOUT_S:.0f} s")
+
+    async def _call(
+        self, endpoint: Endpoint[RequestT, ReplyT], body: RequestT, timeout_s: float
+    ) -> ReplyT:
+        subject = endpoint.subject_for()
         try:
-            message = await self.nc.request(subject, encode(body), timeout=timeout_s)
-        except (TimeoutError, NatsError) as exc:
+            return await call(self.nc, endpoint, body, timeout_s=timeout_s)
+        except (NoResponders, RpcTimeout) as exc:  # nobody answered: not a refusal
             raise ReplayError(f"{subject}: {exc!r}") from None
-        headers = message.headers or {}
-        if ERROR_CODE_HEADER in headers:
-            raise ReplayError(
-                f"{subject} refused: [{headers[ERROR_CODE_HEADER]}] {headers.get(ERROR_HEADER)}"
-            )
-        return message.data
+        except RpcError as exc:
+            raise ReplayError(f"{subject} refused: [{exc.code}] {exc.message}") from None
+        except NatsError as exc:
+            raise ReplayError(f"{subject}: {exc!r}") from None
 
     async def _plan_seq(self) -> int:
         try:
@@ -410,6 +426,14 @@ class Replayer:
             plans += 1
             migrations += sum(1 for decision in plan.jit if decision.action == "migrate")
         return plans, migrations
+
+
+def _request_body(model: type[RequestT], **fields: Any) -> RequestT:
+    """A request to the cluster; fields it would refuse are the replay's error at once."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise ReplayError(f"bad {model.__name__}: {exc}") from None
 
 
 def _ids(status: FleetStatus, running_only: bool = False) -> set[str]:

@@ -70,6 +70,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from shared.config import ON_DEMAND_PRICE_PER_HOUR, SPOT_PRICE_PER_HOUR
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -119,8 +121,8 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class Prices:
-    spot_per_hour: float = 1.9046  # SpotServe paper, g4dn.12xlarge
-    on_demand_per_hour: float = 3.912
+    spot_per_hour: float = SPOT_PRICE_PER_HOUR
+    on_demand_per_hour: float = ON_DEMAND_PRICE_PER_HOUR
 
     def per_hour(self, price_class: str) -> float:
         if price_class == "spot":

@@ -37,7 +37,7 @@ from loadgen.traces import Arrival, FleetTrace, backfill_nodes
 from services.admission.service import ArrivalMeter
 from services.planner.costmodel import NoFeasibleConfig, step_seconds
 from services.planner.fleet import FleetState, in_flight_requests, needs_plan
-from services.planner.policy import PlannerSettings, SpotServePolicy
+from services.planner.policy import SpotServePolicy, paper_settings
 from services.scheduler.kvmemory import apply_after_step, apply_before_step, plan_memory
 from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput, make_policy
 from services.scheduler.reconfigure import (
@@ -52,7 +52,7 @@ from services.scheduler.reconfigure import (
     serves,
 )
 from services.scheduler.sequence import Sequence
-from shared.config import MlfqSettings
+from shared.config import MlfqSettings, PlannerSettings
 from shared.messages import (
     AcceptedRequest,
     FleetEvent,
@@ -138,7 +138,7 @@ class SimOptions:
     on_demand_instances: int | None = None
     # Nodes of the fleet trace added this long after a remove are on-demand ("+O" traces).
     backfill_s: float = BACKFILL_S
-    planner: PlannerSettings = field(default_factory=PlannerSettings)
+    planner: PlannerSettings = field(default_factory=paper_settings)
     costs: SimCosts = field(default_factory=SimCosts)
     warmup: bool = True  # the rate meter starts with the first window of arrivals
     # The replay's warm-up played the arrivals of its first warmup_s wall seconds, and 0 came
@@ -521,7 +521,7 @@ class Simulation:
                 continue
             instance.target, instance.swap_at = target, landing[node]
             self.at(landing[node], lambda n=node, t=target: self._swap(n, t))
-        # The scheduler's part (services/scheduler/service.py apply_plan).
+        # The scheduler's part (services/scheduler/plans.py apply_plan).
         for head, executor in self.executors.items():
             executor.view = replace(executor.view, accepts_new=serves(plan, head))
         for head in restarts(plan, previous, list(self.executors)):
@@ -742,7 +742,7 @@ class Simulation:
         self._wake_all()
 
     def _apply_moves(self, head: str, executor: Executor) -> None:
-        """As the scheduler does between two iterations (services/scheduler/service.py)."""
+        """As the scheduler does between two iterations (services/scheduler/plans.py)."""
         for request_id, move in list(executor.moves.items()):
             sequence = self.sequences.get(request_id)
             if sequence is None or sequence.executor != head:
@@ -761,7 +761,7 @@ class Simulation:
                 )
                 executor.blocked_until = self.now + seconds
                 self.scheduler.rebind(sequence, destination)
-                sequence.kv_location = "host"
+                sequence.cache_on_host()
             else:
                 self.scheduler.requeue(sequence)
 

@@ -28,9 +28,9 @@ import numpy as np
 
 __all__ = [
     "Arrival",
-    "FleetEvent",
     "FleetTrace",
     "TraceError",
+    "TraceEvent",
     "arrivals_from_spec",
     "backfill_nodes",
     "read_fleet_trace",
@@ -508,7 +508,7 @@ def _fit(arrival: Arrival, context_tokens: int, min_output: int) -> Arrival:
 
 
 @dataclass(frozen=True)
-class FleetEvent:
+class TraceEvent:
     at_s: float  # seconds from the trace start
     kind: Literal["add", "remove"]
     node: str  # the trace's node name, e.g. "node3"
@@ -518,7 +518,7 @@ class FleetEvent:
 
 @dataclass(frozen=True)
 class FleetTrace:
-    events: list[FleetEvent]  # sorted by at_s, stable
+    events: list[TraceEvent]  # sorted by at_s, stable
     duration_s: float  # the DONE event's time if present, else the last event's
     initial_nodes: list[str]  # nodes added at the first event's time (in order)
     # (at_s, required_rps) of jsonl "other" events and of removes that carry required_tpt
@@ -642,7 +642,7 @@ def _build_trace(path: Path, raw: list[_RawEvent]) -> FleetTrace:
     """Validate the (time-sorted) events against the set of live nodes and convert them."""
     start_ms = raw[0].t_ms
     up: set[str] = set()
-    events: list[FleetEvent] = []
+    events: list[TraceEvent] = []
     rate_changes: list[tuple[float, float]] = []
     done: _RawEvent | None = None
     for event in raw:
@@ -658,7 +658,7 @@ def _build_trace(path: Path, raw: list[_RawEvent]) -> FleetTrace:
             kind: Literal["add", "remove"] = "add" if event.kind == "add" else "remove"
             for node in event.nodes:
                 _apply(path, event, node, up)
-                events.append(FleetEvent(at_s, kind, node, event.required_rps))
+                events.append(TraceEvent(at_s, kind, node, event.required_rps))
     if not events:
         raise _error(path, None, "no add/remove events")
     duration_s = (raw[-1].t_ms - start_ms) / 1000.0
@@ -676,7 +676,7 @@ def _apply(path: Path, event: _RawEvent, node: str, up: set[str]) -> None:
         up.remove(node)
 
 
-def _initial_nodes(events: list[FleetEvent]) -> list[str]:
+def _initial_nodes(events: list[TraceEvent]) -> list[str]:
     """Nodes up once the first add/remove instant is applied: added then and not removed then.
     (The replayer maps these to the starting instances and skips the adds at that instant.)"""
     at_first = [e for e in events if e.at_s == events[0].at_s]

@@ -7,6 +7,7 @@ import json
 import os
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -23,6 +24,12 @@ from shared.subjects import ensure_streams
 log = structlog.get_logger()
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+# Between reconnect attempts to a server that went away (nats-py's own default is 2 s).
+RECONNECT_WAIT_S = 0.5
+# How often a first connection that is still being tried looks for a refusal or the deadline.
+CONNECT_CHECK_S = 0.1
+# Bound on each JetStream API call of a context made by connect_jetstream.
+JETSTREAM_TIMEOUT_S = 10.0
 
 
 class NatsUnavailableError(RuntimeError):
@@ -122,7 +129,7 @@ async def connect(
             connect_timeout=settings.connect_timeout_s,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=RECONNECT_WAIT_S,
             error_cb=on_error,
             disconnected_cb=_log_event("nats.disconnected"),
             reconnected_cb=_log_event("nats.reconnected"),
@@ -145,7 +152,7 @@ async def connect(
                 )
             if asyncio.get_running_loop().time() > deadline:
                 raise NatsUnavailableError(f"cannot reach NATS at {url} within {budget:.0f} s")
-            await asyncio.wait({attempt}, timeout=0.1)
+            await asyncio.wait({attempt}, timeout=CONNECT_CHECK_S)
         return attempt.result()
     except (NoServersError, OSError) as exc:
         raise NatsUnavailableError(f"cannot reach NATS at {url}: {exc!r}") from None
@@ -192,7 +199,7 @@ def _is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, AuthorizationError) or "authorization violation" in text
 
 
-async def connect_jetstream(nc: Client, timeout_s: float = 10.0) -> JetStreamContext:
+async def connect_jetstream(nc: Client, timeout_s: float = JETSTREAM_TIMEOUT_S) -> JetStreamContext:
     js = nc.jetstream(timeout=timeout_s)
     await ensure_streams(js)
     return js
@@ -204,7 +211,7 @@ async def _log_error(exc: Exception) -> None:
     level("nats.error", error=repr(exc))
 
 
-def _log_event(event: str):
+def _log_event(event: str) -> Callable[[], Awaitable[None]]:
     async def callback() -> None:
         log.info(event)
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from nats.aio.client import Client
@@ -20,12 +20,24 @@ from shared.security import OPERATOR_USER, init_credentials
 
 if TYPE_CHECKING:
     from shared.cluster import ClusterUrls
+    from shared.rpc import Endpoint
 
 app = typer.Typer(help="spotserve: LLM serving on spot instances over NATS.", no_args_is_help=True)
 model_app = typer.Typer(help="Create and inspect models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 security_app = typer.Typer(help="NATS users and passwords.", no_args_is_help=True)
 app.add_typer(security_app, name="security")
+
+# Bound on each JetStream wait of a model upload (an ack of a chunk, a purge).
+PUSH_TIMEOUT_S = 60.0
+# `spotserve up` looks at its services this often.
+SUPERVISE_POLL_S = 0.5
+# `spotserve generate`: the first token waits for the queue and the prefill.
+FIRST_TOKEN_TIMEOUT_S = 300.0
+# `spotserve fleet ...`: the monitor answers at once unless JetStream is slow.
+FLEET_TIMEOUT_S = 10.0
+# `spotserve health`: to reach NATS, then to get an answer.
+HEALTH_TIMEOUT_S = 5.0
 
 NatsUrlOption = Annotated[
     str | None,
@@ -79,7 +91,7 @@ def model_init(
         _echo_error(f"unknown size {size!r}; choose from {sorted(MODEL_SIZES)}")
         raise typer.Exit(2)
     try:
-        path = init_model(directory, size=size, seed=seed, overwrite=force)  # type: ignore[arg-type]
+        path = init_model(directory, size=size, seed=seed, overwrite=force)
     except FileExistsError as exc:
         _echo_error(str(exc))
         raise typer.Exit(1) from None
@@ -216,7 +228,7 @@ async def _push(directory: Path, name: str, nats_url: str | None) -> int:
 
     nc = await _connect_or_exit(nats_url)
     try:
-        return await push_model(nc.jetstream(timeout=60), directory, name)
+        return await push_model(nc, nc.jetstream(timeout=PUSH_TIMEOUT_S), directory, name)
     except CheckpointError as exc:
         _echo_error(str(exc))
         raise typer.Exit(1) from None
@@ -314,7 +326,7 @@ def up(
         if len(restarts) > MAX_RESTARTS:
             _echo_error(f"more than {MAX_RESTARTS} restarts in {RESTART_WINDOW_S:.0f} s")
             stop_requested = True
-        time.sleep(0.5)
+        time.sleep(SUPERVISE_POLL_S)
     typer.echo("stopping spotserve ...")
     cluster.stop()
     clear_cluster_record()
@@ -334,10 +346,12 @@ def generate(
     ] = False,
     ignore_eos: Annotated[bool, typer.Option(help="Generate exactly max_tokens.")] = False,
     nats_url: NatsUrlOption = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the first token.")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the first token.")
+    ] = FIRST_TOKEN_TIMEOUT_S,
 ) -> None:
     """Send one request and print the text as it is generated."""
-    options = {
+    options: dict[str, object] = {
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_p": top_p,
@@ -463,36 +477,34 @@ FleetTimeoutOption = Annotated[
 
 
 async def _fleet_request(
-    subject: str, body: dict[str, object], nats_url: str | None, timeout_s: float
+    endpoint: Endpoint[Any, Any], body: dict[str, object], nats_url: str | None, timeout_s: float
 ) -> tuple[dict[str, str], dict[str, object]]:
     """One JSON request to the monitor: (reply headers, reply body); exits on any failure
-    (2: no NATS, no monitor or no answer in time; 1: the monitor refused the request)."""
+    (2: no NATS, no monitor or no answer in time; 1: the monitor refused the request). The
+    body goes out as given: the monitor validates it and says what is wrong."""
     import json
 
-    from nats.errors import NoRespondersError
-    from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+    from shared.codec import content_type_header
+    from shared.rpc import NoResponders, RpcTimeout, error_of, request_raw
 
+    subject = endpoint.subject_for()
+    data = json.dumps(body).encode()
     nc = await _connect_or_exit(nats_url)
     try:
-        reply = await nc.request(
-            subject,
-            json.dumps(body).encode(),
-            timeout=timeout_s,
-            headers={"Content-Type": "application/json"},
-        )
-    except NoRespondersError:
+        reply = await request_raw(nc, subject, data, timeout_s, content_type_header("json"))
+    except NoResponders:
         _echo_error(f"no monitor answers on {subject}; is the cluster up?")
         raise typer.Exit(2) from None
-    except TimeoutError:
+    except RpcTimeout:
         _echo_error(f"the monitor did not answer within {timeout_s:g} s")
         raise typer.Exit(2) from None
     finally:
         await nc.close()
-    headers = dict(reply.headers or {})
-    if ERROR_CODE_HEADER in headers:
-        _echo_error(f"{headers.get(ERROR_HEADER)} (code {headers[ERROR_CODE_HEADER]})")
+    error = error_of(reply.headers)
+    if error is not None:
+        _echo_error(f"{error.message} (code {error.code})")
         raise typer.Exit(1)
-    return headers, json.loads(reply.data)
+    return dict(reply.headers or {}), json.loads(reply.data)
 
 
 def _print_json(value: object) -> None:
@@ -516,16 +528,16 @@ def fleet_preempt(
     ] = None,
     json_output: JsonOption = False,
     nats_url: NatsUrlOption = None,
-    timeout: FleetTimeoutOption = 10.0,
+    timeout: FleetTimeoutOption = FLEET_TIMEOUT_S,
 ) -> None:
     """Announce that INSTANCE will be taken away after a grace period, as a cloud would."""
     from shared.messages import NOTICE_OUTCOME_HEADER
-    from shared.subjects import FLEET_NOTICE
+    from shared.rpc import NOTICE_ENDPOINT
 
     body: dict[str, object] = {"instance_id": instance, "source": "cli"}
     if grace is not None:
         body["grace_s"] = float(grace)
-    headers, event = asyncio.run(_fleet_request(FLEET_NOTICE, body, nats_url, timeout))
+    headers, event = asyncio.run(_fleet_request(NOTICE_ENDPOINT, body, nats_url, timeout))
     outcome = headers.get(NOTICE_OUTCOME_HEADER, "new")
     if json_output:
         _print_json({"outcome": outcome, "event": event})
@@ -547,16 +559,16 @@ def fleet_add(
     price_class: Annotated[str, typer.Option("--price-class", help="spot or on-demand.")] = "spot",
     json_output: JsonOption = False,
     nats_url: NatsUrlOption = None,
-    timeout: FleetTimeoutOption = 10.0,
+    timeout: FleetTimeoutOption = FLEET_TIMEOUT_S,
 ) -> None:
     """Start new executor instances (the local provider: new processes on this machine)."""
-    from shared.subjects import FLEET_ADD
+    from shared.rpc import ADD_ENDPOINT
 
     if price_class not in ("spot", "on-demand"):
         _echo_error(f"unknown price class {price_class!r}; choose spot or on-demand")
         raise typer.Exit(2)
     body = {"count": count, "price_class": price_class}
-    _, reply = asyncio.run(_fleet_request(FLEET_ADD, body, nats_url, timeout))
+    _, reply = asyncio.run(_fleet_request(ADD_ENDPOINT, body, nats_url, timeout))
     if json_output:
         _print_json(reply)
         return
@@ -568,13 +580,13 @@ def fleet_add(
 def fleet_status(
     json_output: JsonOption = False,
     nats_url: NatsUrlOption = None,
-    timeout: FleetTimeoutOption = 10.0,
+    timeout: FleetTimeoutOption = FLEET_TIMEOUT_S,
 ) -> None:
     """The instances the monitor knows: alive, preempting (with deadline), pending."""
     from shared.messages import FleetStatus
-    from shared.subjects import FLEET_STATUS
+    from shared.rpc import STATUS_ENDPOINT
 
-    _, reply = asyncio.run(_fleet_request(FLEET_STATUS, {}, nats_url, timeout))
+    _, reply = asyncio.run(_fleet_request(STATUS_ENDPOINT, {}, nats_url, timeout))
     if json_output:
         _print_json(reply)
         return
@@ -650,7 +662,7 @@ def health(
     ] = False,
     timeout: Annotated[
         float, typer.Option(help="Seconds to reach NATS, then to get an answer.")
-    ] = 5.0,
+    ] = HEALTH_TIMEOUT_S,
 ) -> None:
     """Exit 0 when SERVICE answers $SRV discovery, 1 when not, 2 without NATS (health checks)."""
     from shared.health import check

@@ -13,24 +13,26 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from shared.codec import decode, encode
 from shared.messages import GenerateResult, ResultReply, TokenChunk
-from shared.subjects import GENERATE, RESULT
+from shared.rpc import (
+    GENERATE_ENDPOINT,
+    RESULT_ENDPOINT,
+    Endpoint,
+    NoResponders,
+    ReplyT,
+    RpcError,
+    error_of,
+    request_raw,
+)
 
-# A NATS status message (no body) answers a request that no service listens to.
-STATUS_HEADER = "Status"
-NO_RESPONDERS_STATUS = "503"
-
-
-class GenerateError(Exception):
-    """The service refused or failed the request (``code`` is the nats.micro error code)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
+# The service refused or failed the request (``code`` is the nats.micro error code): the
+# typed errors of shared.rpc, under the name this client's users catch.
+GenerateError = RpcError
+# The first chunk waits for the queue and the prefill; later ones for one iteration.
+FIRST_CHUNK_TIMEOUT_S = 300.0
+CHUNK_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -58,11 +60,12 @@ class Completion:
 
 
 def _raise_if_error(headers: dict[str, str] | None) -> None:
-    if headers and ERROR_CODE_HEADER in headers:
-        raise GenerateError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
-    if headers and headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS:
+    error = error_of(headers)
+    if isinstance(error, NoResponders):
         # The server's own answer to a publish nobody listens to (admission is down).
-        raise GenerateError("503", "no responders: is spotserve's admission service running?")
+        raise NoResponders("no responders: is spotserve's admission service running?")
+    if error is not None:
+        raise error
 
 
 @dataclass
@@ -81,10 +84,12 @@ class _Seen:
 
 class SpotserveClient:
     def __init__(
-        self, nc: Client, first_chunk_timeout_s: float = 300.0, chunk_timeout_s: float = 120.0
+        self,
+        nc: Client,
+        first_chunk_timeout_s: float = FIRST_CHUNK_TIMEOUT_S,
+        chunk_timeout_s: float = CHUNK_TIMEOUT_S,
     ):
         self.nc = nc
-        # The first chunk waits for the queue and the prefill; later ones for one iteration.
         self.first_chunk_timeout_s = first_chunk_timeout_s
         self.chunk_timeout_s = chunk_timeout_s
 
@@ -99,7 +104,7 @@ class SpotserveClient:
         inbox = self.nc.new_inbox()
         subscription = await self.nc.subscribe(inbox)
         try:
-            await self.nc.publish(GENERATE, encode(body), reply=inbox)
+            await self.nc.publish(GENERATE_ENDPOINT.subject_for(), encode(body), reply=inbox)
             timeout = self.first_chunk_timeout_s
             seen = _Seen()
             while True:
@@ -174,21 +179,26 @@ class SpotserveClient:
             chunk_times=chunk_times,
         )
 
-    async def result(self, request_id: str, timeout_s: float = 10.0) -> ResultReply:
+    async def result(
+        self, request_id: str, timeout_s: float = RESULT_ENDPOINT.timeout_s
+    ) -> ResultReply:
         """What is committed of a request (``spotserve.v1.result``): for a client that missed
         chunks (an index gap) or its whole stream; ``finish_reason`` is None while it runs."""
-        message = await self.nc.request(
-            RESULT, encode({"request_id": request_id}), timeout=timeout_s
-        )
-        _raise_if_error(message.headers)
-        return ResultReply.model_validate(decode(message.data))
+        return await self._request(RESULT_ENDPOINT, {"request_id": request_id}, timeout_s)
 
     async def complete(self, prompt: str | list[int], **options: Any) -> GenerateResult:
         """One request, one reply (``stream: false``)."""
         body = _body(prompt, options, stream=False)
-        message = await self.nc.request(GENERATE, encode(body), timeout=self.first_chunk_timeout_s)
+        return await self._request(GENERATE_ENDPOINT, body, self.first_chunk_timeout_s)
+
+    async def _request(
+        self, endpoint: Endpoint[Any, ReplyT], body: dict[str, Any], timeout_s: float
+    ) -> ReplyT:
+        """The body goes out as given (admission validates it and says what is wrong)."""
+        subject = endpoint.subject_for()
+        message = await request_raw(self.nc, subject, encode(body), timeout_s)
         _raise_if_error(message.headers)
-        return GenerateResult.model_validate(decode(message.data))
+        return endpoint.parse_reply(message.data)
 
 
 def _body(prompt: str | list[int], options: dict[str, Any], stream: bool) -> dict[str, Any]:

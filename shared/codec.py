@@ -45,7 +45,8 @@ def encode(obj: Any, encoding: Encoding = "msgpack") -> bytes:
     plain = _to_plain(obj)
     if encoding == "json":
         return json.dumps(plain, ensure_ascii=False, separators=(",", ":")).encode()
-    return msgpack.packb(plain, default=_pack_ext, use_bin_type=True)
+    packed: bytes = msgpack.packb(plain, default=_pack_ext, use_bin_type=True)
+    return packed
 
 
 def decode(data: bytes, encoding: Encoding = "msgpack") -> Any:
@@ -95,7 +96,8 @@ def pack_tensor(tensor: torch.Tensor) -> bytes:
     host = tensor.detach().contiguous().cpu()
     # Viewing as bytes first also covers dtypes numpy lacks (bfloat16).
     raw = host.view(-1).view(torch.uint8).numpy().tobytes() if host.numel() else b""
-    return msgpack.packb([str(host.dtype).removeprefix("torch."), list(host.shape), raw])
+    packed: bytes = msgpack.packb([str(host.dtype).removeprefix("torch."), list(host.shape), raw])
+    return packed
 
 
 def unpack_tensor(data: bytes) -> torch.Tensor:

@@ -199,7 +199,21 @@ class MonitorSettings(BaseModel):
     agent_timeout_s: float = Field(default=2.0, gt=0)
 
 
+# Dollars per instance-hour of the SpotServe paper's instance (g4dn.12xlarge): what reports
+# charge for spot and on-demand time unless told other prices.
+SPOT_PRICE_PER_HOUR = 1.9046
+ON_DEMAND_PRICE_PER_HOUR = 3.912
+
+# The cost model's defaults (services.planner.costmodel.search): configurations within this
+# fraction of the best count as similar, and this fraction of device memory stays free.
+DEFAULT_TOLERANCE = 0.05
+DEFAULT_MEMORY_RESERVE_FRACTION = 0.1
+
+
 class PlannerSettings(BaseModel):
+    """The planner's settings: the service's configuration and the policy's (the simulator and
+    the benches build their own)."""
+
     # The cost model's profile (`spotserve profile`); None: the default location for the model,
     # measured at start when missing.
     profile_path: Path | None = None
@@ -209,19 +223,41 @@ class PlannerSettings(BaseModel):
     max_batch: int = Field(default=4, ge=1)
     # Use every replica that fits (more throughput) instead of the fewest that meet the rate.
     fill_spare: bool = False
-    # Largest pipeline degree P the planner may choose. 1 by default: instances that each hold
-    # the whole model need no inter-stage hops; None: any that fits.
+    # Largest pipeline degree P the planner may choose; None: any that fits. 1 by default
+    # because the executors each hold the whole model, and P = 1 needs no inter-stage hops
+    # over NATS (the README documents 1). Runs that replay the SpotServe paper's search over
+    # every P (the simulator, the benches) ask for None explicitly.
     max_pipeline: int | None = Field(default=1, ge=1)
     # Tensor-parallel degrees the profile measures (1 always). An executor serves one group of
     # M = its tensor_parallel ranks, so an instance of M devices takes roles of that M only.
     tensor_degrees: list[int] = Field(default_factory=lambda: [1])
-    # Throughput planned per request/s of measured arrivals (utilisation below 1/margin).
+    # Capacity planned per request/s measured: below 1/rate_margin utilisation, queues stay
+    # short (at a utilisation near 1 they grow without bound). The SpotServe artifact plans
+    # for a required throughput 1.0-1.33x its arrival rates (scripts_ae/aws_e2e.sh).
     rate_margin: float = Field(default=1.2, ge=1.0)
     # Events arriving within this window become one reconfiguration.
     debounce_s: float = Field(default=0.5, gt=0)
     # Re-plan when the arrival rate moves by more than this fraction.
     rate_change: float = Field(default=0.25, gt=0)
     rate_poll_s: float = Field(default=5.0, gt=0)
+    # The cost model's search (services.planner.costmodel.search).
+    tolerance: float = Field(default=DEFAULT_TOLERANCE, ge=0)
+    memory_reserve_fraction: float = Field(default=DEFAULT_MEMORY_RESERVE_FRACTION, ge=0, lt=1)
+    gpipe_prefill: bool = False  # t1 without the / m1 of docs/design.md's form
+    # Requests join running batches one by one (spotserve's scheduler), so a request's latency
+    # holds B single-sequence prefills; False: one batched prefill (the SpotServe artifact's
+    # static batches).
+    continuous_batching: bool = True
+    keep_previous: bool = True  # keep the previous (P, M, B) while its latency is similar
+    # An instance takes one tensor-parallel group of all its devices, or no role (the service
+    # always plans so: that is what its executors serve).
+    whole_instance_groups: bool = False
+    kv_bandwidth_bytes_s: float = Field(default=1e9, gt=0)  # KV caches off a dying instance
+    kv_overhead_s: float = Field(default=0.5, ge=0)  # set-up and ack of a cache hand-over
+
+    def target_rate(self, measured_rps: float) -> float:
+        """The throughput a configuration must reach for this measured arrival rate."""
+        return measured_rps * self.rate_margin
 
 
 class MetricsSettings(BaseModel):

@@ -18,7 +18,7 @@ MAX_STOP_LENGTH = 256
 
 
 class ErrorCode(StrEnum):
-    """nats.micro error codes (header ``Nats-Service-Error-Code``), HTTP-like on purpose."""
+    """nats.micro error codes (the error-code header shared.rpc writes), HTTP-like on purpose."""
 
     BAD_REQUEST = "400"
     NOT_FOUND = "404"

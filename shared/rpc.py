@@ -381,13 +381,18 @@ async def publish_error(nc: Client, message: Msg, error: RpcError) -> None:
     await nc.publish(message.reply, body, headers=headers)
 
 
+ErrorObserver = Callable[[RpcError], None]
+
+
 def serving(
     endpoint: Endpoint[RequestT, ReplyT],
     handler: Handler[RequestT, ReplyT],
     logger: structlog.stdlib.BoundLogger | None = None,
+    on_error: ErrorObserver | None = None,
 ) -> RawHandler:
     """A nats.micro handler that parses the request, calls ``handler`` and answers with its
-    reply, or with the error it raised (any other exception: 500, logged)."""
+    reply, or with the error it raised (any other exception: 500, logged). ``on_error`` sees
+    every error answered, a bad body included (a service's refusal metrics)."""
     bound = logger or log
 
     async def handle(request: Request) -> None:
@@ -396,13 +401,16 @@ def serving(
             body = endpoint.parse_request(request.data, encoding)
             reply = await handler(body)
         except RpcError as exc:
-            await respond_error(request, exc)
-            return
+            error = exc
         except Exception as exc:
             bound.exception("rpc.handler_failed", endpoint=endpoint.name)
-            await respond_error(request, Internal(f"{endpoint.name} failed: {exc!r}"))
+            error = Internal(f"{endpoint.name} failed: {exc!r}")
+        else:
+            await respond(request, reply, encoding)
             return
-        await respond(request, reply, encoding)
+        if on_error is not None:
+            on_error(error)
+        await respond_error(request, error)
 
     return handle
 
@@ -414,12 +422,13 @@ async def add_endpoint(
     *,
     address: str | None = None,
     logger: structlog.stdlib.BoundLogger | None = None,
+    on_error: ErrorObserver | None = None,
 ) -> None:
     """Serve ``endpoint`` on a nats.micro service (or group) with a typed handler."""
     await service.add_endpoint(
         name=endpoint.name,
         subject=endpoint.subject_for(address),
-        handler=serving(endpoint, handler, logger),
+        handler=serving(endpoint, handler, logger, on_error),
     )
 
 

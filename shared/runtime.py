@@ -15,23 +15,21 @@ from typing import Any, TypeVar
 import structlog
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 from nats.micro import add_service
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
+from nats.micro.request import Request
 from nats.micro.service import Service, ServiceConfig
 from pydantic import BaseModel, ValidationError
 
 from shared import __version__
 from shared.bus import NatsUnavailableError, connect, connect_jetstream, resolve_nats_url
-from shared.codec import DecodeError, decode, encode
+from shared.codec import DecodeError, decode, encoding_from_headers
 from shared.config import ConfigurationError, ModelSettings, Settings
 from shared.logging import configure_logging
 from shared.messages import (
-    ErrorCode,
     FetchModelReply,
     FetchModelRequest,
     HostLease,
@@ -42,19 +40,38 @@ from shared.messages import (
     TokenChunk,
 )
 from shared.metrics import METRICS_URL_KEY, start_metrics_server
+from shared.rpc import (
+    FETCH_ENDPOINT,
+    LEASE_RELEASE_ENDPOINT,
+    BadRequest,
+    NoResponders,
+    RpcError,
+    RpcTimeout,
+    call,
+    respond_error,
+)
 from shared.subjects import (
     MODE_KEY,
     PLANS_STREAM,
     PLANS_SUBJECT,
     TOKENS_STREAM,
     admin_bucket,
-    loader_fetch_subject,
-    loader_release_subject,
     srv_subject,
     tokens_subject,
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# A stopping service's NATS connection: how long its drain may take before it is closed.
+DRAIN_TIMEOUT_S = 10.0
+# A loader that is still starting (no responders yet) is asked again this often.
+LOADER_START_POLL_S = 0.5
+# The last try of a model fetch waits at least this long for the loader's answer.
+MIN_FETCH_WAIT_S = 0.1
+# How often a plan follower looks at the stop signal while no plan arrives.
+PLAN_POLL_S = 1.0
+# Bound on the wait for each committed chunk while a request's chunks are read back.
+CHUNK_READ_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -135,7 +152,7 @@ async def _serve(
     finally:
         log.info("service.stopping")
         try:
-            await asyncio.wait_for(nc.drain(), timeout=10.0)
+            await asyncio.wait_for(nc.drain(), timeout=DRAIN_TIMEOUT_S)
         except Exception as exc:  # timeout or a broken connection: close regardless
             log.warning("service.drain_failed", error=repr(exc))
             await nc.close()
@@ -190,28 +207,31 @@ async def fetch_model(context: ServiceContext, host_lease: bool = False) -> Fetc
     settings = context.settings.model
     assert settings.name is not None
     node = node_name(context.settings)
-    deadline = asyncio.get_running_loop().time() + settings.fetch_timeout_s
-    body = encode(FetchModelRequest(model=settings.name, host_lease=host_lease))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.fetch_timeout_s
+    body = FetchModelRequest(model=settings.name, host_lease=host_lease)
     while True:
-        remaining = deadline - asyncio.get_running_loop().time()
+        remaining = deadline - loop.time()
         try:
-            reply = await context.nc.request(
-                loader_fetch_subject(node), body, timeout=max(remaining, 0.1)
+            fetched = await call(
+                context.nc,
+                FETCH_ENDPOINT,
+                body,
+                address=node,
+                timeout_s=max(remaining, MIN_FETCH_WAIT_S),
             )
             break
-        except NoRespondersError:
+        except NoResponders:
             if remaining <= 0:
                 raise ConfigurationError(f"no loader answers on node {node!r}") from None
-            await asyncio.sleep(0.5)  # the loader may still be starting
-        except TimeoutError:
+            await asyncio.sleep(LOADER_START_POLL_S)
+        except RpcTimeout:
             raise ConfigurationError(
                 f"the loader of node {node!r} did not deliver {settings.name!r} within"
                 f" {settings.fetch_timeout_s:.0f} s"
             ) from None
-    headers = reply.headers or {}
-    if ERROR_CODE_HEADER in headers:
-        raise ConfigurationError(f"cannot get model {settings.name!r}: {headers.get(ERROR_HEADER)}")
-    fetched = FetchModelReply.model_validate(decode(reply.data))
+        except RpcError as exc:
+            raise ConfigurationError(f"cannot get model {settings.name!r}: {exc.message}") from None
     context.log.info("model.fetched", model=settings.name, tier=fetched.tier, path=fetched.path)
     return fetched
 
@@ -219,10 +239,10 @@ async def fetch_model(context: ServiceContext, host_lease: bool = False) -> Fetc
 async def release_host_lease(context: ServiceContext, lease: HostLease) -> None:
     """Give a host-pool lease back; if this fails the lease simply expires."""
     node = node_name(context.settings)
-    body = encode(ReleaseLeaseRequest(lease_id=lease.lease_id))
+    body = ReleaseLeaseRequest(lease_id=lease.lease_id)
     try:
-        await context.nc.request(loader_release_subject(node), body, timeout=5.0)
-    except (TimeoutError, NoRespondersError) as exc:
+        await call(context.nc, LEASE_RELEASE_ENDPOINT, body, address=node)
+    except RpcError as exc:
         context.log.warning("lease.release_failed", lease_id=lease.lease_id, error=repr(exc))
 
 
@@ -251,11 +271,13 @@ def registration_only(description: str) -> ServiceBody:
 
 
 async def parse_request(request: Request, model: type[ModelT], what: str) -> ModelT | None:
-    """A nats.micro request's body as ``model``; None after answering 400 when it is not one."""
+    """A raw handler's request body as ``model``, read in the request's encoding; None after
+    answering 400 (through shared.rpc) when it is not one. Typed handlers get their body
+    parsed by their endpoint instead (shared.rpc.add_endpoint)."""
     try:
-        return model.model_validate(decode(request.data))
+        return model.model_validate(decode(request.data, encoding_from_headers(request.headers)))
     except (DecodeError, ValidationError) as exc:
-        await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad {what}: {exc}")
+        await respond_error(request, BadRequest(f"bad {what}: {exc}"))
         return None
 
 
@@ -269,7 +291,7 @@ async def follow_plans(context: ServiceContext, on_plan: Callable[[Plan], Awaita
     try:
         while not context.stop.is_set():
             try:
-                message = await subscription.next_msg(timeout=1.0)
+                message = await subscription.next_msg(timeout=PLAN_POLL_S)
             except TimeoutError:
                 continue
             try:
@@ -301,7 +323,7 @@ async def read_serving_mode(context: ServiceContext) -> ServingMode | None:
 
 
 async def read_committed_chunks(
-    js: JetStreamContext, request_id: str, timeout_s: float = 10.0
+    js: JetStreamContext, request_id: str, timeout_s: float = CHUNK_READ_TIMEOUT_S
 ) -> list[TokenChunk]:
     """A request's committed chunks (the TOKENS stream), in index order; [] when none."""
     subject = tokens_subject(request_id)
@@ -309,7 +331,7 @@ async def read_committed_chunks(
         last = await js.get_last_msg(TOKENS_STREAM, subject)
     except NotFoundError:
         return []
-    count = TokenChunk.model_validate(decode(last.data)).index + 1
+    count = TokenChunk.model_validate(decode(last.data or b"")).index + 1
     subscription = await js.subscribe(
         subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     )

@@ -173,7 +173,7 @@ async def test_loader_leases_models_from_its_host_pool(
     cluster: object, nc: Client, tiny_model_dir: Path
 ) -> None:
     js = nc.jetstream(timeout=60)
-    await push_model(js, tiny_model_dir, "tiny-pooled")
+    await push_model(nc, js, tiny_model_dir, "tiny-pooled")
     node = await loader_node(nc)
     first = await fetch_leased(nc, node, "tiny-pooled")
     assert first.tier == "remote" and first.host is not None
@@ -215,7 +215,7 @@ async def test_loader_refuses_a_corrupt_model_on_its_disk_and_keeps_serving(
         "Nats-Service-Error", ""
     )
     # Nothing of it was handed out, and the loader still serves other models.
-    await push_model(nc.jetstream(timeout=60), models["b"], "tiny-after-corrupt")
+    await push_model(nc, nc.jetstream(timeout=60), models["b"], "tiny-after-corrupt")
     fetched = await fetch_leased(nc, node, "tiny-after-corrupt")
     assert fetched.host is not None
 

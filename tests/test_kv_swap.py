@@ -128,8 +128,12 @@ def make_sequence(
         accepted_at=0.0,
     )  # fmt: skip
     sequence = Sequence(request, message=None, detokenizer=IncrementalDetokenizer(tokenizer, []))  # type: ignore[arg-type]
-    sequence.executor = executor
-    sequence.kv_location = where  # type: ignore[assignment]
+    if executor is not None:
+        sequence.bind_to(executor)
+    if where == "device":
+        sequence.cache_on_device()
+    elif where == "host":
+        sequence.cache_on_host()
     return sequence
 
 
@@ -144,7 +148,7 @@ def test_plan_offloads_the_least_urgent_and_prefetches_the_next(tokenizer: TextT
     h1 = make_sequence(tokenizer, "h1", "x", "host")
     d1, d2, d3 = (make_sequence(tokenizer, f"d{i}", "x", "device") for i in (1, 2, 3))
     h2 = make_sequence(tokenizer, "h2", "x", "host")
-    n1.executor = "x"  # bound by schedule()
+    n1.bind_to("x")  # bound by schedule()
     plan = plan_memory(view, [n1, h1], [n1, h1, d1, d2, d3, h2])
     # Two slots needed, none free: the two least urgent resident ones leave.
     assert names(plan.offload) == ["d3", "d2"]

@@ -16,9 +16,9 @@ import pytest
 from loadgen.traces import (
     MAX_BACKSTEP_MS,
     Arrival,
-    FleetEvent,
     FleetTrace,
     TraceError,
+    TraceEvent,
     arrivals_from_spec,
     read_fleet_trace,
     scale_lengths,
@@ -399,11 +399,11 @@ FLEET_JSONL = """\
 def test_fleet_csv(tmp_path: Path) -> None:
     trace = read_fleet_trace(write(tmp_path, "fleet.csv", FLEET_CSV))
     assert trace.events == [
-        FleetEvent(0.0, "add", "node1"),
-        FleetEvent(60.0, "add", "node2"),
-        FleetEvent(120.0, "add", "node3"),
-        FleetEvent(120.0, "remove", "node1"),
-        FleetEvent(180.0, "add", "node1"),  # back after its removal
+        TraceEvent(0.0, "add", "node1"),
+        TraceEvent(60.0, "add", "node2"),
+        TraceEvent(120.0, "add", "node3"),
+        TraceEvent(120.0, "remove", "node1"),
+        TraceEvent(180.0, "add", "node1"),  # back after its removal
     ]
     assert trace.duration_s == 180.0
     assert trace.initial_nodes == ["node1"]
@@ -415,12 +415,12 @@ def test_fleet_jsonl(tmp_path: Path) -> None:
     trace = read_fleet_trace(str(write(tmp_path, "fleet.jsonl", FLEET_JSONL)))
     assert trace == FleetTrace(
         events=[
-            FleetEvent(0.0, "add", "node-0"),
-            FleetEvent(0.0, "add", "node-1"),
-            FleetEvent(0.0, "add", "node-2"),
-            FleetEvent(120.0, "add", "node-3"),
-            FleetEvent(600.0, "remove", "node-1", required_rps=0.6),
-            FleetEvent(600.0, "remove", "node-3", required_rps=0.6),
+            TraceEvent(0.0, "add", "node-0"),
+            TraceEvent(0.0, "add", "node-1"),
+            TraceEvent(0.0, "add", "node-2"),
+            TraceEvent(120.0, "add", "node-3"),
+            TraceEvent(600.0, "remove", "node-1", required_rps=0.6),
+            TraceEvent(600.0, "remove", "node-3", required_rps=0.6),
         ],
         duration_s=1140.0,  # the DONE event, not the last add/remove
         initial_nodes=["node-0", "node-1", "node-2"],
@@ -442,7 +442,7 @@ def test_fleet_small_backsteps_are_sorted(tmp_path: Path) -> None:
 
 def test_fleet_times_relative_to_the_earliest_event(tmp_path: Path) -> None:
     trace = read_fleet_trace(write(tmp_path, "late.csv", "10500,add,b\n10000,add,a\n"))
-    assert trace.events == [FleetEvent(0.0, "add", "a"), FleetEvent(0.5, "add", "b")]
+    assert trace.events == [TraceEvent(0.0, "add", "a"), TraceEvent(0.5, "add", "b")]
     assert trace.initial_nodes == ["a"]
 
 

@@ -348,7 +348,7 @@ def test_requeue_executor_unbinds_its_jobs_in_place(policy: SkipJoinMlfqPolicy, 
     assert ids_of(batch) == ["j1", "j3", "j2"]
     for sequence in batch:
         sequence.cached_tokens = len(sequence.request.prompt_token_ids)
-        sequence.kv_location = "device"
+        sequence.cache_on_device()
     before = policy.snapshot()
     lost = policy.requeue_executor("a")
     assert ids_of(lost) == ["j1", "j3", "j2"]  # most urgent first

@@ -56,7 +56,7 @@ async def test_push_then_fetch_from_remote_then_local(
     cluster: object, nc: Client, tiny_model_dir: Path
 ) -> None:
     js = nc.jetstream(timeout=60)
-    sent = await push_model(js, tiny_model_dir, "tiny-pushed")
+    sent = await push_model(nc, js, tiny_model_dir, "tiny-pushed")
     assert sent > 20_000_000
     node = await loader_node(nc)
     first, error = await fetch(nc, node, "tiny-pushed")
@@ -113,7 +113,9 @@ def remote_model_cluster(
         async def run() -> None:
             client = await connect(nats_url, NatsSettings(), name="push", deadline_s=10)
             try:
-                await push_model(client.jetstream(timeout=60), tiny_model_dir, "tiny-remote")
+                await push_model(
+                    client, client.jetstream(timeout=60), tiny_model_dir, "tiny-remote"
+                )
             finally:
                 await client.close()
 
@@ -176,7 +178,7 @@ async def test_objects_interoperate_with_stock_nats_py(
     nats-py's ObjectStore.put writes (128 KiB chunks), pull_model reads."""
     js = nc.jetstream(timeout=60)
     bucket = await models_bucket(js)
-    await push_model(js, converted_tiny, "tiny-interop")
+    await push_model(nc, js, converted_tiny, "tiny-interop")
     files = await asyncio.to_thread(file_bytes, converted_tiny)
     for file, data in files.items():
         result = await bucket.get(f"tiny-interop/{file}")  # checks the SHA-256 digest
@@ -189,7 +191,7 @@ async def test_objects_interoperate_with_stock_nats_py(
         await bucket.put(f"tiny-stock/{file}", data)
     stock = await bucket.get_info("tiny-stock/part-00000.bin")
     assert stock.options is not None and stock.options.max_chunk_size == OBJ_DEFAULT_CHUNK_SIZE
-    pulled = await pull_model(js, "tiny-stock", tmp_path / "tiny-stock")
+    pulled = await pull_model(nc, js, "tiny-stock", tmp_path / "tiny-stock")
     assert await asyncio.to_thread(file_bytes, pulled) == files
 
 
@@ -204,7 +206,7 @@ async def test_damaged_remote_model_is_a_checkpoint_error(
     if damage == "corrupt at the source":
         # The bytes stored are the bytes pushed (the digest holds), but not what the index says.
         source = await asyncio.to_thread(damaged_copy, converted_tiny, tmp_path / "source")
-    await push_model(js, source, name)
+    await push_model(nc, js, source, name)
     info = await bucket.get_info(f"{name}/part-00000.bin")
     stream = f"OBJ_{MODELS_BUCKET}"
     chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=MODELS_BUCKET, obj=info.nuid)
@@ -225,7 +227,7 @@ async def test_damaged_remote_model_is_a_checkpoint_error(
         expected = "does not match the index"
     destination = tmp_path / "node" / name
     with pytest.raises(CheckpointError, match=expected):
-        await pull_model(js, name, destination)
+        await pull_model(nc, js, name, destination)
     # Nothing at the destination, no staging directory left behind.
     assert await asyncio.to_thread(lambda: list(destination.parent.iterdir())) == []
 
@@ -235,7 +237,7 @@ async def test_pull_resumes_after_its_consumer_vanishes(
 ) -> None:
     """Like nats-py's ordered consumer after a gap: a new consumer from the last chunk held."""
     js = nc.jetstream(timeout=60)
-    await push_model(js, converted_tiny, "tiny-resume")
+    await push_model(nc, js, converted_tiny, "tiny-resume")
     info = await (await models_bucket(js)).get_info("tiny-resume/part-00000.bin")
     chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=MODELS_BUCKET, obj=info.nuid)
     # A slow disk and a small window: the pull of the partition lasts long enough to interrupt.
@@ -255,7 +257,7 @@ async def test_pull_resumes_after_its_consumer_vanishes(
         await attempt(pull)
 
     monkeypatch.setattr(store._ObjectPull, "_attempt", counted_attempt)
-    pull = asyncio.create_task(pull_model(js, "tiny-resume", tmp_path / "tiny-resume"))
+    pull = asyncio.create_task(pull_model(nc, js, "tiny-resume", tmp_path / "tiny-resume"))
     stream = f"OBJ_{MODELS_BUCKET}"
     deleted = False
     async with asyncio.timeout(30):

@@ -32,7 +32,7 @@ from services.planner.mapping import (
 )
 from services.planner.migration import KvMove, plan_migration
 from services.planner.policy import DyingInstance, FleetView, SpotServePolicy
-from services.planner.policy import PlannerSettings as PolicySettings
+from shared.config import PlannerSettings as PolicySettings
 from shared.messages import DeviceRole, InstanceRecord, ParallelConfig, Transfer
 from shared.model.profile import ParallelProfile
 
@@ -102,7 +102,7 @@ def test_gpipe_prefill_charges_every_micro_batch() -> None:
     profile = t4("20b")
     design = estimate(profile, 1, 4, 4, INPUT, OUTPUT)
     gpipe = estimate(profile, 1, 4, 4, INPUT, OUTPUT, gpipe_prefill=True)
-    # DESIGN.md's t1 with P = 1 and m1 = B is one sequence's prefill; GPipe's is all four.
+    # docs/design.md's t1 with P = 1 and m1 = B is one sequence's prefill; GPipe's is all four.
     assert design.prefill_s == pytest.approx(profile.prefill_layer_s(4, 1) * 44)
     assert gpipe.prefill_s == pytest.approx(profile.prefill_layer_s(4, 4) * 44)
 

@@ -27,7 +27,6 @@ import torch
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
-from shared import transfer
 from shared.codec import decode, encode
 from shared.config import LogSettings
 from shared.logging import configure_logging
@@ -49,6 +48,7 @@ from shared.transfer import (
     TransferTimeoutError,
     send_tensors,
 )
+from shared.transfer import receiver as transfer
 from tests.helpers import eventually
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,8 +346,8 @@ async def test_large_chunks_are_copied_and_checksummed_off_the_event_loop(
 async def test_the_checksum_is_zlib_crc32(nc: Client, nc2: Client) -> None:
     """Checksums computed elsewhere with zlib (``checksums=``) are the ones checked."""
     data = torch.randint(0, 256, (3 * MIB + 17,), dtype=torch.uint8).numpy().tobytes()
-    assert transfer._crc32(data) == zlib.crc32(data)
-    assert transfer._crc32(data[5:], 123456) == zlib.crc32(data[5:], 123456)
+    assert transfer.crc32(data) == zlib.crc32(data)
+    assert transfer.crc32(data[5:], 123456) == zlib.crc32(data[5:], 123456)
     tensors = make_tensors(seed=11, big_mb=3)
     known = {
         name: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

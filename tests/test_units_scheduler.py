@@ -224,7 +224,7 @@ def test_step_input_prefill_decode_and_recompute(
         step = sequence.step_input()
         assert (step.token_ids, step.sample_index) == ([token_id], count)
 
-    sequence.executor = "instance-0"
+    sequence.bind_to("instance-0")
     sequence.lose_cache()
     assert sequence.executor is None
     recompute = sequence.step_input()

@@ -11,7 +11,7 @@ from shared.messages import ErrorCode
 from shared.metrics import DURATION_BUCKETS, with_labels
 
 # A refusal's error code -> the ``outcome`` label.
-OUTCOME_OF_CODE = {
+OUTCOME_OF_CODE: dict[str, str] = {
     ErrorCode.BAD_REQUEST: "bad_request",
     ErrorCode.NOT_FOUND: "not_found",
     ErrorCode.CONFLICT: "conflict",

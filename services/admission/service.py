@@ -2,13 +2,15 @@
 
 A request is answered here only when it is refused (a nats.micro error). An accepted request is
 written to the REQUESTS stream (JetStream acknowledges it: it is durable) and from then on the
-scheduler streams the answer to the request's reply subject.
+scheduler streams the answer to the request's reply subject. ``generate`` is a plain queue
+subscription rather than a nats.micro endpoint because the reply subject is what admission
+persists, and nats.micro's Request does not expose it; ``result`` and ``mode`` are typed
+endpoints of the registered service.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 import uuid
@@ -16,21 +18,21 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
-from nats.micro.request import Request
+from nats.micro.service import DEFAULT_QUEUE_GROUP
 from pydantic import ValidationError
 
 from services.admission import metrics
-from shared.codec import DecodeError, content_type_header, decode, encode, encoding_from_headers
+from shared.codec import DecodeError, decode, encode, encoding_from_headers
 from shared.messages import (
     AcceptedRecord,
     AcceptedRequest,
     ArrivalRate,
-    ErrorCode,
-    ErrorDetail,
-    ErrorReply,
+    Encoding,
     GenerateRequest,
     ModeReply,
     ModeRequest,
@@ -39,37 +41,52 @@ from shared.messages import (
     TokenChunk,
 )
 from shared.model.tokenizer import TextTokenizer
+from shared.rpc import (
+    GENERATE_ENDPOINT,
+    MODE_ENDPOINT,
+    RESULT_ENDPOINT,
+    BadRequest,
+    Conflict,
+    Internal,
+    NotFound,
+    Overloaded,
+    RpcError,
+    TooLarge,
+    Unavailable,
+    add_endpoint,
+    publish_error,
+)
 from shared.runtime import (
     ServiceContext,
-    parse_request,
     read_committed_chunks,
     read_serving_mode,
     resolve_model,
 )
 from shared.subjects import (
-    ADMIN_MODE,
     ARRIVAL_RATE_KEY,
-    GENERATE,
     MODE_KEY,
     REQUESTS_STREAM,
     REQUESTS_SUBJECT,
-    RESULT,
     SCHEDULER_CONSUMER,
     admin_bucket,
     load_bucket,
     requests_bucket,
 )
+from shared.waiting import cancel_and_wait, sleep_unless_stopped, supervised
 
 # Prompts longer than this many characters are tokenized in a worker thread.
 INLINE_TOKENIZE_CHARS = 2_000
 MAX_CONCURRENT_REQUESTS = 256
-
-
-class RequestRefused(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# Tries of the durable write of one request (JetStream de-duplicates a repeated one).
+PERSIST_ATTEMPTS = 2
+# How long a stopping admission waits for the requests it is still accepting.
+DRAIN_TIMEOUT_S = 10.0
+# The result endpoint's refusals -> the lookups' ``outcome`` label.
+LOOKUP_OUTCOME_OF_ERROR: dict[type[RpcError], str] = {
+    BadRequest: "bad_request",
+    NotFound: "not_found",
+    Unavailable: "unavailable",
+}
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -120,8 +137,7 @@ async def publish_arrival_rate(context: ServiceContext, meter: ArrivalMeter) -> 
             await bucket.put(ARRIVAL_RATE_KEY, encode(rate))
         except (TimeoutError, NatsError, JetStreamError) as exc:
             context.log.warning("arrival_rate.publish_failed", error=repr(exc))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(context.stop.wait(), interval)
+        await sleep_unless_stopped(context.stop, interval)
 
 
 class Admission:
@@ -137,8 +153,8 @@ class Admission:
         # queue_poll_s, counted up here in between (so a burst cannot overshoot the bound).
         self.queued = 0
 
-    async def on_generate(self, request: Request) -> None:
-        """nats.micro handler: hand the request to its own task (bounded) and return."""
+    async def on_generate(self, request: Msg) -> None:
+        """Subscription handler: hand the request to its own task (bounded) and return."""
         await self._slots.acquire()
         task = asyncio.create_task(self._handle(request))
         self._tasks.add(task)
@@ -148,7 +164,7 @@ class Admission:
         self._tasks.discard(task)
         self._slots.release()
 
-    async def _handle(self, request: Request) -> None:
+    async def _handle(self, request: Msg) -> None:
         received = time.perf_counter()
         encoding = encoding_from_headers(request.headers)
         request_id = uuid.uuid4().hex
@@ -164,7 +180,7 @@ class Admission:
                 await self._claim(request_id)
                 try:
                     await self._persist(accepted)
-                except RequestRefused:
+                except RpcError:
                     await self._unclaim(request_id)  # nothing accepted: the id stays free
                     raise
             except BaseException:
@@ -180,26 +196,23 @@ class Admission:
                 max_tokens=accepted.max_tokens,
                 stream=accepted.stream,
             )
-        except RequestRefused as refused:
-            log.info("generate.refused", code=str(refused.code), reason=refused.message)
+        except RpcError as refused:
+            log.info("generate.refused", code=refused.code, reason=refused.message)
             metrics.REQUESTS.labels(metrics.OUTCOME_OF_CODE[refused.code]).inc()
-            await self._respond_error(request, refused.code, refused.message, request_id)
+            await self._answer_refusal(request, refused, request_id)
         except Exception as exc:  # a bug must not take the service down
             log.exception("generate.internal_error")
             metrics.REQUESTS.labels("internal").inc()
-            await self._respond_error(
-                request, ErrorCode.INTERNAL, f"internal error: {exc!r}", request_id
-            )
+            await self._answer_refusal(request, Internal(f"internal error: {exc!r}"), request_id)
 
-    async def _accept(self, request: Request, request_id: str, encoding: str) -> AcceptedRequest:
+    async def _accept(self, request: Msg, request_id: str, encoding: Encoding) -> AcceptedRequest:
         if len(request.data) > self.settings.max_request_bytes:
-            raise RequestRefused(
-                ErrorCode.TOO_LARGE,
+            raise TooLarge(
                 f"request body is {len(request.data)} bytes; the limit is"
-                f" {self.settings.max_request_bytes}",
+                f" {self.settings.max_request_bytes}"
             )
-        if not request._msg.reply:
-            raise RequestRefused(ErrorCode.BAD_REQUEST, "request has no reply subject")
+        if not request.reply:
+            raise BadRequest("request has no reply subject")
         body = self._parse(request.data, encoding)
         prompt_token_ids = await self._prompt_tokens(body)
         self._check_context(len(prompt_token_ids), body.max_tokens)
@@ -214,36 +227,32 @@ class Admission:
             stop=body.stop,
             stream=body.stream,
             ignore_eos=body.ignore_eos,
-            reply_subject=request._msg.reply,
-            encoding="json" if encoding == "json" else "msgpack",
+            reply_subject=request.reply,
+            encoding=encoding,
             accepted_at=time.time(),
         )
 
     @staticmethod
-    def _parse(data: bytes, encoding: str) -> GenerateRequest:
+    def _parse(data: bytes, encoding: Encoding) -> GenerateRequest:
         try:
-            raw = decode(data, "json" if encoding == "json" else "msgpack")
+            raw = decode(data, encoding)
         except DecodeError as exc:
-            raise RequestRefused(ErrorCode.BAD_REQUEST, str(exc)) from None
+            raise BadRequest(str(exc)) from None
         if not isinstance(raw, dict):
-            raise RequestRefused(
-                ErrorCode.BAD_REQUEST,
-                f"body must be a map of fields, got {type(raw).__name__}",
-            )
+            raise BadRequest(f"body must be a map of fields, got {type(raw).__name__}")
         try:
             return GenerateRequest.model_validate(raw)
         except ValidationError as exc:
-            raise RequestRefused(ErrorCode.BAD_REQUEST, describe_validation_error(exc)) from None
+            raise BadRequest(describe_validation_error(exc)) from None
 
     async def _prompt_tokens(self, body: GenerateRequest) -> list[int]:
         if body.prompt_token_ids is not None:
             vocab_size = self.tokenizer.vocab_size
             bad = [token for token in body.prompt_token_ids if token >= vocab_size]
             if bad:
-                raise RequestRefused(
-                    ErrorCode.BAD_REQUEST,
+                raise BadRequest(
                     f"prompt_token_ids has ids outside the vocabulary (size {vocab_size}):"
-                    f" {bad[:5]}",
+                    f" {bad[:5]}"
                 )
             return list(body.prompt_token_ids)
         assert body.prompt is not None
@@ -254,26 +263,23 @@ class Admission:
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         context = self.tokenizer.context_length
         if prompt_tokens >= context:
-            raise RequestRefused(
-                ErrorCode.TOO_LARGE,
+            raise TooLarge(
                 f"prompt is {prompt_tokens} tokens; the model's context is {context} tokens"
-                " (prompt plus max_tokens must fit in it)",
+                " (prompt plus max_tokens must fit in it)"
             )
         if prompt_tokens + max_tokens > context:
-            raise RequestRefused(
-                ErrorCode.BAD_REQUEST,
+            raise BadRequest(
                 f"max_tokens {max_tokens} is too large: the prompt is {prompt_tokens} tokens and"
                 f" the model's context is {context}, so max_tokens can be at most"
-                f" {context - prompt_tokens}",
+                f" {context - prompt_tokens}"
             )
 
     def _check_capacity(self) -> None:
         limit = self.settings.max_queued_requests
         if self.queued >= limit:
-            raise RequestRefused(
-                ErrorCode.OVERLOADED,
+            raise Overloaded(
                 f"overloaded: {self.queued} accepted requests are not finished yet (limit"
-                f" {limit}); retry later",
+                f" {limit}); retry later"
             )
 
     async def watch_queue(self) -> None:
@@ -286,8 +292,7 @@ class Admission:
             except (TimeoutError, NatsError, JetStreamError) as exc:
                 # No scheduler consumer yet (nothing queued), or JetStream away: keep counting.
                 self.log.debug("queue.unreadable", error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.context.stop.wait(), self.settings.queue_poll_s)
+            await sleep_unless_stopped(self.context.stop, self.settings.queue_poll_s)
 
     async def _claim(self, request_id: str) -> None:
         """Record the id as accepted; a used one (a client's own id given twice) is refused."""
@@ -295,49 +300,34 @@ class Admission:
             bucket = await requests_bucket(self.context.js)
             await bucket.create(request_id, encode(AcceptedRecord(accepted_at=time.time())))
         except KeyWrongLastSequenceError:
-            raise RequestRefused(
-                ErrorCode.CONFLICT,
-                f"request_id {request_id!r} was already used; give a new one (or none)",
+            raise Conflict(
+                f"request_id {request_id!r} was already used; give a new one (or none)"
             ) from None
         except (TimeoutError, NatsError, JetStreamError) as exc:
-            raise RequestRefused(
-                ErrorCode.UNAVAILABLE, f"could not record the request ({exc!r}); retry later"
-            ) from None
+            raise Unavailable(f"could not record the request ({exc!r}); retry later") from None
 
     async def _unclaim(self, request_id: str) -> None:
-        with contextlib.suppress(TimeoutError, NatsError, JetStreamError):
+        try:
             bucket = await requests_bucket(self.context.js)
             await bucket.delete(request_id)
+        except (TimeoutError, NatsError, JetStreamError) as exc:
+            self.log.debug("generate.unclaim_failed", request_id=request_id, error=repr(exc))
 
-    async def on_result(self, request: Request) -> None:
+    async def on_result(self, command: ResultRequest) -> ResultReply:
         """``spotserve.v1.result``: what is committed of a request, for a client that missed
         part of its stream (a reconnect, a NATS restart: core NATS does not redeliver)."""
-        command = await parse_request(request, ResultRequest, "result request")
-        if command is None:
-            metrics.RESULT_LOOKUPS.labels("bad_request").inc()
-            return
         request_id = command.request_id
         try:
             chunks = await read_committed_chunks(self.context.js, request_id)
             known = bool(chunks) or await self._accepted(request_id)
         except (TimeoutError, NatsError, JetStreamError) as exc:
-            metrics.RESULT_LOOKUPS.labels("unavailable").inc()
-            await request.respond_error(
-                str(ErrorCode.UNAVAILABLE), f"committed tokens unreadable now ({exc!r}); retry"
-            )
-            return
-        metrics.RESULT_LOOKUPS.labels("found" if known else "not_found").inc()
+            raise Unavailable(f"committed tokens unreadable now ({exc!r}); retry") from None
         if not known:
-            await request.respond_error(
-                str(ErrorCode.NOT_FOUND),
-                f"no request {request_id!r} (never accepted, or older than its results are kept)",
+            raise NotFound(
+                f"no request {request_id!r} (never accepted, or older than its results are kept)"
             )
-            return
-        encoding = encoding_from_headers(request.headers)
-        enc = "json" if encoding == "json" else "msgpack"
-        await request.respond(
-            encode(result_of(request_id, chunks), enc), headers=content_type_header(enc)
-        )
+        metrics.RESULT_LOOKUPS.labels("found").inc()
+        return result_of(request_id, chunks)
 
     async def _accepted(self, request_id: str) -> bool:
         bucket = await requests_bucket(self.context.js)
@@ -353,7 +343,7 @@ class Admission:
         # The message id makes a retried publish idempotent (JetStream de-duplicates it).
         headers = {"Nats-Msg-Id": accepted.request_id}
         last_error: Exception | None = None
-        for _attempt in range(2):
+        for _attempt in range(PERSIST_ATTEMPTS):
             try:
                 await self.context.js.publish(
                     REQUESTS_SUBJECT,
@@ -364,34 +354,28 @@ class Admission:
                 return
             except (TimeoutError, NatsError, JetStreamError) as exc:
                 last_error = exc
-        raise RequestRefused(
-            ErrorCode.UNAVAILABLE,
+        raise Unavailable(
             f"could not store the request durably ({last_error!r}); nothing was accepted,"
-            " retry later",
+            " retry later"
         )
 
-    async def _respond_error(
-        self, request: Request, code: ErrorCode, message: str, request_id: str
-    ) -> None:
-        if not request._msg.reply:
-            return
-        encoding = encoding_from_headers(request.headers)
-        # Header values are single lines.
-        message = " ".join(message.split())
-        body = ErrorReply(error=ErrorDetail(code=str(code), message=message, request_id=request_id))
+    async def _answer_refusal(self, request: Msg, error: RpcError, request_id: str) -> None:
+        error.request_id = request_id
         try:
-            await request.respond_error(
-                str(code),
-                message,
-                data=encode(body, encoding),
-                headers=content_type_header(encoding),
-            )
+            await publish_error(self.context.nc, request, error)
         except NatsError as exc:
             self.log.warning("generate.error_reply_failed", error=repr(exc))
 
     async def drain(self) -> None:
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10.0)
+            await asyncio.wait(self._tasks, timeout=DRAIN_TIMEOUT_S)
+
+
+def count_lookup_refusal(error: RpcError) -> None:
+    """The result lookups' metric for a refused lookup (an internal error has no label)."""
+    outcome = LOOKUP_OUTCOME_OF_ERROR.get(type(error))
+    if outcome is not None:
+        metrics.RESULT_LOOKUPS.labels(outcome).inc()
 
 
 def result_of(request_id: str, chunks: list[TokenChunk]) -> ResultReply:
@@ -406,25 +390,28 @@ def result_of(request_id: str, chunks: list[TokenChunk]) -> ResultReply:
     )
 
 
-async def on_mode(context: ServiceContext, request: Request) -> None:
+async def on_mode(context: ServiceContext, command: ModeRequest) -> ModeReply:
     """The serving mode: read it, or set it (the planner's next plan is made under it)."""
-    command = await parse_request(request, ModeRequest, "mode request")
-    if command is None:
-        return
     previous = await read_serving_mode(context)
     if previous is None:
-        await request.respond_error(str(ErrorCode.UNAVAILABLE), "the mode store is unavailable")
-        return
+        raise Unavailable("the mode store is unavailable")
     reply = ModeReply(mode=command.mode or previous, previous=previous)
     if command.mode is not None:
         try:
             bucket = await admin_bucket(context.js)
             await bucket.put(MODE_KEY, encode(reply))
         except (NatsError, JetStreamError, TimeoutError) as exc:
-            await request.respond_error(str(ErrorCode.UNAVAILABLE), f"mode not stored: {exc!r}")
-            return
+            raise Unavailable(f"mode not stored: {exc!r}") from None
         context.log.info("admin.mode", mode=reply.mode, previous=previous)
-    await request.respond(encode(reply))
+    return reply
+
+
+async def subscribe_generate(context: ServiceContext, admission: Admission) -> Subscription:
+    """``generate`` as a queue subscription in nats.micro's queue group: instances share the
+    requests as endpoints do, and each handler sees the request's reply subject."""
+    return await context.nc.subscribe(
+        GENERATE_ENDPOINT.subject_for(), queue=DEFAULT_QUEUE_GROUP, cb=admission.on_generate
+    )
 
 
 async def serve(context: ServiceContext) -> None:
@@ -437,12 +424,19 @@ async def serve(context: ServiceContext) -> None:
         "Validates generate requests and persists them to JetStream",
         metadata={"model": str(model_dir), "context_length": str(tokenizer.context_length)},
     )
-    await service.add_endpoint(name="generate", subject=GENERATE, handler=admission.on_generate)
-    await service.add_endpoint(name="result", subject=RESULT, handler=admission.on_result)
-    queue = asyncio.create_task(admission.watch_queue(), name="queue")
-    await service.add_endpoint(name="mode", subject=ADMIN_MODE, handler=partial(on_mode, context))
-    context.log.info("admission.ready", subject=GENERATE, model=str(model_dir))
+    generate = await subscribe_generate(context, admission)
+    await add_endpoint(
+        service,
+        RESULT_ENDPOINT,
+        admission.on_result,
+        logger=context.log,
+        on_error=count_lookup_refusal,
+    )
+    queue = supervised(admission.watch_queue(), "queue", context.log)
+    await add_endpoint(service, MODE_ENDPOINT, partial(on_mode, context), logger=context.log)
+    context.log.info("admission.ready", subject=generate.subject, model=str(model_dir))
     await publish_arrival_rate(context, admission.meter)
-    queue.cancel()
+    await cancel_and_wait([queue])
+    await generate.unsubscribe()
     await service.stop()
     await admission.drain()

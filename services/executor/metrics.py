@@ -114,3 +114,19 @@ def _or_nan(read: Callable[[], float]) -> Callable[[], float]:
             return math.nan
 
     return guarded
+
+
+def observe_step(compute_s: float, tokens: int) -> None:
+    """A step answered: its time and the tokens it sampled."""
+    STEPS.labels("ok").inc()
+    STEP_SECONDS.observe(compute_s)
+    SAMPLED_TOKENS.inc(tokens)
+
+
+def observe_transfer(kind: str, direction: str, nbytes: int) -> None:
+    TRANSFERS.labels(kind, direction).inc()
+    TRANSFER_BYTES.labels(kind, direction).inc(nbytes)
+
+
+def transfer_failed(kind: str, direction: str) -> None:
+    TRANSFER_FAILURES.labels(kind, direction).inc()

@@ -14,55 +14,34 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.multiprocessing as mp
 
-from shared.loading.format import Layers
 from shared.model.engine import Engine, EngineError, SequenceStep, StageBatch, StageResult
-from shared.model.parallel import TensorParallel, free_port, init_tensor_parallel
+from shared.model.llama import WeightsSource
+from shared.model.parallel import free_port, init_tensor_parallel
+from shared.model.spec import EngineSpec
+
+__all__ = ["EngineSpec", "RankFailedError", "ShardedEngine"]
+
+_T = TypeVar("_T")
 
 # A worker that does not answer a call within this long is taken for dead.
 CALL_TIMEOUT_S = 600.0
+# A worker builds its engine (reads its shards) within this long.
 READY_TIMEOUT_S = 600.0
+# How often an idle worker checks that rank 0 is still alive.
+WORKER_POLL_S = 1.0
+# Workers get this long to stop after being told to; then they are killed.
+STOP_TIMEOUT_S = 10.0
 
 
 class RankFailedError(RuntimeError):
     """A worker rank died or failed where rank 0 did not: the instance can no longer serve."""
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How every rank builds its engine (picklable: it crosses to the worker processes)."""
-
-    model_dir: Path
-    device: str | None
-    max_slots: int
-    max_seq_len: int | None
-    host_slots: int
-    layers: Layers | None = None
-    torch_threads: int | None = None
-
-    def rank_device(self, rank: int) -> str | None:
-        """Rank r on the r-th GPU; all ranks on the CPU otherwise."""
-        if (self.device is None and torch.cuda.is_available()) or self.device == "cuda":
-            return f"cuda:{rank}"
-        return self.device
-
-    def build(self, tp: TensorParallel | None) -> Engine:
-        return Engine(
-            self.model_dir,
-            device=self.rank_device(tp.rank if tp else 0),
-            max_slots=self.max_slots,
-            max_seq_len=self.max_seq_len,
-            host_slots=self.host_slots,
-            layers=self.layers,
-            tp=tp,
-        )
 
 
 def backend_for(spec: EngineSpec) -> str:
@@ -84,10 +63,10 @@ def _worker_main(
     tp = init_tensor_parallel(rank, world_size, init_method, backend_for(spec))
     parent = os.getppid()
     try:
-        engine = spec.build(tp)
+        engine = Engine.from_spec(spec, tp)
         conn.send(("ready", None))
         while True:
-            if not conn.poll(1.0):
+            if not conn.poll(WORKER_POLL_S):
                 if os.getppid() != parent:  # rank 0 was killed: nothing left to serve
                     return
                 continue
@@ -99,7 +78,7 @@ def _worker_main(
                 return
             try:
                 if method == "rebuild":
-                    engine = args[0].build(tp)
+                    engine = Engine.from_spec(args[0], tp)
                     result: Any = None
                 else:
                     result = _run_call(engine, method, args, rank, world_size)
@@ -159,7 +138,7 @@ class ShardedEngine:
             self.processes.append(process)
         torch.set_num_threads(threads_per_rank(spec, world_size))
         self.tp = init_tensor_parallel(0, world_size, init_method, backend_for(spec))
-        self.local = spec.build(self.tp)
+        self.local = Engine.from_spec(spec, self.tp)
         for rank, conn in enumerate(self._conns, start=1):
             if self._answer(rank, conn, start_timeout_s)[0] != "ready":
                 raise RankFailedError(f"tensor-parallel rank {rank} did not start")
@@ -177,6 +156,15 @@ class ShardedEngine:
     @property
     def layers(self) -> tuple[int, int]:
         return self.local.layers
+
+    @property
+    def n_layers(self) -> int:
+        return self.local.n_layers
+
+    @property
+    def can_send_weights(self) -> bool:
+        """Shards here: every rank reads its part of a new stage from the node's disk."""
+        return False
 
     @property
     def is_first_stage(self) -> bool:
@@ -199,6 +187,12 @@ class ShardedEngine:
     def sequence_length(self, request_id: str) -> int:
         return self.local.sequence_length(request_id)
 
+    def held_layers(self) -> set[int]:
+        return self.local.held_layers()
+
+    def checkpoint_tensors(self, layers: list[int]) -> dict[str, torch.Tensor]:
+        raise EngineError("tensor-parallel shards here: read the layers from disk")
+
     # -- calls on every rank ----------------------------------------------------------------
 
     def step(self, seqs: list[SequenceStep]) -> dict[str, int]:
@@ -207,7 +201,7 @@ class ShardedEngine:
     def run_stage(self, batch: StageBatch) -> StageResult:
         return self._everywhere("run_stage", (batch,), lambda: self.local.run_stage(batch))
 
-    def release(self, request_ids: list[str]) -> None:
+    def release(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)
         self._everywhere("release", (ids,), lambda: self.local.release(ids))
 
@@ -245,12 +239,15 @@ class ShardedEngine:
             lambda: self.local.import_kv(request_id, length, rank_shard(tensors, 0, world), into),
         )
 
-    def rebuild(self, spec: EngineSpec) -> None:
+    def rebuild(self, spec: EngineSpec, weights: WeightsSource | None = None) -> ShardedEngine:
         """Every rank builds a new engine (another layer range) from the node's disk copy."""
+        if weights is not None:
+            raise ValueError("tensor-parallel ranks read their shards from disk, not weights")
         self._everywhere("rebuild", (spec,), lambda: self._rebuild_here(spec))
+        return self
 
     def _rebuild_here(self, spec: EngineSpec) -> None:
-        self.local = spec.build(self.tp)
+        self.local = Engine.from_spec(spec, self.tp)
         self.spec = spec
 
     def dead_ranks(self) -> list[int]:
@@ -262,7 +259,7 @@ class ShardedEngine:
                 conn.send(("stop", ()))
             except OSError:
                 pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
@@ -271,7 +268,7 @@ class ShardedEngine:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _everywhere(self, method: str, args: tuple[Any, ...], local: Any) -> Any:
+    def _everywhere(self, method: str, args: tuple[Any, ...], local: Callable[[], _T]) -> _T:
         """Send the call to every worker, run it here, then wait for the workers' answers. A
         call rank 0 refuses is refused the same way everywhere (the checks are the same); a
         worker that refuses what rank 0 did means the ranks no longer agree."""

@@ -8,7 +8,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,7 +66,9 @@ def create_app(state: GatewayState) -> FastAPI:
     _add_error_handlers(app)
 
     @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable[..., Any]) -> Response:
+    async def check_api_key(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         if state.api_key is not None and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), state.api_key.encode()):
@@ -77,7 +79,9 @@ def create_app(state: GatewayState) -> FastAPI:
         return await call_next(request)
 
     @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[..., Any]) -> Response:
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         response: Response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "other")
@@ -407,7 +411,7 @@ async def _prepend(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncGene
         await rest.aclose()  # `async for` leaves an abandoned generator open
 
 
-async def _first_events(events: AsyncIterator[ChoiceEvent], count: int) -> list[ChoiceEvent]:
+async def _first_events(events: AsyncGenerator[ChoiceEvent, None], count: int) -> list[ChoiceEvent]:
     first: list[ChoiceEvent] = []
     waiting = set(range(count))
     while waiting:
@@ -420,7 +424,7 @@ async def _first_events(events: AsyncIterator[ChoiceEvent], count: int) -> list[
 
 
 async def _collect(
-    first: list[ChoiceEvent], events: AsyncIterator[ChoiceEvent], count: int
+    first: list[ChoiceEvent], events: AsyncGenerator[ChoiceEvent, None], count: int
 ) -> list[_Choice]:
     choices = [_Choice() for _ in range(count)]
     for event in first:
@@ -452,7 +456,9 @@ def _usage(specs: list[ChoiceSpec], choices: list[_Choice]) -> dict[str, int]:
     return usage_body(sum(prompts.values()), completion)
 
 
-def _final_body(formatter: _Format, specs: list[ChoiceSpec], choices: list[_Choice]) -> dict:
+def _final_body(
+    formatter: _Format, specs: list[ChoiceSpec], choices: list[_Choice]
+) -> dict[str, Any]:
     return formatter.envelope(
         formatter.object_name,
         choices=[formatter.final_choice(index, choice) for index, choice in enumerate(choices)],
@@ -467,7 +473,7 @@ def _sse_data(payload: dict[str, Any]) -> bytes:
 async def _sse(
     formatter: _Format,
     first: list[ChoiceEvent],
-    events: AsyncIterator[ChoiceEvent],
+    events: AsyncGenerator[ChoiceEvent, None],
     specs: list[ChoiceSpec],
     include_usage: bool,
     release: Callable[[], None],

@@ -6,22 +6,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from pydantic import ValidationError
 
 from services.gateway import metrics
 from shared.client import GenerateError, SpotserveClient
-from shared.codec import decode, encode
 from shared.config import GatewaySettings
-from shared.messages import ErrorCode, FleetStatus, TokenChunk
+from shared.messages import Empty, ErrorCode, TokenChunk
+from shared.rpc import STATUS_ENDPOINT, RpcError, call
 from shared.runtime import discover
-from shared.subjects import FLEET_STATUS, SERVICE_ADMISSION
+from shared.subjects import SERVICE_ADMISSION
 
 # Choices' chunks waiting for the HTTP side (per HTTP request; producers wait when it is full).
 EVENT_QUEUE_SIZE = 256
@@ -185,9 +184,8 @@ class Backend:
 
     async def _read_fleet(self) -> tuple[int | None, int]:
         try:
-            reply = await self.nc.request(FLEET_STATUS, encode({}), timeout=FLEET_STATUS_TIMEOUT_S)
-            status = FleetStatus.model_validate(decode(reply.data))
-        except (TimeoutError, NatsError, ValidationError, ValueError) as exc:
+            status = await call(self.nc, STATUS_ENDPOINT, Empty(), timeout_s=FLEET_STATUS_TIMEOUT_S)
+        except (RpcError, NatsError) as exc:
             structlog.get_logger().debug("gateway.fleet_status_unavailable", error=repr(exc))
             return None, 0
         states = [instance.state for instance in status.instances]
@@ -208,7 +206,7 @@ class Backend:
             return False, exc.message
         return True, "ok"
 
-    async def run_choices(self, specs: list[ChoiceSpec]) -> AsyncIterator[ChoiceEvent]:
+    async def run_choices(self, specs: list[ChoiceSpec]) -> AsyncGenerator[ChoiceEvent, None]:
         """Every choice's chunks as they arrive; an error ends its choice. Closing the iterator
         (the HTTP client went away) stops reading; the requests themselves run to their end."""
         queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue(EVENT_QUEUE_SIZE)

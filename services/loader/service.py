@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from pathlib import Path
 
 from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
-from nats.micro.request import Request
-from pydantic import ValidationError
 
 from services.loader import metrics
-from shared.codec import DecodeError, decode, encode
+from shared import rpc
+from shared.codec import encode
 from shared.config import spotserve_home
 from shared.loading.format import CheckpointError, is_converted, read_index
 from shared.loading.hostpool import HostChunkPool, default_pool_dir, host_copy_bps
@@ -33,17 +31,28 @@ from shared.loading.store import (
     remote_model_bytes,
 )
 from shared.messages import (
-    ErrorCode,
     FetchModelReply,
     FetchModelRequest,
     HeldModel,
     HostLease,
+    LeaseReleased,
     LoaderInventory,
     ReleaseLeaseRequest,
     Tier,
 )
-from shared.runtime import ServiceContext, parse_request
-from shared.subjects import loader_fetch_subject, loader_release_subject
+from shared.runtime import ServiceContext, node_name
+
+# A refused fetch -> the fetch errors' ``reason`` label.
+FETCH_REASON_OF_ERROR: dict[type[rpc.RpcError], str] = {
+    rpc.BadRequest: "bad_request",
+    rpc.NotFound: "not_found",
+    rpc.Unavailable: "unavailable",
+}
+
+
+def count_fetch_refusal(error: rpc.RpcError) -> None:
+    reason = FETCH_REASON_OF_ERROR.get(type(error), "internal")
+    metrics.FETCH_ERRORS.labels(reason).inc()
 
 
 class Loader:
@@ -68,14 +77,11 @@ class Loader:
         # Model -> signature of its files when their CRC32s were last checked.
         self._checked: dict[str, tuple[tuple[int, int, int], ...]] = {}
 
-    async def on_fetch(self, request: Request) -> None:
+    async def on_fetch(self, body: FetchModelRequest) -> FetchModelReply:
         try:
-            body = FetchModelRequest.model_validate(decode(request.data))
             name = check_model_name(body.model)
-        except (DecodeError, ValidationError, ValueError) as exc:
-            metrics.FETCH_ERRORS.labels("bad_request").inc()
-            await request.respond_error(str(ErrorCode.BAD_REQUEST), f"bad fetch request: {exc}")
-            return
+        except ValueError as exc:
+            raise rpc.BadRequest(f"bad fetch request: {exc}") from None
         started = time.perf_counter()
         try:
             path, tier = await self._ensure_local(name)
@@ -84,27 +90,15 @@ class Loader:
                 tier, lease = await self._lease_from_pool(name, path, tier)
         except CheckpointError as exc:
             self.log.warning("fetch.failed", model=name, error=str(exc))
-            metrics.FETCH_ERRORS.labels("not_found").inc()
-            await request.respond_error(str(ErrorCode.NOT_FOUND), str(exc))
-            return
+            raise rpc.NotFound(str(exc)) from None
         except RemoteStoreError as exc:
             self.log.warning("fetch.remote_unavailable", model=name, error=str(exc))
-            metrics.FETCH_ERRORS.labels("unavailable").inc()
-            await request.respond_error(
-                str(ErrorCode.UNAVAILABLE), f"the remote store did not deliver: {exc}; retry later"
-            )
-            return
-        except Exception as exc:
-            self.log.exception("fetch.error", model=name)
-            metrics.FETCH_ERRORS.labels("internal").inc()
-            await request.respond_error(str(ErrorCode.INTERNAL), f"fetch failed: {exc!r}")
-            return
+            raise rpc.Unavailable(f"the remote store did not deliver: {exc}; retry later") from None
         seconds = time.perf_counter() - started
         metrics.FETCHES.labels(tier).inc()
         metrics.FETCH_SECONDS.labels(tier).observe(seconds)
         self.log.info("fetch.done", model=name, tier=tier, seconds=round(seconds, 3))
-        reply = FetchModelReply(model=name, path=str(path), tier=tier, seconds=seconds, host=lease)
-        await request.respond(encode(reply))
+        return FetchModelReply(model=name, path=str(path), tier=tier, seconds=seconds, host=lease)
 
     async def _lease_from_pool(
         self, name: str, path: Path, tier: Tier
@@ -139,12 +133,8 @@ class Loader:
             metrics.HOST_LEASES.inc()
             return tier, lease
 
-    async def on_release(self, request: Request) -> None:
-        body = await parse_request(request, ReleaseLeaseRequest, "release request")
-        if body is None:
-            return
-        released = self.pool is not None and self.pool.release(body.lease_id)
-        await request.respond(encode({"released": released}))
+    async def on_release(self, body: ReleaseLeaseRequest) -> LeaseReleased:
+        return LeaseReleased(released=self.pool is not None and self.pool.release(body.lease_id))
 
     async def _ensure_local(self, name: str) -> tuple[Path, Tier]:
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -153,10 +143,11 @@ class Loader:
             if await asyncio.to_thread(is_converted, path):
                 return path, "local-disk"
             started = time.perf_counter()
-            self._pulls[name] = (started, await remote_model_bytes(self.context.js, name))
+            nc, js = self.context.nc, self.context.js
+            self._pulls[name] = (started, await remote_model_bytes(js, name))
             await self.publish_inventory()
             try:
-                await pull_model(self.context.js, name, path)
+                await pull_model(nc, js, name, path)
             finally:
                 self._pulls.pop(name, None)
             # The pull checked every partition.
@@ -251,7 +242,7 @@ def _disk_read_bps(models_dir: Path, nbytes: int = 64 * 1024 * 1024) -> float:
 
 async def serve(context: ServiceContext) -> None:
     settings = context.settings.loader
-    node = settings.node or socket.gethostname().split(".")[0]
+    node = node_name(context.settings)
     models_dir = settings.models_dir or spotserve_home() / "checkpoints"
     pool = None
     if settings.host_pool_bytes:
@@ -278,11 +269,16 @@ async def serve(context: ServiceContext) -> None:
             "host_pool": str(pool.path) if pool else "",
         },
     )
-    await service.add_endpoint(
-        name="fetch", subject=loader_fetch_subject(node), handler=loader.on_fetch
+    await rpc.add_endpoint(
+        service,
+        rpc.FETCH_ENDPOINT,
+        loader.on_fetch,
+        address=node,
+        logger=loader.log,
+        on_error=count_fetch_refusal,
     )
-    await service.add_endpoint(
-        name="release", subject=loader_release_subject(node), handler=loader.on_release
+    await rpc.add_endpoint(
+        service, rpc.LEASE_RELEASE_ENDPOINT, loader.on_release, address=node, logger=loader.log
     )
     await loader.measure_disk()
     await loader.publish_inventory()

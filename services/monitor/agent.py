@@ -15,9 +15,8 @@ import time
 
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from services.monitor import metrics
 from services.monitor.cloud import (
@@ -27,11 +26,21 @@ from services.monitor.cloud import (
     MetadataUnreachableError,
     make_adapter,
 )
-from shared.codec import DecodeError, decode, encode
+from shared.codec import encode
 from shared.config import ConfigurationError
-from shared.messages import NOTICE_OUTCOME_HEADER, ErrorCode, FleetEvent, PreemptNotice
+from shared.messages import NOTICE_OUTCOME_HEADER, FleetEvent, PreemptNotice
+from shared.rpc import (
+    NOTICE_ENDPOINT,
+    BadRequest,
+    NoResponders,
+    NotFound,
+    RpcError,
+    RpcTimeout,
+    raise_for_error,
+    request_raw,
+)
 from shared.runtime import ServiceContext
-from shared.subjects import FLEET_NOTICE
+from shared.waiting import sleep_unless_stopped
 
 MAX_GRACE_S = 3600.0
 
@@ -84,46 +93,51 @@ class NoticeAgent:
         )
         log = self.log.bind(notice=notice.key, action=notice.action, grace_s=round(grace_s, 3))
         try:
-            reply = await self.nc.request(
-                FLEET_NOTICE, encode(body), timeout=self.request_timeout_s
-            )
-        except (NoRespondersError, TimeoutError, NatsError) as exc:
+            reply = await self._request(body)
+        except (NoResponders, RpcTimeout, NatsError) as exc:
             metrics.AGENT_NOTICES.labels("undelivered").inc()
             log.warning("agent.notice_not_delivered", error=repr(exc))
             return
-        headers = reply.headers or {}
-        code = headers.get(ERROR_CODE_HEADER)
-        if code == str(ErrorCode.NOT_FOUND):
+        except NotFound as exc:
             # The instance may not have registered yet: try again at the next poll.
             metrics.AGENT_NOTICES.labels("unknown_instance").inc()
-            log.warning("agent.instance_unknown", error=headers.get(ERROR_HEADER))
+            log.warning("agent.instance_unknown", error=exc.message)
             return
-        if code is not None:
+        except RpcError as exc:
             metrics.AGENT_NOTICES.labels("refused").inc()
-            log.error("agent.notice_refused", code=code, error=headers.get(ERROR_HEADER))
-            if code == str(ErrorCode.BAD_REQUEST):
+            log.error("agent.notice_refused", code=exc.code, error=exc.message)
+            if isinstance(exc, BadRequest):
                 self.sent.add(notice.key)  # it will not get better
             return
         self.sent.add(notice.key)
         metrics.AGENT_NOTICES.labels("accepted").inc()
-        try:
-            event = FleetEvent.model_validate(decode(reply.data))
-        except (DecodeError, ValueError):
-            event = None
+        event = _event_of(reply)
         log.info(
             "agent.notice_sent",
-            outcome=headers.get(NOTICE_OUTCOME_HEADER),
+            outcome=(reply.headers or {}).get(NOTICE_OUTCOME_HEADER),
             deadline=event.deadline if event else None,
         )
+
+    async def _request(self, body: PreemptNotice) -> Msg:
+        """The monitor's answer (its outcome header is read too, so not through ``call``)."""
+        subject = NOTICE_ENDPOINT.subject_for()
+        reply = await request_raw(self.nc, subject, encode(body), self.request_timeout_s)
+        raise_for_error(reply)
+        return reply
 
     async def run(self, stop: asyncio.Event, poll_s: float) -> None:
         self.log.info("agent.started", poll_s=poll_s)
         while not stop.is_set():
             await self.poll_once()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=poll_s)
-            except TimeoutError:
-                pass
+            await sleep_unless_stopped(stop, poll_s)
+
+
+def _event_of(reply: Msg) -> FleetEvent | None:
+    """The event the monitor answered with; None when unreadable (it is only logged)."""
+    try:
+        return NOTICE_ENDPOINT.parse_reply(reply.data)
+    except RpcError:
+        return None
 
 
 async def serve_agent(context: ServiceContext) -> None:

@@ -61,15 +61,14 @@ from pydantic import ValidationError
 from services.monitor import metrics
 from shared.bus import resolve_nats_url
 from shared.cluster import die_with_parent
-from shared.codec import DecodeError, decode, encode, encoding_from_headers
+from shared.codec import DecodeError, content_type_header, decode, encode, encoding_from_headers
 from shared.config import spotserve_home
 from shared.messages import (
     NOTICE_OUTCOME_HEADER,
     AddInstancesReply,
     AddInstancesRequest,
-    ErrorCode,
-    ErrorDetail,
-    ErrorReply,
+    Empty,
+    Encoding,
     FleetEvent,
     FleetEventKind,
     FleetStatus,
@@ -77,25 +76,38 @@ from shared.messages import (
     InstanceStatus,
     PreemptNotice,
 )
+from shared.rpc import (
+    ADD_ENDPOINT,
+    NOTICE_ENDPOINT,
+    STATUS_ENDPOINT,
+    BadRequest,
+    Internal,
+    NotFound,
+    RpcError,
+    Unavailable,
+    add_endpoint,
+    add_raw_endpoint,
+    respond_error,
+)
 from shared.runtime import ServiceContext, node_name
 from shared.subjects import (
-    FLEET_ADD,
-    FLEET_NOTICE,
-    FLEET_STATUS,
     FLEET_STREAM,
     FLEET_SUBJECT_PREFIX,
     fleet_event_subject,
     instances_bucket,
 )
+from shared.waiting import backoff_delays, cancel_and_wait, supervised, wait_until
 
 MSG_ID_HEADER = "Nats-Msg-Id"
-
-
-class FleetError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# Bound on the wait for each stored event while the monitor rebuilds its state at start.
+REBUILD_EVENT_TIMEOUT_S = 10.0
+# A SIGKILLed process that is not our child: how long to watch for its end, and how often.
+KILL_WAIT_S = 10.0
+KILL_POLL_S = 0.02
+# How long a stopped or killed child process may take to exit before it is killed.
+STOP_PROCESS_TIMEOUT_S = 20.0
+# Children still running when the monitor stops: terminated, then killed after this long.
+SHUTDOWN_PROCESS_TIMEOUT_S = 10.0
 
 
 def incarnation(record: InstanceRecord) -> str:
@@ -189,7 +201,7 @@ class Monitor:
 
         ``retry``: keep trying until it is stored (the change must not be lost); else one try,
         and the caller answers 503."""
-        delay = 0.5
+        delays = backoff_delays()
         while True:
             try:
                 ack = await self.context.js.publish(
@@ -201,12 +213,9 @@ class Monitor:
                 break
             except (NatsError, TimeoutError) as exc:
                 if not retry:
-                    raise FleetError(
-                        ErrorCode.UNAVAILABLE, f"JetStream did not take the event: {exc!r}"
-                    ) from None
+                    raise Unavailable(f"JetStream did not take the event: {exc!r}") from None
                 self.log.warning("fleet.publish_retry", kind=kind, msg_id=msg_id, error=repr(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(next(delays))
         metrics.FLEET_EVENTS.labels(kind).inc()
         if ack.duplicate:
             # An earlier try was stored after all: that stored event is the truth.
@@ -272,7 +281,7 @@ class Monitor:
         )
         try:
             while True:
-                message = await subscription.next_msg(timeout=10.0)
+                message = await subscription.next_msg(timeout=REBUILD_EVENT_TIMEOUT_S)
                 try:
                     events.append(FleetEvent.model_validate(decode(message.data)))
                 except (DecodeError, ValidationError) as exc:
@@ -330,8 +339,8 @@ class Monitor:
             preempting=sorted(k for k, t in self.instances.items() if t.notice is not None),
         )
         self._tasks = [
-            asyncio.create_task(self._pump()),
-            asyncio.create_task(self._registry_loop()),
+            supervised(self._pump(), "registry-pump", self.log),
+            supervised(self._registry_loop(), "registry-loop", self.log),
         ]
 
     def _record(self, entry: KeyValue.Entry) -> InstanceRecord | None:
@@ -445,9 +454,7 @@ class Monitor:
                 self._lock.acquire(), timeout=self.context.settings.nats.request_timeout_s
             )
         except TimeoutError:
-            raise FleetError(
-                ErrorCode.UNAVAILABLE, "the monitor is busy (is JetStream reachable?); retry"
-            ) from None
+            raise Unavailable("the monitor is busy (is JetStream reachable?); retry") from None
         try:
             yield
         finally:
@@ -467,10 +474,7 @@ class Monitor:
             tracked = self.instances.get(notice.instance_id)
             if tracked is None:
                 known = ", ".join(sorted(self.instances)) or "none"
-                raise FleetError(
-                    ErrorCode.NOT_FOUND,
-                    f"unknown instance {notice.instance_id!r} (registered: {known})",
-                )
+                raise NotFound(f"unknown instance {notice.instance_id!r} (registered: {known})")
             previous = tracked.notice
             if previous is not None and previous.deadline is not None:
                 if deadline >= previous.deadline - self.settings.deadline_update_min_s:
@@ -548,13 +552,14 @@ class Monitor:
         except ProcessLookupError:
             return
         # Not our child: its parent reaps it; dead (or a zombie) is enough.
-        give_up = self.loop.time() + 10.0
-        while self.loop.time() < give_up:
-            state = _proc_state(record.pid) if sys.platform.startswith("linux") else None
-            if state is None or state[0] in ("Z", "X"):
-                return
-            await asyncio.sleep(0.02)
-        log.error("local.sigkill_not_dead")
+        pid = record.pid
+
+        async def dead() -> bool:
+            state = _proc_state(pid) if sys.platform.startswith("linux") else None
+            return state is None or state[0] in ("Z", "X")
+
+        if not await wait_until(dead, KILL_WAIT_S, KILL_POLL_S):
+            log.error("local.sigkill_not_dead")
 
     # -- local provider: adding instances ------------------------------------------------------
 
@@ -563,10 +568,9 @@ class Monitor:
 
     async def add(self, request: AddInstancesRequest) -> list[str]:
         if not self.settings.local_provider:
-            raise FleetError(
-                ErrorCode.UNAVAILABLE,
+            raise Unavailable(
                 "this monitor has no local provider (monitor.local_provider is off):"
-                " add instances through your cloud",
+                " add instances through your cloud"
             )
         added = []
         async with self._locked_for_request():
@@ -611,7 +615,10 @@ class Monitor:
         return Pending(process, self.loop.time(), time.time(), price_class, log_path)
 
     async def _stop_process(
-        self, process: asyncio.subprocess.Process, kill: bool, timeout_s: float = 20.0
+        self,
+        process: asyncio.subprocess.Process,
+        kill: bool,
+        timeout_s: float = STOP_PROCESS_TIMEOUT_S,
     ) -> None:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -648,23 +655,28 @@ class Monitor:
                 tracked.killer.cancel()
         if self._watcher is not None:
             with contextlib.suppress(Exception):
-                await self._watcher.stop()
+                # nats-py leaves KeyWatcher.stop unannotated.
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
         running = [p for p in self.children.values() if p.returncode is None]
         if running:
             self.log.info("fleet.stopping_children", count=len(running))
-        await asyncio.gather(*(self._stop_process(p, kill=False, timeout_s=10.0) for p in running))
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(
+                self._stop_process(p, kill=False, timeout_s=SHUTDOWN_PROCESS_TIMEOUT_S)
+                for p in running
+            )
+        )
+        await cancel_and_wait(self._tasks)
 
 
 # -- endpoints ---------------------------------------------------------------------------------
 
 
-async def _respond_error(request: Request, code: ErrorCode, message: str) -> None:
-    message = " ".join(message.split())  # header values are single lines
-    body = ErrorReply(error=ErrorDetail(code=str(code), message=message))
-    await request.respond_error(
-        str(code), message, data=encode(body, encoding_from_headers(request.headers))
-    )
+def parse_notice(data: bytes, encoding: Encoding) -> PreemptNotice:
+    try:
+        return PreemptNotice.model_validate(decode(data, encoding))
+    except (DecodeError, ValidationError) as exc:
+        raise BadRequest(f"bad preempt notice: {exc}") from None
 
 
 class Endpoints:
@@ -673,56 +685,42 @@ class Endpoints:
         self.log = monitor.log
 
     async def on_notice(self, request: Request) -> None:
+        """A raw endpoint: its reply carries the outcome in a header besides the event."""
         encoding = encoding_from_headers(request.headers)
+        source = "unknown"
         try:
-            notice = PreemptNotice.model_validate(decode(request.data, encoding))
-        except (DecodeError, ValidationError) as exc:
-            metrics.PREEMPT_NOTICES.labels("unknown", "rejected").inc()
-            await _respond_error(request, ErrorCode.BAD_REQUEST, f"bad preempt notice: {exc}")
+            notice = parse_notice(request.data, encoding)
+            source = notice.source
+            outcome, event = await self._apply(notice)
+        except RpcError as exc:
+            metrics.PREEMPT_NOTICES.labels(source, "rejected").inc()
+            await respond_error(request, exc)
             return
-        try:
-            outcome, event = await self.monitor.notice(notice)
-        except FleetError as exc:
-            metrics.PREEMPT_NOTICES.labels(notice.source, "rejected").inc()
-            await _respond_error(request, exc.code, exc.message)
-            return
-        except Exception as exc:  # a bug must not take the monitor down
-            self.log.exception("fleet.notice_failed")
-            metrics.PREEMPT_NOTICES.labels(notice.source, "rejected").inc()
-            await _respond_error(request, ErrorCode.INTERNAL, f"notice failed: {exc!r}")
-            return
-        metrics.PREEMPT_NOTICES.labels(notice.source, outcome).inc()
+        metrics.PREEMPT_NOTICES.labels(source, outcome).inc()
         self.log.info(
             "fleet.notice",
             instance_id=notice.instance_id,
-            source=notice.source,
+            source=source,
             outcome=outcome,
             deadline=event.deadline,
         )
-        await request.respond(encode(event, encoding), headers={NOTICE_OUTCOME_HEADER: outcome})
+        headers = {NOTICE_OUTCOME_HEADER: outcome, **content_type_header(encoding)}
+        await request.respond(encode(event, encoding), headers=headers)
 
-    async def on_add(self, request: Request) -> None:
-        encoding = encoding_from_headers(request.headers)
+    async def _apply(self, notice: PreemptNotice) -> tuple[str, FleetEvent]:
         try:
-            plain = decode(request.data, encoding) if request.data else {}
-            body = AddInstancesRequest.model_validate(plain)
-        except (DecodeError, ValidationError) as exc:
-            await _respond_error(request, ErrorCode.BAD_REQUEST, f"bad add request: {exc}")
-            return
-        try:
-            added = await self.monitor.add(body)
-        except FleetError as exc:
-            await _respond_error(request, exc.code, exc.message)
-            return
-        except Exception as exc:
-            self.log.exception("fleet.add_error")
-            await _respond_error(request, ErrorCode.INTERNAL, f"add failed: {exc!r}")
-            return
-        await request.respond(encode(AddInstancesReply(instance_ids=added), encoding))
+            return await self.monitor.notice(notice)
+        except RpcError:
+            raise
+        except Exception as exc:  # a bug must not take the monitor down
+            self.log.exception("fleet.notice_failed")
+            raise Internal(f"notice failed: {exc!r}") from None
 
-    async def on_status(self, request: Request) -> None:
-        encoding = encoding_from_headers(request.headers)
-        await request.respond(encode(self.monitor.status(), encoding))
+    async def on_add(self, request: AddInstancesRequest) -> AddInstancesReply:
+        return AddInstancesReply(instance_ids=await self.monitor.add(request))
+
+    async def on_status(self, _request: Empty) -> FleetStatus:
+        return self.monitor.status()
 
 
 def observe_instances(monitor: Monitor) -> None:
@@ -757,16 +755,9 @@ async def serve(context: ServiceContext) -> None:
             "local_provider": str(settings.local_provider).lower(),
         },
     )
-    # The "fleet" group: its prefix is the common part of the agreed subjects.
-    prefix = FLEET_NOTICE.rsplit(".", 1)[0]
-    group = service.add_group(name=prefix)
-    for subject, handler in (
-        (FLEET_NOTICE, endpoints.on_notice),
-        (FLEET_ADD, endpoints.on_add),
-        (FLEET_STATUS, endpoints.on_status),
-    ):
-        name = subject.removeprefix(f"{prefix}.")
-        await group.add_endpoint(name=name, subject=name, handler=handler)
+    await add_raw_endpoint(service, NOTICE_ENDPOINT, endpoints.on_notice)
+    await add_endpoint(service, ADD_ENDPOINT, endpoints.on_add, logger=monitor.log)
+    await add_endpoint(service, STATUS_ENDPOINT, endpoints.on_status, logger=monitor.log)
     monitor.log.info("monitor.ready", instances=sorted(monitor.instances))
     try:
         await context.stop.wait()

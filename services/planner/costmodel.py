@@ -1,4 +1,4 @@
-"""SpotServe's cost model and the parallel-configuration search (DESIGN.md, "Parallel
+"""SpotServe's cost model and the parallel-configuration search (docs/design.md, "Parallel
 configuration").
 
 For C = (D, P, M, B), with f = ceil(L/P) layers per stage, m1 | B prefill micro-batches and
@@ -16,10 +16,11 @@ The profile's prefill times (and the prefill send) were measured at ``prefill_to
 tokens; they are scaled linearly to the request's input length (attention's quadratic share is
 ignored).
 
-Note on t1: DESIGN.md's form (SpotServe's artifact, elastic-switch/scheduler/parallel/solver.py,
+Note on t1: docs/design.md's form (the SpotServe artifact's
+elastic-switch/scheduler/parallel/solver.py
 computes the same) divides by m1, so with P = 1 and m1 = B it charges one sequence's prefill
 for the whole batch: micro-batching looks free. ``gpipe_prefill=True`` drops that division (B/m1
-sequences per slot, P + m1 - 1 slots: the GPipe schedule). The default is DESIGN.md's form.
+sequences per slot, P + m1 - 1 slots: the GPipe schedule). The default is docs/design.md's form.
 
 Continuous batching (``continuous_batching=True``, what spotserve's scheduler does): requests
 join a running batch one at a time, so over its lifetime a request's batch pauses for B
@@ -57,11 +58,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.planner.layout import valid_pipeline
+from shared.config import DEFAULT_MEMORY_RESERVE_FRACTION, DEFAULT_TOLERANCE
 from shared.messages import InstanceRecord, ParallelConfig
 from shared.model.profile import ParallelProfile
-
-DEFAULT_TOLERANCE = 0.05
-DEFAULT_MEMORY_RESERVE_FRACTION = 0.1
 
 
 class NoFeasibleConfig(Exception):
@@ -194,7 +193,8 @@ def _memory(
     head = profile.head_bytes / tensor
     first_stage = f * per_layer + profile.embed_bytes + np.where(pipelines == 1, head, 0.0)
     last_stage = last * per_layer + head
-    return np.maximum(first_stage, last_stage)
+    fullest: np.ndarray = np.maximum(first_stage, last_stage)
+    return fullest
 
 
 def estimate(

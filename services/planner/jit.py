@@ -1,4 +1,4 @@
-"""Just-in-time arrangement of the requests of a dying instance (DESIGN.md, "Just-in-time
+"""Just-in-time arrangement of the requests of a dying instance (docs/design.md, "Just-in-time
 arrangement (grace period)").
 
 With deadline T, an instance may keep decoding for::

@@ -1,5 +1,5 @@
 """Device mapping: which surviving device takes which role of the new configuration so that the
-most bytes stay where they are (DESIGN.md, "Device mapping (Kuhn-Munkres)").
+most bytes stay where they are (docs/design.md, "Device mapping (Kuhn-Munkres)").
 
 Reuse of device d (old role o) for new role n, in bytes::
 
@@ -70,7 +70,7 @@ class _Roles:
     replica: np.ndarray
 
 
-def rank_order(instance: InstanceRecord) -> tuple:
+def rank_order(instance: InstanceRecord) -> tuple[float, tuple[tuple[int, int, str], ...]]:
     """The order instances take ranks in: by joining time, then by id with numbers compared as
     numbers (node-2 before node-10), so a newcomer goes last and does not shift the others."""
     parts = re.split(r"(\d+)", instance.instance_id)
@@ -196,7 +196,8 @@ def _group_values(weights: np.ndarray, members: np.ndarray, tensor: int, groups:
     if size <= _EXHAUSTIVE_MAX:
         picks = np.array(list(itertools.permutations(range(size), tensor)), dtype=np.int64)
         ranks = np.arange(tensor)
-        return sub[:, :, picks, ranks[None, :]].sum(axis=-1).max(axis=-1)  # (S, G)
+        best: np.ndarray = sub[:, :, picks, ranks[None, :]].sum(axis=-1).max(axis=-1)  # (S, G)
+        return best
     values = np.zeros((count, groups))
     for s in range(count):
         for g in range(groups):

@@ -1,5 +1,5 @@
 """Migration plan: the bytes each device of the new configuration must receive, where from, and
-in which order (DESIGN.md, "Migration plan").
+in which order (docs/design.md, "Migration plan").
 
 Pieces. A "tensor" is a weights layer (-1 embeddings, 0..L-1, L final norm + head) or the KV
 cache of one request at one layer; a device holds a slice [lo, hi) of it over a common
@@ -153,11 +153,11 @@ def plan_migration(
     new_kv: dict[int, list[KvMove]] = {}
     kv_size: dict[str, int] = {}
     kv_replica: dict[str, int] = {}
-    for move in kv_moves:
-        old_kv.setdefault(move.old_replica, []).append(move)
-        new_kv.setdefault(move.new_replica, []).append(move)
-        kv_size[move.request_id] = move.kv_bytes
-        kv_replica[move.request_id] = move.old_replica
+    for kv_move in kv_moves:
+        old_kv.setdefault(kv_move.old_replica, []).append(kv_move)
+        new_kv.setdefault(kv_move.new_replica, []).append(kv_move)
+        kv_size[kv_move.request_id] = kv_move.kv_bytes
+        kv_replica[kv_move.request_id] = kv_move.old_replica
 
     def key_bytes(key: Key, piece: Interval) -> int:
         whole = weight_bytes(profile, key[1]) if key[2] is None else kv_size[key[2]] / layers
@@ -195,10 +195,10 @@ def plan_migration(
     # What every planned device holds at the start, and which part of it it keeps.
     state: dict[Device, dict[Key, _Holding]] = {}
     memory: dict[Device, int] = {}
-    for device, held in old.items():
+    for device, held_keys in old.items():
         needs = new[device]
         entries = {}
-        for key, interval in held.items():
+        for key, interval in held_keys.items():
             need = needs.get(key)
             kept = None
             if need is not None and overlap(interval, need):
@@ -378,6 +378,8 @@ def _schedule(
         if chosen is None:
             chosen = pending[0]
             inc = incoming(batches[chosen])
+            # over() names devices that have a budget only.
+            assert budget is not None
             for device in over(inc):
                 d, o = _drop(device, state, memory, inc[device], budget[device[0]], index, alive)
                 dropped, offloaded = dropped + d, offloaded + o
@@ -467,7 +469,7 @@ def _keeper(
     return None
 
 
-def _move_sort(move: _Move) -> tuple:
+def _move_sort(move: _Move) -> tuple[int, Device, str, int, str, Interval]:
     return (move.order, move.dest, move.key[0], move.key[1], move.key[2] or "", move.piece)
 
 

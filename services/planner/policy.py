@@ -14,17 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.planner.costmodel import (
-    DEFAULT_MEMORY_RESERVE_FRACTION,
-    DEFAULT_TOLERANCE,
-    SearchResult,
-    estimate,
-    search,
-)
+from services.planner.costmodel import SearchResult, estimate, search
 from services.planner.jit import InFlightRequest, arrange, migrate_seconds
 from services.planner.layout import group_sizes, target_replica
 from services.planner.mapping import MappingResult, km_mapping
 from services.planner.migration import KvMove, MigrationPlan, plan_migration
+from shared.config import PlannerSettings
 from shared.messages import (
     DeviceRole,
     InstanceRecord,
@@ -74,33 +69,10 @@ Mapper = Callable[
 ]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class PlannerSettings:
-    input_tokens: int = 512
-    output_tokens: int = 128
-    max_batch: int = 4
-    tolerance: float = DEFAULT_TOLERANCE
-    memory_reserve_fraction: float = DEFAULT_MEMORY_RESERVE_FRACTION
-    fill_spare: bool = False  # costmodel.search: every replica that fits, not the fewest
-    gpipe_prefill: bool = False  # costmodel: t1 without DESIGN.md's / m1
-    # costmodel: requests join running batches one by one (spotserve's scheduler), so a
-    # request's latency holds B single-sequence prefills; False: one batched prefill (the
-    # SpotServe artifact's static batches).
-    continuous_batching: bool = True
-    keep_previous: bool = True  # keep the previous (P, M, B) while its latency is similar
-    max_pipeline: int | None = None  # cap on P (None: any that fits)
-    # An instance takes one tensor-parallel group of all its devices, or no role.
-    whole_instance_groups: bool = False
-    kv_bandwidth_bytes_s: float = 1e9  # KV caches off a dying instance, over NATS
-    kv_overhead_s: float = 0.5  # set-up and acknowledgement of a cache hand-over
-    # Capacity planned per request/s measured: below 1/rate_margin utilisation, queues stay
-    # short (at a utilisation near 1 they grow without bound). The SpotServe artifact plans
-    # for a required throughput 1.0-1.33x its arrival rates (scripts_ae/aws_e2e.sh).
-    rate_margin: float = 1.2
-
-    def target_rate(self, measured_rps: float) -> float:
-        """The throughput a configuration must reach for this measured arrival rate."""
-        return measured_rps * self.rate_margin
+def paper_settings() -> PlannerSettings:
+    """The SpotServe paper's search over every pipeline degree that fits: the default of a
+    policy built on its own (the simulator, the benches); the service passes its settings."""
+    return PlannerSettings(max_pipeline=None)
 
 
 @dataclass
@@ -109,7 +81,7 @@ class SpotServePolicy:
     within a memory budget, just-in-time arrangement of the dying instances' requests."""
 
     profile: ParallelProfile
-    settings: PlannerSettings = field(default_factory=PlannerSettings)
+    settings: PlannerSettings = field(default_factory=paper_settings)
     mapper: Mapper = km_mapping
     # Seconds spent in each part of the last plan() (config, jit, mapping, migration).
     timings: dict[str, float] = field(default_factory=dict)

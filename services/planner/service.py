@@ -28,13 +28,12 @@ from services.planner.costmodel import NoFeasibleConfig
 from services.planner.fleet import FleetState, in_flight_requests, needs_plan, plan_trigger
 from services.planner.jit import InFlightRequest
 from services.planner.policy import FleetView, PlannerPolicy, SpotServePolicy
-from services.planner.policy import PlannerSettings as PolicySettings
 from shared.codec import DecodeError, decode, encode
 from shared.config import PlannerSettings
 from shared.messages import (
     ArrivalRate,
+    Empty,
     FleetEvent,
-    InflightReport,
     InflightSequence,
     Plan,
     ServingMode,
@@ -46,6 +45,7 @@ from shared.model.profile import (
     measure_parallel_profile,
     save_parallel_profile,
 )
+from shared.rpc import INFLIGHT_ENDPOINT, RpcError, call
 from shared.runtime import ServiceContext, read_serving_mode, resolve_model
 from shared.subjects import (
     ARRIVAL_RATE_KEY,
@@ -53,9 +53,14 @@ from shared.subjects import (
     FLEET_SUBJECT_PREFIX,
     PLANS_STREAM,
     PLANS_SUBJECT,
-    SCHEDULER_INFLIGHT,
     load_bucket,
 )
+from shared.waiting import cancel_and_wait, sleep_unless_stopped, supervised
+
+# Bound on JetStream's acknowledgement of a published plan.
+PUBLISH_PLAN_TIMEOUT_S = 10.0
+# Bound on each echo of the NATS send-time measurement (a message of up to a prefill's size).
+SEND_PROBE_TIMEOUT_S = 10.0
 
 
 async def last_plan(context: ServiceContext) -> tuple[Plan | None, int]:
@@ -64,7 +69,7 @@ async def last_plan(context: ServiceContext) -> tuple[Plan | None, int]:
         message = await context.js.get_last_msg(PLANS_STREAM, PLANS_SUBJECT)
     except NotFoundError:
         return None, 0
-    return Plan.model_validate(decode(message.data)), message.seq
+    return Plan.model_validate(decode(message.data or b"")), message.seq or 0
 
 
 async def publish_plan(context: ServiceContext, plan: Plan, after_seq: int) -> int:
@@ -73,7 +78,9 @@ async def publish_plan(context: ServiceContext, plan: Plan, after_seq: int) -> i
         "Nats-Msg-Id": f"plan-{plan.epoch}",
         "Nats-Expected-Last-Subject-Sequence": str(after_seq),
     }
-    ack = await context.js.publish(PLANS_SUBJECT, encode(plan), headers=headers, timeout=10.0)
+    ack = await context.js.publish(
+        PLANS_SUBJECT, encode(plan), headers=headers, timeout=PUBLISH_PLAN_TIMEOUT_S
+    )
     return ack.seq
 
 
@@ -100,7 +107,7 @@ async def measure_send_s(context: ServiceContext, nbytes: int, repeats: int = 5)
     try:
         for _ in range(repeats):
             started = time.perf_counter()
-            await context.nc.request(inbox, payload, timeout=10.0)
+            await context.nc.request(inbox, payload, timeout=SEND_PROBE_TIMEOUT_S)
             samples.append((time.perf_counter() - started) / 2)
     finally:
         await subscription.unsubscribe()
@@ -110,11 +117,11 @@ async def measure_send_s(context: ServiceContext, nbytes: int, repeats: int = 5)
 async def read_inflight(context: ServiceContext) -> list[InflightSequence]:
     """The scheduler's requests in flight; none when no scheduler answers in time."""
     try:
-        reply = await context.nc.request(SCHEDULER_INFLIGHT, b"", timeout=2.0)
-        return InflightReport.model_validate(decode(reply.data)).sequences
-    except (TimeoutError, NatsError, DecodeError, ValidationError) as exc:
+        report = await call(context.nc, INFLIGHT_ENDPOINT, Empty())
+    except (RpcError, NatsError) as exc:
         context.log.warning("planner.inflight_unavailable", error=repr(exc))
         return []
+    return report.sequences
 
 
 class Planner:
@@ -191,8 +198,7 @@ class Planner:
             mode = await read_serving_mode(self.context)
             if mode is not None:
                 self.mode = mode
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.context.stop.wait(), self.settings.rate_poll_s)
+            await sleep_unless_stopped(self.context.stop, self.settings.rate_poll_s)
 
     async def run(self) -> None:
         """Follow the FLEET stream from its start; plan whenever caught up and out of date."""
@@ -248,16 +254,10 @@ def observe_current(plan: Plan | None) -> None:
     metrics.NEEDS_ON_DEMAND.set(1 if plan.needs_on_demand else 0)
 
 
-def policy_settings(settings: PlannerSettings) -> PolicySettings:
-    return PolicySettings(
-        input_tokens=settings.input_tokens,
-        output_tokens=settings.output_tokens,
-        max_batch=settings.max_batch,
-        fill_spare=settings.fill_spare,
-        max_pipeline=settings.max_pipeline,
-        rate_margin=settings.rate_margin,
-        whole_instance_groups=True,  # what the executors serve
-    )
+def policy_settings(settings: PlannerSettings) -> PlannerSettings:
+    """The configured settings as the policy plans with them: whole-instance groups, which is
+    what the executors serve."""
+    return settings.model_copy(update={"whole_instance_groups": True})
 
 
 async def load_or_measure_profile(context: ServiceContext) -> ParallelProfile:
@@ -302,9 +302,9 @@ async def serve(context: ServiceContext) -> None:
         comm_prefill_ms=round(profile.comm_prefill_s * 1000, 3),
         comm_decode_ms=round(profile.comm_decode_s * 1000, 3),
     )
-    rate_task = asyncio.create_task(planner.watch_inputs())
+    inputs = supervised(planner.watch_inputs(), "inputs", context.log)
     try:
         await planner.run()
     finally:
-        rate_task.cancel()
+        await cancel_and_wait([inputs])
         await service.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.scheduler.policy import ExecutorView
+from services.scheduler.policy_base import ExecutorView
 from services.scheduler.sequence import Sequence
 
 
@@ -53,11 +53,11 @@ def plan_memory(executor: ExecutorView, batch: list[Sequence], order: list[Seque
 def apply_before_step(plan: MemoryPlan) -> None:
     """Record where caches are once the executor has carried out the plan's first half."""
     for sequence in plan.offload:
-        sequence.kv_location = "host"
+        sequence.cache_on_host()
     for sequence in plan.drop:
         sequence.lose_cache()
     for sequence in plan.upload:
-        sequence.kv_location = "device"
+        sequence.cache_on_device()
 
 
 def apply_after_step(plan: MemoryPlan) -> None:
@@ -65,4 +65,4 @@ def apply_after_step(plan: MemoryPlan) -> None:
     left free, so they fit); the next step finds them on the device."""
     for sequence in plan.prefetch:
         if sequence.kv_location == "host":
-            sequence.kv_location = "device"
+            sequence.cache_on_device()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from services.scheduler.policy import ExecutorView, SchedulerPolicy, StepOutput
+from services.scheduler.policy_base import ExecutorView, SchedulerPolicy, StepOutput
 from services.scheduler.sequence import Sequence
 from shared.config import MlfqSettings
 
@@ -78,7 +78,7 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
         batch = list(itertools.islice(eligible, executor.max_batch_size))
         for sequence in batch:
             if sequence.executor is None:
-                sequence.executor = executor.instance_id  # its KV cache will live there
+                sequence.bind_to(executor.instance_id)  # its KV cache will live there
             job = self._jobs[sequence]
             job.in_batch = True
             job.last_ran = now
@@ -118,7 +118,7 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
 
     def rebind(self, sequence: Sequence, instance_id: str) -> None:
         if sequence in self._jobs:
-            sequence.executor = instance_id  # the binding is all there is; its place is kept
+            sequence.bind_to(instance_id)  # the binding is all there is; its place is kept
 
     def remove(self, sequence: Sequence) -> None:
         job = self._jobs.pop(sequence, None)
@@ -132,7 +132,7 @@ class SkipJoinMlfqPolicy(SchedulerPolicy):
 
     def quantum_s(self, level: int) -> float:
         """Iteration time a job may use in queue ``level`` before it is demoted."""
-        return self.settings.base_quantum_s * 2**level
+        return self.settings.base_quantum_s * 2.0**level
 
     def entry_queue(self, prefill_s: float) -> int:
         """Skip-join: the highest queue whose quantum covers the first iteration, else the last."""

@@ -1,4 +1,9 @@
-"""The scheduler's state of one request: its tokens, its text, where its KV cache lives."""
+"""The scheduler's state of one request: its tokens, its text, where its KV cache lives.
+
+Placement (the instance holding the cache, and where that instance keeps it) is written only
+through the named transitions of :class:`Sequence` (``bind_to``, ``cache_on_device``,
+``cache_on_host``, ``lose_cache``), so every change of it reads as one of those events.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from shared.messages import (
 )
 from shared.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 
+KvLocation = Literal["none", "device", "host"]
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -25,11 +32,8 @@ class Sequence:
     message: Msg
     detokenizer: IncrementalDetokenizer
     generated: list[int] = field(default_factory=list)
-    # Instance whose KV cache holds this sequence, and how many of its tokens it holds.
-    executor: str | None = None
+    # How many of its tokens the cache of its executor holds.
     cached_tokens: int = 0
-    # Where that executor keeps the cache: on the device (ready to run) or offloaded to host.
-    kv_location: Literal["none", "device", "host"] = "none"
     next_chunk_index: int = 0
     finish_reason: FinishReason | None = None
     failed_steps: int = 0
@@ -38,6 +42,10 @@ class Sequence:
     restarts: int = 0
     # When the scheduler last forwarded a chunk of it (its monotonic clock; metrics).
     forwarded_at: float | None = None
+    # Instance whose KV cache holds this sequence (read: ``executor``).
+    _executor: str | None = field(default=None, init=False, repr=False)
+    # Where that executor keeps the cache: on the device (ready to run) or offloaded to host.
+    _kv_location: KvLocation = field(default="none", init=False, repr=False)
 
     @classmethod
     def create(
@@ -68,6 +76,30 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def executor(self) -> str | None:
+        """The instance whose KV cache holds it (None: unbound, any instance may run it)."""
+        return self._executor
+
+    @property
+    def kv_location(self) -> KvLocation:
+        return self._kv_location
+
+    # ---- placement transitions (the only writers of executor and kv_location) ----
+
+    def bind_to(self, instance_id: str) -> None:
+        """It runs on ``instance_id`` from its next iteration: a policy batched it there, or its
+        cache was carried there. Where that instance keeps the cache is set separately."""
+        self._executor = instance_id
+
+    def cache_on_device(self) -> None:
+        """Its executor holds the cache on the device (computed there, or uploaded)."""
+        self._kv_location = "device"
+
+    def cache_on_host(self) -> None:
+        """Its executor holds the cache in host memory (offloaded, or adopted from a peer)."""
+        self._kv_location = "host"
+
     def step_input(self) -> StepSequence:
         """What the executor must feed: everything not yet in its cache (prompt on a prefill,
         prompt + committed tokens on a recompute, the last sampled token on a decode)."""
@@ -94,9 +126,9 @@ class Sequence:
 
     def lose_cache(self) -> None:
         """Its executor is gone or failed: the next step recomputes the prefill elsewhere."""
-        self.executor = None
+        self._executor = None
         self.cached_tokens = 0
-        self.kv_location = "none"
+        self._kv_location = "none"
 
     def restart_from_scratch(self) -> None:
         """The baselines' recovery (reroute, restart): the cache is gone and every generated
@@ -112,7 +144,7 @@ class Sequence:
         """Take one sampled token; returns the chunk to commit and forward (None while a
         restarted sequence regenerates what the client has)."""
         self.cached_tokens = len(self.request.prompt_token_ids) + len(self.generated)
-        self.kv_location = "device"
+        self.cache_on_device()
         if len(self.generated) < len(self.replay):
             # The committed token stands (greedy and seeded sampling draw it again; the cache
             # is built on it either way).

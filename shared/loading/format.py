@@ -270,7 +270,7 @@ def iter_source_tensors(source: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().view(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 # What is written, in file order: (tensor name, shard rank or None when stored once, bytes).

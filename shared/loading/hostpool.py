@@ -250,14 +250,14 @@ class HostChunkPool:
         pieces = [
             (name, stored.partition, stored.offset, stored.nbytes, stored.crc32)
             for name, entry in index.tensors.items()
-            for stored in (entry.shards or [entry])
+            for stored in (entry.shards if entry.shards else (entry,))
         ]
 
         def intact(item: tuple[str, int, int, int, int]) -> bool:
             _name, partition, offset, nbytes, expected = item
             crc = 0
             for start, length in layout.segments(partition, offset, nbytes):
-                crc = zlib.crc32(memoryview(self._memory[start : start + length].numpy()), crc)
+                crc = zlib.crc32(self._memory[start : start + length].numpy().data, crc)
             return crc == expected
 
         with ThreadPoolExecutor(max_workers=self.read_threads) as pool:
@@ -361,7 +361,8 @@ def _copy_registered(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a read-only buffer: it is only ever read
         source = torch.frombuffer(mapping, dtype=torch.uint8)
-    cudart = torch.cuda.cudart()
+    # torch leaves cudart() unannotated.
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     # cudaHostRegisterPortable | cudaHostRegisterReadOnly: the pool is mapped read-only here.
     if int(cudart.cudaHostRegister(source.data_ptr(), source.numel(), 0x01 | 0x08)) != 0:
         return None

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
@@ -93,6 +94,11 @@ _HEARTBEAT_S = 5.0
 _STALL_HEARTBEATS = 3
 # Lifetime of one pull request on the server; an expired one is asked again.
 _PULL_EXPIRES_S = 300.0
+# Bound on the clean-up of a failed upload's chunks and of a pull's consumer.
+_CLEANUP_TIMEOUT_S = 10.0
+# The JetStream API prefix of spotserve's contexts (no domain, no custom prefix): the pull
+# consumer's "next messages" requests are sent to it directly.
+JS_API_PREFIX = api.DEFAULT_PREFIX
 
 T = TypeVar("T")
 
@@ -120,8 +126,9 @@ async def inventory_bucket(js: JetStreamContext) -> KeyValue:
     return await key_value_bucket(js, KeyValueConfig(bucket=INVENTORY_BUCKET, history=1))
 
 
-async def push_model(js: JetStreamContext, directory: Path, name: str) -> int:
-    """Upload a model (converting it first if it is a plain HF directory); returns bytes sent."""
+async def push_model(nc: Client, js: JetStreamContext, directory: Path, name: str) -> int:
+    """Upload a model (converting it first if it is a plain HF directory); returns bytes sent.
+    ``js`` is a JetStream context of ``nc``, which bounds the chunk size."""
     check_model_name(name)
     tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="spotserve-push-"))
     try:
@@ -132,20 +139,20 @@ async def push_model(js: JetStreamContext, directory: Path, name: str) -> int:
         bucket = await models_bucket(js)
         *files, index = await asyncio.to_thread(_model_files, directory)
         sizes = await _all(
-            [_put_call(js, bucket, f"{name}/{file.name}", file) for file in files],
+            [_put_call(nc, js, bucket, f"{name}/{file.name}", file) for file in files],
             CONCURRENT_OBJECTS,
         )
         # Only now, every other file stored: the index makes the model visible.
-        sizes.append(await put_object(js, bucket, f"{name}/{index.name}", index))
+        sizes.append(await put_object(nc, js, bucket, f"{name}/{index.name}", index))
     finally:
         await asyncio.to_thread(shutil.rmtree, tmp, True)
     return sum(sizes)
 
 
 def _put_call(
-    js: JetStreamContext, bucket: ObjectStore, object_name: str, path: Path
+    nc: Client, js: JetStreamContext, bucket: ObjectStore, object_name: str, path: Path
 ) -> Callable[[], Awaitable[int]]:
-    return lambda: put_object(js, bucket, object_name, path)
+    return lambda: put_object(nc, js, bucket, object_name, path)
 
 
 def _model_files(directory: Path) -> list[Path]:
@@ -160,15 +167,16 @@ async def remote_model_bytes(js: JetStreamContext, name: str) -> int:
     return sum(info.size or 0 for info in objects.values())
 
 
-async def pull_model(js: JetStreamContext, name: str, destination: Path) -> Path:
-    """Download a model into ``destination`` (atomically); raises CheckpointError if absent."""
+async def pull_model(nc: Client, js: JetStreamContext, name: str, destination: Path) -> Path:
+    """Download a model into ``destination`` (atomically); raises CheckpointError if absent.
+    ``js`` is a JetStream context of ``nc``, which receives the chunks."""
     check_model_name(name)
     objects = await _model_objects(await models_bucket(js), name)
     if INDEX_FILE not in objects:
         raise CheckpointError(f"model {name!r} is not in the remote store (spotserve model push)")
     staging = await asyncio.to_thread(_staging_dir, destination)
     try:
-        await get_object(js, objects.pop(INDEX_FILE), staging / INDEX_FILE)
+        await get_object(nc, js, objects.pop(INDEX_FILE), staging / INDEX_FILE)
         index = await asyncio.to_thread(read_index, staging)
         partitions = {part.file: part for part in index.partitions}
         missing = sorted(set(partitions) - set(objects))
@@ -177,7 +185,7 @@ async def pull_model(js: JetStreamContext, name: str, destination: Path) -> Path
         # Every partition byte is checked against the index (CRC32) as it is written.
         await _all(
             [
-                _get_call(js, info, staging / file, partitions.get(file))
+                _get_call(nc, js, info, staging / file, partitions.get(file))
                 for file, info in sorted(objects.items(), key=lambda item: -(item[1].size or 0))
             ],
             CONCURRENT_OBJECTS,
@@ -190,9 +198,13 @@ async def pull_model(js: JetStreamContext, name: str, destination: Path) -> Path
 
 
 def _get_call(
-    js: JetStreamContext, info: api.ObjectInfo, path: Path, partition: PartitionEntry | None
+    nc: Client,
+    js: JetStreamContext,
+    info: api.ObjectInfo,
+    path: Path,
+    partition: PartitionEntry | None,
 ) -> Callable[[], Awaitable[None]]:
-    return lambda: get_object(js, info, path, partition)
+    return lambda: get_object(nc, js, info, path, partition)
 
 
 async def _model_objects(bucket: ObjectStore, name: str) -> dict[str, api.ObjectInfo]:
@@ -216,12 +228,12 @@ async def _model_objects(bucket: ObjectStore, name: str) -> dict[str, api.Object
 
 
 async def put_object(
-    js: JetStreamContext, bucket: ObjectStore, object_name: str, path: Path
+    nc: Client, js: JetStreamContext, bucket: ObjectStore, object_name: str, path: Path
 ) -> int:
     """Store one file as an Object Store object; returns its size. Readable by any NATS client
     (chunks, then the meta message with the SHA-256 digest); a replaced object's old chunks are
     purged after the new meta is in."""
-    chunk_bytes = max(1, min(CHUNK_BYTES, js._nc.max_payload))
+    chunk_bytes = max(1, min(CHUNK_BYTES, nc.max_payload))
     try:
         previous: api.ObjectInfo | None = await bucket.get_info(object_name)
     except NotFoundError:
@@ -284,7 +296,7 @@ def _meta_subject(object_name: str) -> str:
 
 async def _purge_quietly(js: JetStreamContext, subject: str) -> None:
     try:
-        await asyncio.wait_for(js.purge_stream(_STREAM, subject=subject), 10.0)
+        await asyncio.wait_for(js.purge_stream(_STREAM, subject=subject), _CLEANUP_TIMEOUT_S)
     except Exception:
         pass  # the upload failed anyway; its chunks are unreachable without a meta message
 
@@ -333,6 +345,7 @@ class _Sink:
 
 
 async def get_object(
+    nc: Client,
     js: JetStreamContext,
     info: api.ObjectInfo,
     path: Path,
@@ -347,7 +360,7 @@ async def get_object(
     sink = await asyncio.to_thread(_Sink, path, partition.nbytes if partition else 0)
     try:
         if info.chunks:
-            await _receive(js, info, sink)
+            await _ObjectPull(nc, js, info, sink).run()
     finally:
         await asyncio.to_thread(sink.close)
     if sink.size != info.size:
@@ -367,10 +380,6 @@ async def get_object(
         raise CheckpointError(f"{partition.file} does not match the index (size or CRC32)")
 
 
-async def _receive(js: JetStreamContext, info: api.ObjectInfo, sink: _Sink) -> None:
-    await _ObjectPull(js, info, sink).run()
-
-
 class _Interrupted(Exception):
     """This consumer will deliver no more: chunks lost in transit, the consumer gone, or the
     server silent (a reconnect). The pull resumes after the last chunk received."""
@@ -382,8 +391,9 @@ class _ObjectPull:
     times with a new consumer starting after the last chunk received (what nats-py's ordered
     consumer does after a gap)."""
 
-    def __init__(self, js: JetStreamContext, info: api.ObjectInfo, sink: _Sink) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, info: api.ObjectInfo, sink: _Sink) -> None:
         assert info.chunks and info.size is not None
+        self.nc = nc
         self.js = js
         self.info = info
         self.sink = sink
@@ -433,12 +443,11 @@ class _ObjectPull:
                     f" {self.received + (consumer.num_pending or 0)} of its {self.info.chunks}"
                     " chunks"
                 )
-            nc = self.js._nc
-            inbox = nc.new_inbox()
+            inbox = self.nc.new_inbox()
             # The window bounds what can be pending: no client-side limit to drop a chunk.
-            sub = await nc.subscribe(inbox, pending_msgs_limit=0, pending_bytes_limit=0)
+            sub = await self.nc.subscribe(inbox, pending_msgs_limit=0, pending_bytes_limit=0)
             try:
-                next_subject = f"{self.js._prefix}.CONSUMER.MSG.NEXT.{_STREAM}.{consumer.name}"
+                next_subject = f"{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{_STREAM}.{consumer.name}"
                 await self._consume(sub, next_subject, inbox, remaining)
             finally:
                 try:
@@ -447,14 +456,15 @@ class _ObjectPull:
                     pass  # the connection is gone: so is the subscription
         finally:
             try:
-                await asyncio.wait_for(self.js.delete_consumer(_STREAM, consumer.name), 10.0)
+                await asyncio.wait_for(
+                    self.js.delete_consumer(_STREAM, consumer.name), _CLEANUP_TIMEOUT_S
+                )
             except Exception:
                 pass  # it goes away by itself after inactive_threshold
 
     async def _consume(
         self, sub: Subscription, next_subject: str, inbox: str, remaining: int
     ) -> None:
-        nc = self.js._nc
         request = {"expires": int(_PULL_EXPIRES_S * 1e9), "idle_heartbeat": int(_HEARTBEAT_S * 1e9)}
         silence_s = _HEARTBEAT_S * _STALL_HEARTBEATS
         delivered = requested = 0
@@ -462,7 +472,7 @@ class _ObjectPull:
             want = min(remaining, delivered + self.window) - requested
             if want >= max(1, self.window // 2) or (want > 0 and requested + want == remaining):
                 body = json.dumps({**request, "batch": want}).encode()
-                await nc.publish(next_subject, body, reply=inbox)
+                await self.nc.publish(next_subject, body, reply=inbox)
                 requested += want
             try:
                 msg = await sub.next_msg(timeout=silence_s)

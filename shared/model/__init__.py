@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         NoFreeSlotError,
         SequenceStep,
     )
+    from shared.model.interface import InferenceEngine
     from shared.model.llama import (
         KVCache,
         KVCacheFullError,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
         load_transformer,
     )
     from shared.model.sampling import SamplingParams, sample_token, sample_tokens
+    from shared.model.spec import EngineSpec
     from shared.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 _EXPORTS: dict[str, str] = {
@@ -51,6 +53,8 @@ _EXPORTS: dict[str, str] = {
     "InvalidStepError": "engine",
     "NoFreeSlotError": "engine",
     "SequenceStep": "engine",
+    "InferenceEngine": "interface",
+    "EngineSpec": "spec",
     "KVCache": "llama",
     "KVCacheFullError": "llama",
     "ModelArgs": "llama",
@@ -68,7 +72,9 @@ __all__ = [
     "ContextLengthError",
     "Engine",
     "EngineError",
+    "EngineSpec",
     "IncrementalDetokenizer",
+    "InferenceEngine",
     "InvalidStepError",
     "KVCache",
     "KVCacheFullError",

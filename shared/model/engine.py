@@ -25,6 +25,7 @@ from torch import Tensor
 from shared.model.llama import Layers, Transformer, WeightsSource, load_transformer
 from shared.model.parallel import TensorParallel
 from shared.model.sampling import SamplingParams, sample_tokens, validate_sampling
+from shared.model.spec import EngineSpec
 from shared.model.tokenizer import TextTokenizer, read_eos_token_ids
 
 _T = TypeVar("_T")
@@ -157,6 +158,7 @@ class Engine:
         if max_seq_len is not None and max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.model_dir = Path(model_dir)
+        self.tp = tp
         self.model: Transformer = load_transformer(
             self.model_dir,
             torch.device(device) if device else None,
@@ -173,6 +175,24 @@ class Engine:
         self.host_slots = host_slots
         self._host: dict[str, _HostCopy] = {}
 
+    @classmethod
+    def from_spec(
+        cls, spec: EngineSpec, tp: TensorParallel | None, weights: WeightsSource | None = None
+    ) -> Engine:
+        """The engine ``spec`` describes: one tensor-parallel rank's (``tp``) or a whole one,
+        from ``weights`` or read from ``spec.model_dir``."""
+        return cls(
+            spec.model_dir,
+            # A whole engine takes the device as configured (None: the default device).
+            device=spec.rank_device(tp.rank) if tp else spec.device,
+            max_slots=spec.max_slots,
+            max_seq_len=spec.max_seq_len,
+            host_slots=spec.host_slots,
+            weights=weights,
+            layers=spec.layers,
+            tp=tp,
+        )
+
     # -- properties the executor service reports -------------------------------------------
 
     @property
@@ -187,6 +207,21 @@ class Engine:
     def layers(self) -> tuple[int, int]:
         """The decoder layers (first, last) this engine holds."""
         return self.model.first_layer, self.model.last_layer
+
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers of the whole model."""
+        return self.model.args.n_layers
+
+    @property
+    def world_size(self) -> int:
+        """Tensor-parallel ranks computing each call (1: none)."""
+        return self.tp.world_size if self.tp else 1
+
+    @property
+    def can_send_weights(self) -> bool:
+        """Whole tensors here (not a tensor-parallel rank's shards): they can go to a peer."""
+        return self.tp is None
 
     @property
     def is_first_stage(self) -> bool:
@@ -224,6 +259,45 @@ class Engine:
         """Positions of the sequence's slot holding K/V (0 if unknown)."""
         sequence = self._sequences.get(request_id)
         return sequence.length if sequence else 0
+
+    def held_layers(self) -> set[int]:
+        """Layers it holds, with -1 for the embeddings and ``n_layers`` for the norm and head."""
+        first, final = self.layers
+        held = set(range(first, final + 1))
+        held |= {-1} if self.is_first_stage else set()
+        held |= {self.n_layers} if self.is_last_stage else set()
+        return held
+
+    def checkpoint_tensors(self, layers: list[int]) -> dict[str, Tensor]:
+        """Its weights for these layers (numbered as :meth:`held_layers`) under their
+        checkpoint (HF) names."""
+        tensors = {}
+        for name, parameter in self.model.named_parameters():
+            if name.startswith("layers."):
+                index, rest = name.removeprefix("layers.").split(".", 1)
+                layer = self.model.first_layer + int(index)
+                if layer in layers:
+                    tensors[f"model.layers.{layer}.{rest}"] = parameter.detach()
+            elif name.startswith("embed_tokens."):
+                if -1 in layers:
+                    tensors[f"model.{name}"] = parameter.detach()
+            elif self.n_layers in layers:
+                head = name.startswith("lm_head.")
+                tensors[name if head else f"model.{name}"] = parameter.detach()
+        return tensors
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def rebuild(self, spec: EngineSpec, weights: WeightsSource | None = None) -> Engine:
+        """A new engine for ``spec`` (another layer range), from ``weights`` or from disk."""
+        return Engine.from_spec(spec, self.tp, weights)
+
+    def dead_ranks(self) -> list[int]:
+        """Tensor-parallel ranks whose process died: none in this process's engine."""
+        return []
+
+    def close(self) -> None:
+        """Nothing to stop: the engine's memory goes with its last reference."""
 
     # -- the work --------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -350,7 +350,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=view.attn_mask, is_causal=view.is_causal
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        projected: Tensor = self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return projected
 
     def _heads(self, x: Tensor, n_heads: int) -> Tensor:
         batch, length, _ = x.shape
@@ -365,7 +366,8 @@ class MLP(nn.Module):
         self.down_proj = row_linear(args.intermediate_size, args.dim, False, tp)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -377,8 +379,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, view: CacheView) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, view)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h: Tensor = x + self.self_attn(self.input_layernorm(x), cos, sin, view)
+        out: Tensor = h + self.mlp(self.post_attention_layernorm(h))
+        return out
 
 
 Layers = tuple[int, int]  # (first, last) decoder layers of a pipeline stage, inclusive
@@ -450,7 +453,8 @@ class Transformer(nn.Module):
     def _anchor(self) -> Tensor:
         if self.embed_tokens is not None:
             return self.embed_tokens.weight
-        return self.layers[0].input_layernorm.weight
+        first = cast(DecoderLayer, self.layers[0])  # a ModuleList item is typed as a Module
+        return first.input_layernorm.weight
 
     @property
     def n_local_kv_heads(self) -> int:
@@ -537,7 +541,8 @@ class Transformer(nn.Module):
         already hidden states [N, dim]."""
         embed = self.embed_tokens
         if embed is not None:
-            return embed(x.to(embed.weight.device))
+            embedded: Tensor = embed(x.to(embed.weight.device))
+            return embedded
         if x.dim() != 2 or x.shape[1] != self.args.dim:
             raise ValueError(
                 f"layers {self.first_layer}..{self.last_layer} take hidden states [N, "
@@ -555,7 +560,8 @@ class Transformer(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         """Final norm and LM head (last stage only); logits always float32, whole vocabulary."""
         assert self.norm is not None and self.lm_head is not None, "not the last stage"
-        return self.lm_head(self.norm(h)).float()
+        logits: Tensor = self.lm_head(self.norm(h))
+        return logits.float()
 
     def _cache(self) -> tuple[KVCache, Tensor, Tensor]:
         if self.kv_cache is None or self._cos is None or self._sin is None:

@@ -88,7 +88,9 @@ class GatheredColumnLinear(nn.Linear):
         return self.tp.all_gather_last_dim(super().forward(x))
 
 
-def row_linear(in_features: int, out_features: int, bias: bool, tp: TensorParallel | None):
+def row_linear(
+    in_features: int, out_features: int, bias: bool, tp: TensorParallel | None
+) -> nn.Linear:
     """nn.Linear without tensor parallelism; else a row-parallel one of 1/M of the inputs."""
     if tp is None:
         return nn.Linear(in_features, out_features, bias=bias)
@@ -179,11 +181,13 @@ def run_ranks(
     each rank's result, in rank order. ``fn`` must be importable (a module-level function).
     A rank's exception is raised here; the ranks are killed after ``timeout_s``."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import start_processes
 
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
-    processes = mp.start_processes(
+    # torch leaves start_processes unannotated.
+    processes = start_processes(  # type: ignore[no-untyped-call]
         _rank_main,
         args=(fn, world_size, init_method, backend, args, results),
         nprocs=world_size,

@@ -43,7 +43,7 @@ class ModelProfile(BaseModel):
 
 
 class ParallelProfile(BaseModel):
-    """The planner's cost-model inputs (SpotServe's form, DESIGN.md "Parallel configuration"):
+    """The planner's cost-model inputs (SpotServe's form, docs/design.md "Parallel configuration"):
     per-layer prefill and decode seconds by tensor degree M and micro-batch size b, the cost of
     one pipeline send, and the sizes that decide memory and migration bytes."""
 
@@ -394,11 +394,12 @@ def measure_parallel_profile(
             times = run_ranks(_rank_layer_times, degree, args)[0]  # every rank waits alike
         prefill_s[degree], decode_s[degree] = times
 
-    def tensor_bytes(module: torch.nn.Module) -> int:
+    def tensor_bytes(module: torch.nn.Module | None) -> int:
+        assert module is not None, "a whole model holds every part"
         return sum(p.numel() * p.element_size() for p in module.parameters())
 
-    args = model.args
-    layers = args.n_layers
+    model_args = model.args
+    layers = model_args.n_layers
     element = next(model.parameters()).element_size()
     return ParallelProfile(
         model=str(model_dir),
@@ -408,8 +409,8 @@ def measure_parallel_profile(
         layer_bytes=tensor_bytes(model.layers[0]),
         embed_bytes=tensor_bytes(model.embed_tokens),
         head_bytes=tensor_bytes(model.norm)
-        + (0 if args.tie_word_embeddings else tensor_bytes(model.lm_head)),
-        kv_bytes_per_token=2 * args.n_kv_heads * args.head_dim * layers * element,
+        + (0 if model_args.tie_word_embeddings else tensor_bytes(model.lm_head)),
+        kv_bytes_per_token=2 * model_args.n_kv_heads * model_args.head_dim * layers * element,
         prefill_tokens=tokens,
         prefill_s=prefill_s,
         decode_s=decode_s,

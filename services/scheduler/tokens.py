@@ -1,0 +1,106 @@
+"""Token commit and forwarding: each iteration's chunks are committed to the TOKENS stream
+(JetStream) before any client sees them, then forwarded to the clients' reply subjects, in
+iteration order. Committing runs overlapped with the executors' next iterations; the bounded
+outbox makes the executor loops wait when it falls behind."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+
+from services.scheduler import metrics
+from services.scheduler.intake import RequestIntake
+from services.scheduler.replies import send_to_client
+from services.scheduler.sequence import Sequence
+from shared.codec import encode
+from shared.messages import TokenChunk
+from shared.runtime import ServiceContext
+from shared.subjects import tokens_subject
+
+# Iterations computed but not yet committed, at most: enough to overlap committing with the
+# next iterations, few enough that a stalled JetStream stops the executors soon.
+OUTBOX_ITERATIONS = 4
+# Backoff while JetStream refuses a commit: from the first delay, doubling up to the last.
+COMMIT_RETRY_FIRST_S = 0.1
+COMMIT_RETRY_MAX_S = 5.0
+
+
+@dataclass
+class IterationOutput:
+    chunks: list[tuple[Sequence, TokenChunk]]
+
+
+class TokenPublisher:
+    """Commits, then forwards, the chunks the executor loops put in its outbox."""
+
+    def __init__(self, context: ServiceContext, intake: RequestIntake) -> None:
+        self.context = context
+        self.log = context.log
+        self.intake = intake
+        self.outbox: asyncio.Queue[IterationOutput] = asyncio.Queue(maxsize=OUTBOX_ITERATIONS)
+
+    async def put(self, output: IterationOutput) -> None:
+        """Queue one iteration's chunks (waits while the outbox is full)."""
+        await self.outbox.put(output)
+
+    async def publish(self) -> None:
+        """Commit each iteration's chunks, then forward them; in iteration order."""
+        while True:
+            output = await self.outbox.get()
+            await self._commit(output)
+            for sequence, chunk in output.chunks:
+                await self._forward(sequence, chunk)
+            self.outbox.task_done()
+
+    async def _commit(self, output: IterationOutput) -> None:
+        delay = COMMIT_RETRY_FIRST_S
+        while True:
+            try:
+                await asyncio.gather(*(self._commit_chunk(chunk) for _, chunk in output.chunks))
+                return
+            except (TimeoutError, NatsError, JetStreamError) as exc:
+                # Never forward a token that is not durable: wait for JetStream to come back.
+                self.log.warning("commit.retry", error=repr(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, COMMIT_RETRY_MAX_S)
+
+    async def _commit_chunk(self, chunk: TokenChunk) -> None:
+        await self.context.js.publish(
+            tokens_subject(chunk.request_id),
+            encode(chunk),
+            # Idempotent on retry: JetStream drops the duplicate.
+            headers={"Nats-Msg-Id": f"{chunk.request_id}.{chunk.index}"},
+            timeout=self.context.settings.nats.request_timeout_s,
+        )
+
+    async def _forward(self, sequence: Sequence, chunk: TokenChunk) -> None:
+        request = sequence.request
+        observe_forward(sequence, chunk)
+        nc = self.context.nc
+        try:
+            if request.stream:
+                await send_to_client(nc, request, chunk)
+            if chunk.finish_reason is not None:
+                if not request.stream:
+                    await send_to_client(nc, request, sequence.result())
+                await self.intake.finish(sequence)
+        except NatsError as exc:
+            # The token is committed; a client that missed it can read the TOKENS stream.
+            self.log.warning("forward.failed", request_id=request.request_id, error=repr(exc))
+
+
+def observe_forward(sequence: Sequence, chunk: TokenChunk) -> None:
+    """Metrics of a committed chunk about to be forwarded."""
+    now = time.monotonic()
+    if chunk.index == 0:
+        # Admission's wall clock (accepted_at) to the scheduler's: synchronized clocks.
+        latency = time.time() - sequence.request.accepted_at
+        metrics.TIME_TO_FIRST_TOKEN.observe(max(0.0, latency))
+    elif sequence.forwarded_at is not None:
+        metrics.INTER_TOKEN.observe(now - sequence.forwarded_at)
+    sequence.forwarded_at = now
+    metrics.GENERATED_TOKENS.inc(len(chunk.token_ids))
