@@ -218,6 +218,10 @@ class Endpoint(Generic[RequestT, ReplyT]):
 
     def parse_request(self, data: bytes, encoding: Encoding = "msgpack") -> RequestT:
         """The request body as the request model; :class:`BadRequest` when it is not one."""
+        if not self.request.model_fields:
+            # A request that carries nothing (status, in flight): any body will do, as any
+            # NATS client may send "{}" in JSON without saying so.
+            return self.request()
         try:
             return self.request.model_validate(decode(data, encoding) if data else {})
         except (DecodeError, ValidationError) as exc:
