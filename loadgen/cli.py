@@ -200,19 +200,54 @@ def replay(
 
 
 _COSTS = SimCosts()
+_PLANNER = PlannerSettings()
 _GBIT = 1e9 / 8  # bytes/s per Gbit/s
+
+ProfileOption = Annotated[
+    Path,
+    typer.Option(
+        help="The model's timing profile: a SpotServe artifact profile JSON or the"
+        " ParallelProfile JSON `spotserve profile` writes."
+    ),
+]
+SchedulerOption = Annotated[
+    str, typer.Option(help=f"Iteration-level scheduler: {' | '.join(POLICY_NAMES)}.")
+]
+MaxBatchOption = Annotated[int, typer.Option(min=1, help="Largest batch of a replica.")]
+SparesOption = Annotated[int, typer.Option(min=0, help="Idle instances kept beyond the plan's.")]
+OnDemandInstancesOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="The ondemand policy's fleet (default: what the planner needs)."),
+]
+MaxPipelineOption = Annotated[
+    int | None, typer.Option(min=1, help="Largest pipeline degree (default: any).")
+]
+RateMarginOption = Annotated[float, typer.Option(help="Capacity planned per measured request/s.")]
+LinkOption = Annotated[float, typer.Option(help="Gbit/s between instances.")]
+PcieOption = Annotated[
+    float, typer.Option(help="Gbit/s inside an instance (PCIe 3.0 x16: 15.75 GB/s).")
+]
+TransferFixedOption = Annotated[
+    float, typer.Option(min=0.0, help="Fixed seconds of a weights or KV cache hand-over.")
+]
+DiskOption = Annotated[float, typer.Option(help="Gbit/s of a weight load from local disk.")]
+RemoteOption = Annotated[float, typer.Option(help="Gbit/s of a weight load from the remote store.")]
+RestartOption = Annotated[
+    float, typer.Option(min=0.0, help="Seconds an engine (re)start takes before it loads.")
+]
+StepOverheadOption = Annotated[
+    float, typer.Option(min=0.0, help="Seconds per iteration outside the executor.")
+]
+BackfillOption = Annotated[
+    float,
+    typer.Option(min=0.0, help="Nodes added this long after a remove are on-demand (+O traces)."),
+]
 
 
 @app.command("simulate")
 def simulate_command(
     arrivals: ArrivalsOption,
-    profile: Annotated[
-        Path,
-        typer.Option(
-            help="The model's timing profile: a SpotServe artifact profile JSON or the"
-            " ParallelProfile JSON `spotserve profile` writes."
-        ),
-    ],
+    profile: ProfileOption,
     fleet: FleetOption = None,
     policy: PolicyOption = None,
     time_scale: TimeScaleOption = 1.0,
@@ -227,62 +262,28 @@ def simulate_command(
     spot_price: SpotPriceOption = SPOT_PRICE_PER_HOUR,
     on_demand_price: OnDemandPriceOption = ON_DEMAND_PRICE_PER_HOUR,
     baseline: BaselineOption = None,
-    scheduler: Annotated[
-        str, typer.Option(help=f"Iteration-level scheduler: {' | '.join(POLICY_NAMES)}.")
-    ] = "fcfs",
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of a replica.")] = 4,
-    spares: Annotated[int, typer.Option(min=0, help="Idle instances kept beyond the plan's.")] = 0,
-    on_demand_instances: Annotated[
-        int | None,
-        typer.Option(min=1, help="The ondemand policy's fleet (default: what the planner needs)."),
-    ] = None,
-    max_pipeline: Annotated[
-        int | None, typer.Option(min=1, help="Largest pipeline degree (default: any).")
-    ] = None,
-    rate_margin: Annotated[
-        float, typer.Option(help="Capacity planned per measured request/s.")
-    ] = PlannerSettings().rate_margin,
-    link_gbps: Annotated[
-        float, typer.Option(help="Gbit/s between instances.")
-    ] = _COSTS.link_bytes_s / _GBIT,
-    pcie_gbps: Annotated[
-        float, typer.Option(help="Gbit/s inside an instance (PCIe 3.0 x16: 15.75 GB/s).")
-    ] = _COSTS.pcie_bytes_s / _GBIT,
-    transfer_fixed_s: Annotated[
-        float, typer.Option(min=0.0, help="Fixed seconds of a weights or KV cache hand-over.")
-    ] = _COSTS.transfer_fixed_s,
-    disk_gbps: Annotated[
-        float, typer.Option(help="Gbit/s of a weight load from local disk.")
-    ] = _COSTS.disk_bytes_s / _GBIT,
-    remote_gbps: Annotated[
-        float, typer.Option(help="Gbit/s of a weight load from the remote store.")
-    ] = _COSTS.remote_bytes_s / _GBIT,
-    restart_s: Annotated[
-        float, typer.Option(min=0.0, help="Seconds an engine (re)start takes before it loads.")
-    ] = _COSTS.restart_s,
-    step_overhead_s: Annotated[
-        float, typer.Option(min=0.0, help="Seconds per iteration outside the executor.")
-    ] = _COSTS.step_overhead_s,
-    backfill_s: Annotated[
-        float,
-        typer.Option(
-            min=0.0, help="Nodes added this long after a remove are on-demand (+O traces)."
-        ),
-    ] = BACKFILL_S,
+    scheduler: SchedulerOption = "fcfs",
+    max_batch: MaxBatchOption = 4,
+    spares: SparesOption = 0,
+    on_demand_instances: OnDemandInstancesOption = None,
+    max_pipeline: MaxPipelineOption = None,
+    rate_margin: RateMarginOption = _PLANNER.rate_margin,
+    link_gbps: LinkOption = _COSTS.link_bytes_s / _GBIT,
+    pcie_gbps: PcieOption = _COSTS.pcie_bytes_s / _GBIT,
+    transfer_fixed_s: TransferFixedOption = _COSTS.transfer_fixed_s,
+    disk_gbps: DiskOption = _COSTS.disk_bytes_s / _GBIT,
+    remote_gbps: RemoteOption = _COSTS.remote_bytes_s / _GBIT,
+    restart_s: RestartOption = _COSTS.restart_s,
+    step_overhead_s: StepOverheadOption = _COSTS.step_overhead_s,
+    backfill_s: BackfillOption = BACKFILL_S,
 ) -> None:
     """Simulate arrivals and a fleet trace on a virtual clock, with the planner's and the
     scheduler's own code, under one or more serving policies; write the same reports as
     replay (report-<policy>.json, report.md, plots) and print the side-by-side table."""
     policies = _checked_policies(policy, time_scale, baseline)
-    if scheduler not in POLICY_NAMES:
-        raise typer.BadParameter(
-            f"unknown scheduler {scheduler!r}; choose from {list(POLICY_NAMES)}"
-        )
     rates = {"--link-gbps": link_gbps, "--pcie-gbps": pcie_gbps, "--disk-gbps": disk_gbps,
              "--remote-gbps": remote_gbps, "--rate-margin": rate_margin}  # fmt: skip
-    for name, value in rates.items():
-        if not value > 0:
-            raise typer.BadParameter(f"{name} must be > 0")
+    _check_sim_usage(scheduler, rates)
     # Everything read and checked before the first policy runs.
     with _exit_2_on(TraceError, ProfileError, ValueError):
         model = read_any_parallel_profile(profile)
@@ -312,17 +313,60 @@ def simulate_command(
             output_tokens=output_tokens,
             rate_margin=rate_margin,
         ),
-        costs=SimCosts(
-            link_bytes_s=link_gbps * _GBIT,
-            pcie_bytes_s=pcie_gbps * _GBIT,
-            transfer_fixed_s=transfer_fixed_s,
-            disk_bytes_s=disk_gbps * _GBIT,
-            remote_bytes_s=remote_gbps * _GBIT,
-            restart_s=restart_s,
-            step_overhead_s=step_overhead_s,
+        costs=_sim_costs(
+            link_gbps,
+            pcie_gbps,
+            disk_gbps,
+            remote_gbps,
+            transfer_fixed_s,
+            restart_s,
+            step_overhead_s,
         ),
     )
     prices = Prices(spot_per_hour=spot_price, on_demand_per_hour=on_demand_price)
+    _simulate_policies(base, policies, prices, slo, out, baseline)
+
+
+def _sim_costs(
+    link_gbps: float,
+    pcie_gbps: float,
+    disk_gbps: float,
+    remote_gbps: float,
+    transfer_fixed_s: float,
+    restart_s: float,
+    step_overhead_s: float,
+) -> SimCosts:
+    return SimCosts(
+        link_bytes_s=link_gbps * _GBIT,
+        pcie_bytes_s=pcie_gbps * _GBIT,
+        transfer_fixed_s=transfer_fixed_s,
+        disk_bytes_s=disk_gbps * _GBIT,
+        remote_bytes_s=remote_gbps * _GBIT,
+        restart_s=restart_s,
+        step_overhead_s=step_overhead_s,
+    )
+
+
+def _check_sim_usage(scheduler: str, values: dict[str, float]) -> None:
+    """Usage errors of ``simulate`` before anything is read."""
+    if scheduler not in POLICY_NAMES:
+        raise typer.BadParameter(
+            f"unknown scheduler {scheduler!r}; choose from {list(POLICY_NAMES)}"
+        )
+    for name, value in values.items():
+        if not value > 0:
+            raise typer.BadParameter(f"{name} must be > 0")
+
+
+def _simulate_policies(
+    base: SimOptions,
+    policies: list[ServingMode],
+    prices: Prices,
+    slo: float | None,
+    out: Path | None,
+    baseline: str | None,
+) -> None:
+    """Each policy's simulation of the same inputs, written as replay's reports are."""
     reports = []
     started = time.perf_counter()
     with _exit_2_on(TraceError, ProfileError, SimulationError, ValueError):

@@ -36,6 +36,7 @@ from loadgen.report import InstanceSpan, RequestRecord, RunRecord
 from loadgen.traces import Arrival, FleetTrace, TraceEvent, arrivals_from_spec, scale_lengths
 from shared.client import CHUNK_TIMEOUT_S, GenerateError, SpotserveClient
 from shared.codec import decode
+from shared.discovery import discover
 from shared.messages import (
     AddInstancesRequest,
     Empty,
@@ -58,7 +59,6 @@ from shared.rpc import (
     RpcTimeout,
     call,
 )
-from shared.runtime import discover
 from shared.subjects import PLANS_STREAM, PLANS_SUBJECT, SERVICE_ADMISSION
 from shared.waiting import wait_until
 

@@ -18,9 +18,9 @@ import structlog
 
 from shared.bus import connect
 from shared.config import NatsSettings
+from shared.discovery import discover
 from shared.metrics import HTTP_URL_KEY, METRICS_URL_KEY
 from shared.natsserver import EmbeddedNatsServer
-from shared.runtime import discover
 from shared.security import OPERATOR_USER, Credentials
 from shared.subjects import (
     SERVICE_ADMISSION,
@@ -204,7 +204,7 @@ class LocalCluster:
             measure_profile,
             save_profile,
         )
-        from shared.runtime import resolve_model_dir
+        from shared.modelsource import resolve_model_dir
 
         model_dir = resolve_model_dir(ModelSettings(path=self.model_dir))
         if find_profile(model_dir) is None:

@@ -35,7 +35,7 @@ def service_name(name: str) -> str:
 
 def on_this_node(info: dict[str, Any], settings: Settings) -> bool:
     """Whether a ``$SRV.INFO`` reply comes from an instance on this host."""
-    from shared.runtime import node_name
+    from shared.modelsource import node_name
 
     metadata = info.get("metadata") or {}
     if metadata.get("node") == node_name(settings):
@@ -54,7 +54,7 @@ async def probe(
     """The first ``$SRV.INFO`` reply of ``service`` (from this node with ``this_node``), or
     None when none came within ``timeout_s``."""
     from shared.bus import connect, resolve_nats_url
-    from shared.runtime import discover
+    from shared.discovery import discover
 
     def wanted(info: dict[str, Any]) -> bool:
         return not this_node or on_this_node(info, settings)

@@ -45,6 +45,15 @@ async def wait_until(
         await asyncio.sleep(min(interval_s, remaining))
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until ``event`` is set, at most ``timeout_s``; whether it was set."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout=timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep ``seconds``, or less when ``stop`` is set meanwhile; True when it is set."""
     with contextlib.suppress(TimeoutError):

@@ -53,8 +53,8 @@ from shared.bus import connect
 from shared.client import SpotserveClient
 from shared.cluster import die_with_parent
 from shared.config import NatsSettings
+from shared.discovery import discover
 from shared.natsserver import find_nats_server, free_port
-from shared.runtime import discover
 from shared.security import SERVICE_USERS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -200,7 +200,7 @@ async def test_loader_leases_models_from_its_host_pool(
 async def test_loader_refuses_a_corrupt_model_on_its_disk_and_keeps_serving(
     cluster: object, nc: Client, models: dict[str, Path]
 ) -> None:
-    from shared.runtime import discover
+    from shared.discovery import discover
     from shared.subjects import SERVICE_LOADER
 
     info = (await discover(nc, SERVICE_LOADER, window_s=1.0))[0]

@@ -29,6 +29,7 @@ from shared.client import GenerateError, SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.config import MetricsSettings, MlfqSettings
+from shared.discovery import discover
 from shared.messages import (
     NOTICE_OUTCOME_HEADER,
     FetchModelRequest,
@@ -36,7 +37,6 @@ from shared.messages import (
 )
 from shared.metrics import METRICS_URL_KEY, start_metrics_server
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import discover
 from shared.subjects import (
     FLEET_NOTICE,
     PLANS_STREAM,

@@ -21,6 +21,7 @@ from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.config import NatsSettings
+from shared.discovery import discover
 from shared.loading import store
 from shared.loading.format import INDEX_FILE, CheckpointError, convert, read_index
 from shared.loading.reader import load_checkpoint
@@ -33,7 +34,6 @@ from shared.loading.store import (
 )
 from shared.messages import FetchModelReply, LoaderInventory
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import discover
 from shared.subjects import MODELS_BUCKET, SERVICE_LOADER, loader_fetch_subject
 from tests.helpers import isolated_cluster
 

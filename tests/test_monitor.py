@@ -34,6 +34,7 @@ from shared.bus import connect
 from shared.cluster import LocalCluster, ServiceProcess
 from shared.codec import decode, encode
 from shared.config import NatsSettings
+from shared.discovery import discover
 from shared.messages import (
     NOTICE_OUTCOME_HEADER,
     AddInstancesReply,
@@ -42,7 +43,6 @@ from shared.messages import (
     InstanceRecord,
 )
 from shared.natsserver import EmbeddedNatsServer
-from shared.runtime import discover
 from shared.subjects import (
     FLEET_ADD,
     FLEET_NOTICE,

@@ -75,7 +75,7 @@ def assert_epochs_continue(plans: list[Plan]) -> None:
 
 
 async def executor_ids(cluster: LocalCluster, nc: Client) -> list[str]:
-    from shared.runtime import discover
+    from shared.discovery import discover
     from shared.subjects import SERVICE_EXECUTOR
 
     infos = await eventually(
@@ -154,7 +154,7 @@ async def test_a_restarted_planner_continues_the_epochs_without_replanning(
     before = await eventually(lambda: all_plans(pnc), "plans")
     planning_cluster.kill("planner")
     planning_cluster.restart("planner")
-    from shared.runtime import discover
+    from shared.discovery import discover
     from shared.subjects import SERVICE_PLANNER
 
     await eventually(

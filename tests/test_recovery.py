@@ -18,8 +18,8 @@ from shared.bus import connect
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.config import NatsSettings
+from shared.discovery import discover
 from shared.messages import TokenChunk
-from shared.runtime import discover
 from shared.subjects import SERVICE_EXECUTOR, SERVICE_SCHEDULER
 from tests.helpers import eventually, isolated_cluster
 

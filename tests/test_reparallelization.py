@@ -20,10 +20,10 @@ from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.config import NatsSettings
+from shared.discovery import discover
 from shared.messages import InflightReport, Plan, TokenChunk
 from shared.model.engine import Engine, SequenceStep
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import discover
 from shared.subjects import FLEET_NOTICE, SCHEDULER_INFLIGHT, SERVICE_EXECUTOR
 from tests.helpers import connected, eventually, isolated_cluster
 from tests.test_end_to_end import hf_greedy as transformers_greedy

@@ -16,9 +16,9 @@ from nats.aio.client import Client
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
+from shared.discovery import discover
 from shared.messages import ModeReply, Plan
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import discover
 from shared.subjects import ADMIN_MODE, FLEET_NOTICE, SERVICE_EXECUTOR, executor_step_subject
 from tests.helpers import connected, eventually, isolated_cluster
 from tests.test_planner_service import all_plans

@@ -15,9 +15,9 @@ import pytest
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import encode
+from shared.discovery import discover
 from shared.messages import Plan
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import discover
 from shared.subjects import FLEET_NOTICE, SERVICE_EXECUTOR
 from tests.helpers import connected, eventually, isolated_cluster
 from tests.test_planner_service import all_plans

@@ -41,6 +41,8 @@ from shared.messages import (
     TokenChunk,
 )
 from shared.model.tokenizer import TextTokenizer
+from shared.modelsource import resolve_model
+from shared.readers import read_committed_chunks, read_serving_mode
 from shared.rpc import (
     GENERATE_ENDPOINT,
     MODE_ENDPOINT,
@@ -56,12 +58,7 @@ from shared.rpc import (
     add_endpoint,
     publish_error,
 )
-from shared.runtime import (
-    ServiceContext,
-    read_committed_chunks,
-    read_serving_mode,
-    resolve_model,
-)
+from shared.runtime import ServiceContext
 from shared.subjects import (
     ARRIVAL_RATE_KEY,
     MODE_KEY,

@@ -35,6 +35,8 @@ from shared.messages import HostLease, InstanceRecord
 from shared.model.interface import InferenceEngine
 from shared.model.profile import device_memory_bytes
 from shared.model.spec import EngineSpec
+from shared.modelsource import fetch_model, node_name, release_host_lease, resolve_model
+from shared.readers import follow_plans
 from shared.rpc import (
     ADOPT_ENDPOINT,
     EXECUTOR_RELEASE_ENDPOINT,
@@ -45,14 +47,7 @@ from shared.rpc import (
     add_endpoint,
     add_raw_endpoint,
 )
-from shared.runtime import (
-    ServiceContext,
-    fetch_model,
-    follow_plans,
-    node_name,
-    release_host_lease,
-    resolve_model,
-)
+from shared.runtime import ServiceContext
 from shared.transfer import TensorInbox
 
 

@@ -17,9 +17,9 @@ from nats.errors import Error as NatsError
 from services.gateway import metrics
 from shared.client import GenerateError, SpotserveClient
 from shared.config import GatewaySettings
+from shared.discovery import discover
 from shared.messages import Empty, ErrorCode, TokenChunk
 from shared.rpc import STATUS_ENDPOINT, RpcError, call
-from shared.runtime import discover
 from shared.subjects import SERVICE_ADMISSION
 
 # Choices' chunks waiting for the HTTP side (per HTTP request; producers wait when it is full).

@@ -17,7 +17,8 @@ from services.gateway.chat import ChatTemplate
 from shared.config import ConfigurationError, Settings
 from shared.metrics import HTTP_URL_KEY, url_host
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext, resolve_model
+from shared.modelsource import resolve_model
+from shared.runtime import ServiceContext
 
 SHUTDOWN_TIMEOUT_S = 15.0
 

@@ -40,7 +40,8 @@ from shared.messages import (
     ReleaseLeaseRequest,
     Tier,
 )
-from shared.runtime import ServiceContext, node_name
+from shared.modelsource import node_name
+from shared.runtime import ServiceContext
 
 # A refused fetch -> the fetch errors' ``reason`` label.
 FETCH_REASON_OF_ERROR: dict[type[rpc.RpcError], str] = {

@@ -76,6 +76,7 @@ from shared.messages import (
     InstanceStatus,
     PreemptNotice,
 )
+from shared.modelsource import node_name
 from shared.rpc import (
     ADD_ENDPOINT,
     NOTICE_ENDPOINT,
@@ -89,7 +90,7 @@ from shared.rpc import (
     add_raw_endpoint,
     respond_error,
 )
-from shared.runtime import ServiceContext, node_name
+from shared.runtime import ServiceContext
 from shared.subjects import (
     FLEET_STREAM,
     FLEET_SUBJECT_PREFIX,

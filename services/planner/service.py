@@ -45,8 +45,10 @@ from shared.model.profile import (
     measure_parallel_profile,
     save_parallel_profile,
 )
+from shared.modelsource import resolve_model
+from shared.readers import read_serving_mode
 from shared.rpc import INFLIGHT_ENDPOINT, RpcError, call
-from shared.runtime import ServiceContext, read_serving_mode, resolve_model
+from shared.runtime import ServiceContext
 from shared.subjects import (
     ARRIVAL_RATE_KEY,
     FLEET_STREAM,

@@ -18,7 +18,7 @@ from nats.errors import Error as NatsError
 from services.scheduler import metrics
 from services.scheduler.policy_base import ExecutorView, SchedulerPolicy
 from services.scheduler.reconfigure import PlannedMove, restarts_lost_requests, serves
-from services.scheduler.waiting import wait_event
+from shared.discovery import discover
 from shared.messages import Plan, ReleaseCommand, StepCommand, StepResult
 from shared.rpc import (
     EXECUTOR_RELEASE_ENDPOINT,
@@ -28,8 +28,9 @@ from shared.rpc import (
     RpcTimeout,
     call,
 )
-from shared.runtime import ServiceContext, discover
+from shared.runtime import ServiceContext
 from shared.subjects import SERVICE_EXECUTOR
+from shared.waiting import wait_event
 
 # An executor missing from this many discoveries in a row is considered gone.
 MISSED_DISCOVERIES_LIMIT = 3

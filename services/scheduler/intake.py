@@ -21,18 +21,19 @@ from pydantic import ValidationError
 from services.scheduler import metrics
 from services.scheduler.replies import send_error_to_client, send_to_client
 from services.scheduler.sequence import Sequence
-from services.scheduler.waiting import wait_event
 from shared.codec import DecodeError, decode
 from shared.messages import AcceptedRequest, TokenChunk
 from shared.model.tokenizer import TextTokenizer
+from shared.readers import read_committed_chunks
 from shared.rpc import Internal
-from shared.runtime import ServiceContext, read_committed_chunks
+from shared.runtime import ServiceContext
 from shared.subjects import (
     REQUESTS_STREAM,
     REQUESTS_SUBJECT,
     SCHEDULER_CONSUMER,
     scheduler_consumer_config,
 )
+from shared.waiting import wait_event
 
 # Most messages one fetch asks for: the room left is taken in bites this size, so one pull
 # never holds the consumer (or this loop) for long.

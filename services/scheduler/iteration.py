@@ -19,9 +19,9 @@ from services.scheduler.plans import PlanApplier
 from services.scheduler.policy_base import SchedulerPolicy, StepOutput
 from services.scheduler.sequence import Sequence
 from services.scheduler.tokens import IterationOutput, TokenPublisher
-from services.scheduler.waiting import wait_event
 from shared.messages import StepCommand, StepResult, TokenChunk
 from shared.runtime import ServiceContext
+from shared.waiting import wait_event
 
 # How long an idle loop sleeps unless woken: it still looks for due moves (a plan's move_by
 # passes without any event) and for a stop.

@@ -38,7 +38,7 @@ class PlanApplier:
     held: Mapping[str, Sequence]
 
     async def apply_plan(self, plan: Plan) -> None:
-        """Plans come through shared.runtime.follow_plans: newer epochs only; without a
+        """Plans come through shared.readers.follow_plans: newer epochs only; without a
         planner, none come and every executor serves."""
         previous = self.pool.plan
         self.pool.follow(plan)

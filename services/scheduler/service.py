@@ -32,8 +32,10 @@ from shared.config import ConfigurationError, SchedulerSettings
 from shared.messages import Empty, InflightReport
 from shared.model.profile import find_profile, load_profile
 from shared.model.tokenizer import TextTokenizer
+from shared.modelsource import resolve_model
+from shared.readers import follow_plans
 from shared.rpc import INFLIGHT_ENDPOINT, add_endpoint
-from shared.runtime import ServiceContext, follow_plans, resolve_model
+from shared.runtime import ServiceContext
 
 # On stop: how long the loops get to end, and the outbox to be committed and forwarded.
 SHUTDOWN_WAIT_S = 10.0

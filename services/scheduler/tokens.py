@@ -20,6 +20,7 @@ from shared.codec import encode
 from shared.messages import TokenChunk
 from shared.runtime import ServiceContext
 from shared.subjects import tokens_subject
+from shared.waiting import backoff_delays
 
 # Iterations computed but not yet committed, at most: enough to overlap committing with the
 # next iterations, few enough that a stalled JetStream stops the executors soon.
@@ -57,8 +58,7 @@ class TokenPublisher:
             self.outbox.task_done()
 
     async def _commit(self, output: IterationOutput) -> None:
-        delay = COMMIT_RETRY_FIRST_S
-        while True:
+        for delay in backoff_delays(COMMIT_RETRY_FIRST_S, COMMIT_RETRY_MAX_S):
             try:
                 await asyncio.gather(*(self._commit_chunk(chunk) for _, chunk in output.chunks))
                 return
@@ -66,7 +66,6 @@ class TokenPublisher:
                 # Never forward a token that is not durable: wait for JetStream to come back.
                 self.log.warning("commit.retry", error=repr(exc), delay_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, COMMIT_RETRY_MAX_S)
 
     async def _commit_chunk(self, chunk: TokenChunk) -> None:
         await self.context.js.publish(
