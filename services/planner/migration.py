@@ -129,6 +129,40 @@ def holdings(
     return result
 
 
+@dataclass(frozen=True)
+class _KvCaches:
+    """The KV caches that move: by replica before and after, each request's size and old
+    replica."""
+
+    old: dict[int, list[KvMove]]
+    new: dict[int, list[KvMove]]
+    size: dict[str, int]
+    replica: dict[str, int]
+
+    @classmethod
+    def of(cls, kv_moves: Iterable[KvMove]) -> _KvCaches:
+        caches = cls({}, {}, {}, {})
+        for kv_move in kv_moves:
+            caches.old.setdefault(kv_move.old_replica, []).append(kv_move)
+            caches.new.setdefault(kv_move.new_replica, []).append(kv_move)
+            caches.size[kv_move.request_id] = kv_move.kv_bytes
+            caches.replica[kv_move.request_id] = kv_move.old_replica
+        return caches
+
+
+def _piece_bytes(
+    profile: ParallelProfile, den: int, kv_size: Mapping[str, int]
+) -> Callable[[Key, Interval], int]:
+    """Bytes of a slice of a tensor (a weights layer, or one request's KV at one layer)."""
+    layers = profile.num_layers
+
+    def key_bytes(key: Key, piece: Interval) -> int:
+        whole = weight_bytes(profile, key[1]) if key[2] is None else kv_size[key[2]] / layers
+        return round(whole * (piece[1] - piece[0]) / den)
+
+    return key_bytes
+
+
 def plan_migration(
     previous: Sequence[DeviceRole] | None,
     roles: Sequence[DeviceRole],
@@ -149,32 +183,40 @@ def plan_migration(
     old_sizes, new_sizes = group_sizes(previous), group_sizes(roles)
     den = common_den(old_sizes.values(), new_sizes.values())
     layers = profile.num_layers
-    old_kv: dict[int, list[KvMove]] = {}
-    new_kv: dict[int, list[KvMove]] = {}
-    kv_size: dict[str, int] = {}
-    kv_replica: dict[str, int] = {}
-    for kv_move in kv_moves:
-        old_kv.setdefault(kv_move.old_replica, []).append(kv_move)
-        new_kv.setdefault(kv_move.new_replica, []).append(kv_move)
-        kv_size[kv_move.request_id] = kv_move.kv_bytes
-        kv_replica[kv_move.request_id] = kv_move.old_replica
-
-    def key_bytes(key: Key, piece: Interval) -> int:
-        whole = weight_bytes(profile, key[1]) if key[2] is None else kv_size[key[2]] / layers
-        return round(whole * (piece[1] - piece[0]) / den)
-
+    kv = _KvCaches.of(kv_moves)
+    key_bytes = _piece_bytes(profile, den, kv.size)
     holders = sorted(
         (r for r in previous if r.instance_id in alive_set or r.instance_id in dying_set),
         key=role_device,
     )
     old_role = {role_device(r): r for r in holders if r.instance_id in alive_set}
+    changed, peaks = _split_unchanged(roles, old_role, old_sizes, new_sizes, profile, kv)
+    new = holdings(changed, new_sizes, den, layers, kv.new)
+    own_roles = [old_role[d] for d in new if d in old_role]
+    old = holdings(own_roles, old_sizes, den, layers, kv.old)
+    index = _HolderIndex(holders, old_sizes, den, layers, kv.replica)
+    state, memory = _initial_state(old, new, key_bytes)
+    moves = _plan_moves(old, new, index, alive_set, key_bytes)
+    _link_readers(moves, state)
+    dropped, offloaded, simulated = _schedule(moves, state, memory, memory_budget, index, alive_set)
+    peaks.update({d: simulated.get(d, 0) for d in new})
+    transfers = [_transfer(m, den) for m in sorted(moves, key=_move_sort)]
+    return MigrationPlan(transfers, peaks, dropped, offloaded)
 
-    # Devices that keep their role (same layers and slice, and already hold the KV caches their
-    # replica will serve) need nothing: only the others are planned.
-    def kv_ids(moves: Mapping[int, list[KvMove]], replica: int) -> set[str]:
-        return {m.request_id for m in moves.get(replica, ())}
 
-    changed, peaks = [], {}
+def _split_unchanged(
+    roles: Sequence[DeviceRole],
+    old_role: Mapping[Device, DeviceRole],
+    old_sizes: Mapping[tuple[int, int], int],
+    new_sizes: Mapping[tuple[int, int], int],
+    profile: ParallelProfile,
+    kv: _KvCaches,
+) -> tuple[list[DeviceRole], dict[Device, int]]:
+    """The roles to plan, and the peak bytes of the devices that keep their role: same layers
+    and slice, and already holding the KV caches their replica will serve (they need
+    nothing)."""
+    changed: list[DeviceRole] = []
+    peaks: dict[Device, int] = {}
     for role in roles:
         device = role_device(role)
         before = old_role.get(device)
@@ -182,34 +224,62 @@ def plan_migration(
             (before.first_layer, before.last_layer, before.tp_rank)
             == (role.first_layer, role.last_layer, role.tp_rank)
             and old_sizes[before.replica, before.stage] == new_sizes[role.replica, role.stage]
-            and kv_ids(new_kv, role.replica) <= kv_ids(old_kv, before.replica)
+            and _request_ids(kv.new, role.replica) <= _request_ids(kv.old, before.replica)
         ):
-            peaks[device] = _role_bytes(before, old_sizes, profile, old_kv)
+            peaks[device] = _role_bytes(before, old_sizes, profile, kv.old)
         else:
             changed.append(role)
-    new = holdings(changed, new_sizes, den, layers, new_kv)
-    own_roles = [old_role[d] for d in new if d in old_role]
-    old = holdings(own_roles, old_sizes, den, layers, old_kv)
-    index = _HolderIndex(holders, old_sizes, den, layers, kv_replica)
+    return changed, peaks
 
-    # What every planned device holds at the start, and which part of it it keeps.
+
+def _request_ids(moves: Mapping[int, list[KvMove]], replica: int) -> set[str]:
+    return {m.request_id for m in moves.get(replica, ())}
+
+
+def _initial_state(
+    old: Mapping[Device, dict[Key, Interval]],
+    new: Mapping[Device, dict[Key, Interval]],
+    key_bytes: Callable[[Key, Interval], int],
+) -> tuple[dict[Device, dict[Key, _Holding]], dict[Device, int]]:
+    """What every planned device holds at the start (and which part of it it keeps), and its
+    bytes."""
     state: dict[Device, dict[Key, _Holding]] = {}
     memory: dict[Device, int] = {}
     for device, held_keys in old.items():
         needs = new[device]
-        entries = {}
-        for key, interval in held_keys.items():
-            need = needs.get(key)
-            kept = None
-            if need is not None and overlap(interval, need):
-                kept = (max(interval[0], need[0]), min(interval[1], need[1]))
-            parts = subtract(interval, kept) if kept else [interval]
-            entries[key] = _Holding(interval, kept, sum(key_bytes(key, p) for p in parts))
+        entries = {
+            key: _holding(key, interval, needs.get(key), key_bytes)
+            for key, interval in held_keys.items()
+        }
         state[device] = entries
         memory[device] = sum(key_bytes(k, h.interval) for k, h in entries.items())
     for device in new:
         memory.setdefault(device, 0)
+    return state, memory
 
+
+def _holding(
+    key: Key,
+    interval: Interval,
+    need: Interval | None,
+    key_bytes: Callable[[Key, Interval], int],
+) -> _Holding:
+    """An old slice of one tensor: the part the new role needs too, and the bytes of the rest."""
+    kept = None
+    if need is not None and overlap(interval, need):
+        kept = (max(interval[0], need[0]), min(interval[1], need[1]))
+    parts = subtract(interval, kept) if kept else [interval]
+    return _Holding(interval, kept, sum(key_bytes(key, p) for p in parts))
+
+
+def _plan_moves(
+    old: Mapping[Device, dict[Key, Interval]],
+    new: Mapping[Device, dict[Key, Interval]],
+    index: _HolderIndex,
+    alive: set[str],
+    key_bytes: Callable[[Key, Interval], int],
+) -> list[_Move]:
+    """The pieces each planned device needs and does not hold, each with its source."""
     load: dict[Device, int] = {}
     moves: list[_Move] = []
     for device in sorted(new):
@@ -220,18 +290,18 @@ def plan_migration(
             for piece in missing:
                 if piece[1] > piece[0]:
                     moves.extend(
-                        _source(device, key, piece, index.get(key), alive_set, load, key_bytes)
+                        _source(device, key, piece, index.get(key), alive, load, key_bytes)
                     )
+    return moves
+
+
+def _link_readers(moves: Iterable[_Move], state: Mapping[Device, dict[Key, _Holding]]) -> None:
+    """Each old holding learns the moves that read it (it is freed after the last one)."""
     for move in moves:
         if move.source is not None and move.source in state:
             holding = state[move.source][move.key]
             holding.readers.append(move)
             holding.pending += 1
-
-    dropped, offloaded, simulated = _schedule(moves, state, memory, memory_budget, index, alive_set)
-    peaks.update({d: simulated.get(d, 0) for d in new})
-    transfers = [_transfer(m, den) for m in sorted(moves, key=_move_sort)]
-    return MigrationPlan(transfers, peaks, dropped, offloaded)
 
 
 def _role_bytes(
