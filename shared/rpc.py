@@ -367,7 +367,10 @@ RawHandler = Callable[[Request], Awaitable[None]]
 async def respond(request: Request, reply: BaseModel, encoding: Encoding | None = None) -> None:
     """Answer with a reply model, in the request's encoding unless told otherwise."""
     encoding = encoding or encoding_of(request.headers)
-    await request.respond(encode(reply, encoding), headers=content_type_header(encoding) or None)
+    # msgpack is what a reply without headers means: the per-iteration step replies stay plain
+    # messages (no header block to write and parse).
+    headers = content_type_header(encoding) if encoding == "json" else None
+    await request.respond(encode(reply, encoding), headers=headers)
 
 
 async def respond_error(request: Request, error: RpcError) -> None:
