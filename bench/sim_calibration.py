@@ -743,65 +743,73 @@ def within(ratio: float, bound: float = TARGET) -> bool:
     return abs(ratio - 1.0) <= bound
 
 
+def pipe_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def table(results: list[Calibration], bound: float = TARGET) -> str:
-    head = (
-        "| trace | requests | live P50 (s) | sim P50 (s) | sim/live | live P99 (s) | sim P99 (s)"
-        " | sim/live | migrations live/sim | reconfigurations live/sim |"
-        f" within {bound:.0%} |"
-    )
-    rows = [head, "|" + "---|" * 11]
+    header = [
+        "trace", "requests", "live P50 (s)", "sim P50 (s)", "sim/live", "live P99 (s)",
+        "sim P99 (s)", "sim/live", "migrations live/sim", "reconfigurations live/sim",
+        f"within {bound:.0%}",
+    ]  # fmt: skip
+    rows = []
     for r in results:
         p50, p99 = r.ratio("p50"), r.ratio("p99")
         migrations, reconfigurations = r.counts("migrations"), r.counts("reconfigurations")
         ok = within(p50, bound) and within(p99, bound)
-        verdict = "yes" if ok else "no"
-        rows.append(
-            f"| {r.case.label()} | {r.live['counts']['completed']}/{r.live['counts']['requests']}"
-            f" | {r.latency('live', 'p50'):.3f} | {r.latency('sim', 'p50'):.3f} | {p50:.2f}"
-            f" | {r.latency('live', 'p99'):.3f} | {r.latency('sim', 'p99'):.3f} | {p99:.2f}"
-            f" | {migrations[0]}/{migrations[1]} | {reconfigurations[0]}/{reconfigurations[1]}"
-            f" | {verdict} |"
-        )
-    return "\n".join(rows)
+        rows.append([
+            r.case.label(), f"{r.live['counts']['completed']}/{r.live['counts']['requests']}",
+            f"{r.latency('live', 'p50'):.3f}", f"{r.latency('sim', 'p50'):.3f}", f"{p50:.2f}",
+            f"{r.latency('live', 'p99'):.3f}", f"{r.latency('sim', 'p99'):.3f}", f"{p99:.2f}",
+            f"{migrations[0]}/{migrations[1]}", f"{reconfigurations[0]}/{reconfigurations[1]}",
+            "yes" if ok else "no",
+        ])  # fmt: skip
+    return pipe_table(header, rows)
 
 
 def cases_table(results: list[Calibration]) -> str:
+    header = [
+        "trace", "arrivals (trace time)", "tokens in/out", "time scale", "grace (trace s)",
+        "warm-up asked (s)",
+    ]  # fmt: skip
     rows = [
-        "| trace | arrivals (trace time) | tokens in/out | time scale | grace (trace s)"
-        " | warm-up asked (s) |",
-        "|" + "---|" * 6,
+        [
+            r.case.label(),
+            r.case.arrivals,
+            f"{r.case.input_tokens}/{r.case.output_tokens}",
+            str(r.case.time_scale),
+            f"{r.case.grace_s:g}",
+            f"{r.options.warmup_s:g}",
+        ]
+        for r in results
     ]
-    for r in results:
-        c = r.case
-        warm = r.options.warmup_s
-        rows.append(
-            f"| {c.label()} | {c.arrivals} | {c.input_tokens}/{c.output_tokens} | {c.time_scale}"
-            f" | {c.grace_s:g} | {warm:g} |"
-        )
-    return "\n".join(rows)
+    return pipe_table(header, rows)
 
 
 def constants_table(results: list[Calibration]) -> str:
-    rows = [
-        "| trace | live iteration (ms) | mean batch | profile compute (ms) | step overhead (ms)"
-        " | per-sequence overhead (ms) | request overhead (ms) | intake holds | join delay (s)"
-        " | initial rate (req/s) | warm-up played (s) | KV hand-over set-up (ms)"
-        " | NATS bandwidth (MB/s) |",
-        "|" + "---|" * 13,
-    ]
+    header = [
+        "trace", "live iteration (ms)", "mean batch", "profile compute (ms)", "step overhead (ms)",
+        "per-sequence overhead (ms)", "request overhead (ms)", "intake holds", "join delay (s)",
+        "initial rate (req/s)", "warm-up played (s)", "KV hand-over set-up (ms)",
+        "NATS bandwidth (MB/s)",
+    ]  # fmt: skip
+    rows = []
     for r in results:
         m = r.measured
         join = f"{m.join_delay_s:.2f}" if m.join_delay_s is not None else "n/a"
         warm = f"{m.warmup_end_s:.1f}" if m.warmup_end_s is not None else "none"
-        rows.append(
-            f"| {r.case.label()} | {m.iteration_s * 1e3:.2f} | {m.batch:.2f}"
-            f" | {m.compute_s * 1e3:.2f} | {m.step_overhead_s * 1e3:.2f}"
-            f" | {m.token_overhead_s * 1e3:.2f} | {m.request_overhead_s * 1e3:.1f}"
-            f" | {m.intake_hold_fraction:.2f} | {join}"
-            f" | {m.initial_rate_rps:.3f} | {warm}"
-            f" | {m.transfer_fixed_s * 1e3:.2f} | {m.link_bytes_s / 1e6:.0f} |"
-        )
-    return "\n".join(rows)
+        rows.append([
+            r.case.label(), f"{m.iteration_s * 1e3:.2f}", f"{m.batch:.2f}",
+            f"{m.compute_s * 1e3:.2f}", f"{m.step_overhead_s * 1e3:.2f}",
+            f"{m.token_overhead_s * 1e3:.2f}", f"{m.request_overhead_s * 1e3:.1f}",
+            f"{m.intake_hold_fraction:.2f}", join, f"{m.initial_rate_rps:.3f}", warm,
+            f"{m.transfer_fixed_s * 1e3:.2f}", f"{m.link_bytes_s / 1e6:.0f}",
+        ])  # fmt: skip
+    return pipe_table(header, rows)
 
 
 @contextmanager
