@@ -52,6 +52,15 @@ class ClusterError(RuntimeError):
     pass
 
 
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a service's log, for an error that must say why it stopped."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def die_with_parent() -> None:
     """In the child: get SIGTERM when the supervisor dies, so no service outlives it (Linux)."""
     try:
@@ -298,7 +307,8 @@ class LocalCluster:
             if not service.alive:
                 code = service.process.returncode if service.process else None
                 raise ClusterError(
-                    f"{service.name} exited with code {code} during start; see {service.log_path}"
+                    f"{service.name} exited with code {code} during start; see "
+                    f"{service.log_path}, which ends:\n{log_tail(service.log_path)}"
                 )
 
     def find(self, log_name: str) -> ServiceProcess:

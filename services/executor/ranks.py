@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from shared.model.engine import Engine, EngineError, SequenceStep, StageBatch, StageResult
 from shared.model.llama import WeightsSource
-from shared.model.parallel import free_port, init_tensor_parallel
+from shared.model.parallel import FileRendezvous, init_tensor_parallel
 from shared.model.spec import EngineSpec
 
 __all__ = ["EngineSpec", "RankFailedError", "ShardedEngine"]
@@ -121,7 +121,8 @@ class ShardedEngine:
         self.spec = spec
         self.world_size = world_size
         context = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self._rendezvous = FileRendezvous()
+        init_method = self._rendezvous.init_method
         self._conns: list[Connection] = []
         self.processes: list[Any] = []
         for rank in range(1, world_size):
@@ -265,6 +266,7 @@ class ShardedEngine:
             if process.is_alive():
                 process.kill()
         torch.distributed.destroy_process_group()
+        self._rendezvous.close()
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class FileRendezvous:
+    """Where one host's ranks meet: a store file in a fresh private directory. Unlike a TCP
+    port picked before rank 0 binds it, nothing else on the machine can take it meanwhile."""
+
+    def __init__(self) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix="spotserve-ranks-")
+        self.init_method = f"file://{os.path.join(self._directory.name, 'store')}"
+
+    def close(self) -> None:
+        self._directory.cleanup()
+
+
 def init_tensor_parallel(
     rank: int,
     world_size: int,
@@ -134,8 +147,8 @@ def init_tensor_parallel(
     timeout_s: float = 120.0,
 ) -> TensorParallel:
     """Join the default process group (``init_method``: ``tcp://host:port`` or ``file://path``)."""
-    if init_method.startswith("tcp://127.0.0.1"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: no interface guessing
+    if init_method.startswith(("tcp://127.0.0.1", "file://")):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: no interface guessing
     dist.init_process_group(
         backend or default_backend(),
         init_method=init_method,
@@ -185,7 +198,8 @@ def run_ranks(
 
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
+    rendezvous = FileRendezvous()
+    init_method = init_method or rendezvous.init_method
     # torch leaves start_processes unannotated.
     processes = start_processes(  # type: ignore[no-untyped-call]
         _rank_main,
@@ -211,5 +225,6 @@ def run_ranks(
         for process in processes.processes:
             if process.is_alive():
                 process.kill()
+        rendezvous.close()
     drain()
     return [collected[rank] for rank in range(world_size)]
