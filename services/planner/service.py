@@ -177,8 +177,7 @@ class Planner:
             # Another planner published first, or JetStream is away: start from what is stored.
             metrics.PLAN_FAILURES.labels("publish_failed").inc()
             self.log.warning("planner.publish_failed", epoch=epoch, error=repr(exc))
-            self.previous, self.plan_seq = await last_plan(self.context)
-            observe_current(self.previous)
+            await self.reload_last_plan()
             return
         self.previous = plan
         observe_published(plan, trigger)
@@ -190,6 +189,17 @@ class Planner:
             transfers=len(plan.transfers),
             reason=plan.reason,
         )
+
+    async def reload_last_plan(self) -> None:
+        """Start again from the stored plan. While the stream cannot be read either (it elects
+        a leader) keep ours: the next quiet window plans again, and a stale sequence only
+        makes that publish refused and this read retried."""
+        try:
+            self.previous, self.plan_seq = await last_plan(self.context)
+        except (TimeoutError, NatsError, JetStreamError) as exc:
+            self.log.warning("planner.plan_unreadable", error=repr(exc))
+            return
+        observe_current(self.previous)
 
     async def watch_inputs(self) -> None:
         """The arrival rate (admission's meter) and the serving mode (the admin endpoint)."""
