@@ -89,6 +89,14 @@ def recorded_nats_url() -> str | None:
         return None
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a URL setting: one URL, or several separated by commas (a cluster)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise NatsUnavailableError(f"no NATS server URL in {url!r}")
+    return urls
+
+
 def resolve_nats_url(settings: NatsSettings, override: str | None = None) -> str:
     """--nats-url, else SPOTSERVE_NATS__URL, else the running `spotserve up`, else localhost."""
     return override or settings.url or recorded_nats_url() or DEFAULT_NATS_URL
@@ -120,7 +128,7 @@ async def connect(
 
     attempt = asyncio.ensure_future(
         nats.connect(
-            servers=[url],
+            servers=server_urls(url),
             name=name,
             user=user,
             password=password,
@@ -186,7 +194,8 @@ def credentials_for(
 def tls_context(settings: NatsSettings, url: str) -> ssl.SSLContext | None:
     """A client TLS context when the URL is tls:// or any TLS file is configured."""
     files = (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
-    if not url.startswith("tls://") and not any(files):
+    tls_url = any(server.startswith("tls://") for server in server_urls(url))
+    if not tls_url and not any(files):
         return None
     context = ssl.create_default_context(cafile=str(settings.tls_ca_file or "") or None)
     if settings.tls_cert_file is not None:
@@ -199,9 +208,13 @@ def _is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, AuthorizationError) or "authorization violation" in text
 
 
-async def connect_jetstream(nc: Client, timeout_s: float = JETSTREAM_TIMEOUT_S) -> JetStreamContext:
+async def connect_jetstream(
+    nc: Client, timeout_s: float = JETSTREAM_TIMEOUT_S, replicas: int = 1
+) -> JetStreamContext:
+    """A JetStream context whose streams, buckets and object store exist (``replicas`` each
+    when this call creates them)."""
     js = nc.jetstream(timeout=timeout_s)
-    await ensure_streams(js)
+    await ensure_streams(js, replicas)
     return js
 
 

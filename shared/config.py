@@ -26,8 +26,14 @@ def spotserve_home() -> Path:
 class NatsSettings(BaseModel):
     url: str | None = Field(
         default=None,
-        description="NATS server URL; None means: the cluster recorded by `spotserve up`.",
+        description=(
+            "NATS server URL, or several separated by commas (the servers of a NATS cluster);"
+            " None means: the cluster recorded by `spotserve up`."
+        ),
     )
+    # JetStream replicas of every stream, KV bucket and object store spotserve creates: 1 on a
+    # single server, 3 on a clustered JetStream (a server may then die without losing data).
+    replicas: int = Field(default=1, ge=1, le=5)
     connect_timeout_s: float = 5.0
     # How long a service keeps retrying the first connection before giving up.
     connect_deadline_s: float = 60.0
@@ -133,6 +139,13 @@ class ExecutorSettings(BaseModel):
     # holding a shard of the same layers. The planner gives such an instance roles of M = its
     # devices (set the planner's tensor_degrees to include it).
     tensor_parallel: int = Field(default=1, ge=1)
+    # SIGTERM as a preemption notice (Kubernetes: the pod's terminationGracePeriodSeconds, which
+    # a spot reclaim shortens to the cloud's notice): the executor announces that it is gone in
+    # this many seconds less termination_margin_s, keeps serving while the planner moves its
+    # requests, and exits at that deadline. None: SIGTERM is a clean stop.
+    termination_grace_s: float | None = Field(default=None, ge=0, le=3600)
+    # Kept back from the grace period for the exit itself (flushes, the NATS drain).
+    termination_margin_s: float = Field(default=2.0, ge=0)
 
 
 class LoaderSettings(BaseModel):
@@ -197,6 +210,22 @@ class MonitorSettings(BaseModel):
     agent_vm_name: str | None = None
     agent_poll_s: float = Field(default=2.0, gt=0)
     agent_timeout_s: float = Field(default=2.0, gt=0)
+    # Watch the Kubernetes API for spot reclaims (services.monitor.kubernetes): node taints and
+    # cordons, pod DisruptionTarget conditions. kubernetes_api_url None: in-cluster (the
+    # service account's token and CA, KUBERNETES_SERVICE_HOST/PORT).
+    kubernetes: bool = False
+    kubernetes_api_url: str | None = None
+    # The namespace of the executor pods (None: the monitor pod's own namespace).
+    kubernetes_namespace: str | None = None
+    kubernetes_executor_selector: str = "app.kubernetes.io/component=executor"
+    kubernetes_token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kubernetes_ca_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    # Each watch asks the API server to end it after this long (timeoutSeconds; it is then
+    # resumed from the last resourceVersion); a watch silent for this long plus
+    # kubernetes_timeout_s is dropped and opened again. kubernetes_timeout_s also bounds the
+    # connection, a list and each read.
+    kubernetes_watch_s: float = Field(default=300.0, gt=0)
+    kubernetes_timeout_s: float = Field(default=10.0, gt=0)
 
 
 # Dollars per instance-hour of the SpotServe paper's instance (g4dn.12xlarge): what reports

@@ -36,6 +36,11 @@ class ServiceContext:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     # Where this process serves its Prometheus metrics (None: off).
     metrics_url: str | None = None
+    # What SIGTERM does; None: stop (SIGINT always stops). The executor drains first.
+    on_sigterm: Callable[[], None] | None = None
+
+    def sigterm(self) -> None:
+        (self.on_sigterm or self.stop.set)()
 
     async def add_micro_service(
         self, description: str, metadata: dict[str, str] | None = None
@@ -88,14 +93,17 @@ async def _serve(
     url = resolve_nats_url(settings.nats)
     nc = await connect(url, settings.nats, name=name)
     timeout_s = settings.nats.request_timeout_s
-    js = await connect_jetstream(nc, timeout_s) if jetstream else nc.jetstream(timeout=timeout_s)
+    if jetstream:
+        js = await connect_jetstream(nc, timeout_s, settings.nats.replicas)
+    else:
+        js = nc.jetstream(timeout=timeout_s)
     metrics_url = start_metrics_server(settings.metrics, name)
     context = ServiceContext(
         name=name, settings=settings, nc=nc, js=js, log=log, metrics_url=metrics_url
     )
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, context.stop.set)
+    loop.add_signal_handler(signal.SIGINT, context.stop.set)
+    loop.add_signal_handler(signal.SIGTERM, context.sigterm)
     log.info("service.started", nats_url=url)
     try:
         await body(context)

@@ -1,7 +1,8 @@
 """Every NATS subject, JetStream stream, consumer and KV bucket of spotserve, in one place.
 
 The public API is versioned (``spotserve.v1.…``). Declarations are idempotent: every service
-calls :func:`ensure_streams` at start, whichever starts first creates them.
+calls :func:`ensure_streams` at start, whichever starts first creates them, each with the
+configured replica count (``SPOTSERVE_NATS__REPLICAS``: 3 on a clustered JetStream).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -25,6 +27,7 @@ API_PREFIX = "spotserve.v1"
 # Public API (request/reply, served by admission as a nats.micro endpoint).
 GENERATE = f"{API_PREFIX}.generate"
 RESULT = f"{API_PREFIX}.result"  # ResultRequest -> ResultReply
+CANCEL = f"{API_PREFIX}.cancel"  # CancelRequest -> CancelReply
 # Accepted request ids (key -> AcceptedRecord), kept as long as their committed tokens.
 REQUESTS_BUCKET = "spotserve-requests"
 RESULTS_KEPT_S = 24 * 3600.0
@@ -138,21 +141,38 @@ ADMIN_BUCKET = "spotserve-admin"
 MODE_KEY = "mode"
 
 
-def requests_bucket_config() -> KeyValueConfig:
-    return KeyValueConfig(bucket=REQUESTS_BUCKET, history=1, ttl=RESULTS_KEPT_S)
+def cancel_key(request_id: str) -> str:
+    """The requests bucket's key of a request's cancel marker (request ids hold no dots)."""
+    return f"{request_id}.cancel"
 
 
-def admin_bucket_config() -> KeyValueConfig:
-    return KeyValueConfig(bucket=ADMIN_BUCKET, history=1)
+# The subject every cancel marker is put on (a wildcard over request ids).
+CANCEL_MARKERS_SUBJECT = f"$KV.{REQUESTS_BUCKET}.*.cancel"
 
 
-def load_bucket_config() -> KeyValueConfig:
+def requests_bucket_config(replicas: int = 1) -> KeyValueConfig:
+    return KeyValueConfig(bucket=REQUESTS_BUCKET, history=1, ttl=RESULTS_KEPT_S, replicas=replicas)
+
+
+def admin_bucket_config(replicas: int = 1) -> KeyValueConfig:
+    return KeyValueConfig(bucket=ADMIN_BUCKET, history=1, replicas=replicas)
+
+
+def load_bucket_config(replicas: int = 1) -> KeyValueConfig:
     # Only the latest figures matter; they go stale on their own (admission re-puts them).
-    return KeyValueConfig(bucket=LOAD_BUCKET, history=1, ttl=300.0)
+    return KeyValueConfig(bucket=LOAD_BUCKET, history=1, ttl=300.0, replicas=replicas)
 
 
-def instances_bucket_config() -> KeyValueConfig:
-    return KeyValueConfig(bucket=INSTANCES_BUCKET, history=1)
+def instances_bucket_config(replicas: int = 1) -> KeyValueConfig:
+    return KeyValueConfig(bucket=INSTANCES_BUCKET, history=1, replicas=replicas)
+
+
+def inventory_bucket_config(replicas: int = 1) -> KeyValueConfig:
+    return KeyValueConfig(bucket=INVENTORY_BUCKET, history=1, replicas=replicas)
+
+
+def models_store_config(replicas: int = 1) -> ObjectStoreConfig:
+    return ObjectStoreConfig(bucket=MODELS_BUCKET, storage=StorageType.FILE, replicas=replicas)
 
 
 async def key_value_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -188,8 +208,9 @@ def srv_subject(verb: str, service: str | None = None) -> str:
     return f"$SRV.{verb}" if service is None else f"$SRV.{verb}.{service}"
 
 
-def requests_stream_config() -> StreamConfig:
+def requests_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=REQUESTS_STREAM,
         subjects=[REQUESTS_SUBJECT],
         retention=RetentionPolicy.WORK_QUEUE,
@@ -202,8 +223,9 @@ def requests_stream_config() -> StreamConfig:
     )
 
 
-def tokens_stream_config() -> StreamConfig:
+def tokens_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=TOKENS_STREAM,
         subjects=[f"{TOKENS_SUBJECT_PREFIX}.*"],
         retention=RetentionPolicy.LIMITS,
@@ -227,8 +249,9 @@ def scheduler_consumer_config(ack_wait_s: float, max_ack_pending: int) -> Consum
     )
 
 
-def fleet_stream_config() -> StreamConfig:
+def fleet_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=FLEET_STREAM,
         subjects=[f"{FLEET_SUBJECT_PREFIX}.*"],
         retention=RetentionPolicy.LIMITS,
@@ -239,8 +262,9 @@ def fleet_stream_config() -> StreamConfig:
     )
 
 
-def plans_stream_config() -> StreamConfig:
+def plans_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=PLANS_STREAM,
         subjects=[PLANS_SUBJECT],
         retention=RetentionPolicy.LIMITS,
@@ -252,19 +276,34 @@ def plans_stream_config() -> StreamConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create or update every stream spotserve uses (idempotent, safe to race)."""
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update every stream spotserve uses, and create the KV buckets and the object
+    store that do not exist yet, all with ``replicas`` (idempotent, safe to race)."""
     for config in (
-        requests_stream_config(),
-        tokens_stream_config(),
-        fleet_stream_config(),
-        plans_stream_config(),
+        requests_stream_config(replicas),
+        tokens_stream_config(replicas),
+        fleet_stream_config(replicas),
+        plans_stream_config(replicas),
     ):
         try:
             await js.add_stream(config)
         except BadRequestError:
-            # Exists with other settings (an older version): bring it to ours.
+            # Exists with other settings (an older version, another replica count): bring it
+            # to ours (JetStream moves a stream between replica counts in place).
             await js.update_stream(config)
+    for bucket in (
+        requests_bucket_config(replicas),
+        admin_bucket_config(replicas),
+        load_bucket_config(replicas),
+        instances_bucket_config(replicas),
+        inventory_bucket_config(replicas),
+    ):
+        await key_value_bucket(js, bucket)
+    store = models_store_config(replicas)
+    try:
+        await js.object_store(MODELS_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        await js.create_object_store(MODELS_BUCKET, config=store)
 
 
 # -- tensor transfer (shared.transfer: executor to executor, peer to peer) ----------------------

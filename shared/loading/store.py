@@ -42,7 +42,6 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
 from nats.js.object_store import (
@@ -63,7 +62,12 @@ from shared.loading.format import (
     is_converted,
     read_index,
 )
-from shared.subjects import INVENTORY_BUCKET, MODELS_BUCKET, key_value_bucket
+from shared.subjects import (
+    MODELS_BUCKET,
+    inventory_bucket_config,
+    key_value_bucket,
+    models_store_config,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STREAM = OBJ_STREAM_TEMPLATE.format(bucket=MODELS_BUCKET)
@@ -117,13 +121,11 @@ async def models_bucket(js: JetStreamContext) -> ObjectStore:
     try:
         return await js.object_store(MODELS_BUCKET)
     except (BucketNotFoundError, NotFoundError):
-        return await js.create_object_store(
-            MODELS_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE)
-        )
+        return await js.create_object_store(MODELS_BUCKET, config=models_store_config())
 
 
 async def inventory_bucket(js: JetStreamContext) -> KeyValue:
-    return await key_value_bucket(js, KeyValueConfig(bucket=INVENTORY_BUCKET, history=1))
+    return await key_value_bucket(js, inventory_bucket_config())
 
 
 async def push_model(nc: Client, js: JetStreamContext, directory: Path, name: str) -> int:
