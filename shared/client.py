@@ -15,8 +15,9 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from shared.codec import decode, encode
-from shared.messages import GenerateResult, ResultReply, TokenChunk
+from shared.messages import CancelReply, GenerateResult, ResultReply, TokenChunk
 from shared.rpc import (
+    CANCEL_ENDPOINT,
     GENERATE_ENDPOINT,
     RESULT_ENDPOINT,
     Endpoint,
@@ -185,6 +186,13 @@ class SpotserveClient:
         """What is committed of a request (``spotserve.v1.result``): for a client that missed
         chunks (an index gap) or its whole stream; ``finish_reason`` is None while it runs."""
         return await self._request(RESULT_ENDPOINT, {"request_id": request_id}, timeout_s)
+
+    async def cancel(
+        self, request_id: str, timeout_s: float = CANCEL_ENDPOINT.timeout_s
+    ) -> CancelReply:
+        """Stop a request (``spotserve.v1.cancel``): its stream ends with a chunk whose
+        ``finish_reason`` is ``"cancelled"`` at the scheduler's next iteration."""
+        return await self._request(CANCEL_ENDPOINT, {"request_id": request_id}, timeout_s)
 
     async def complete(self, prompt: str | list[int], **options: Any) -> GenerateResult:
         """One request, one reply (``stream: false``)."""

@@ -99,7 +99,9 @@ class Usage(InternalModel):
     completion_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+# "cancelled": the client asked to stop it (``spotserve.v1.cancel``, or the gateway's HTTP
+# client went away); the chunk that says so carries no new tokens.
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class TokenChunk(InternalModel):
@@ -125,6 +127,28 @@ class GenerateResult(InternalModel):
     text: str
     finish_reason: FinishReason
     usage: Usage
+
+
+class CancelRequest(StrictModel):
+    """Body of ``spotserve.v1.cancel``: stop a request, by id."""
+
+    request_id: RequestId
+
+
+class CancelReply(InternalModel):
+    """``cancelling``: the scheduler stops it at its next iteration (its stream then ends with
+    a chunk whose ``finish_reason`` is ``"cancelled"``, as does its result); ``finished``: it had
+    already ended, with ``finish_reason``."""
+
+    request_id: str
+    state: Literal["cancelling", "finished"]
+    finish_reason: FinishReason | None = None
+
+
+class CancelRecord(InternalModel):
+    """The marker a cancel leaves in the requests bucket (key: ``cancel_key(request_id)``)."""
+
+    requested_at: float
 
 
 class ResultRequest(StrictModel):
@@ -338,7 +362,7 @@ class Released(InternalModel):
 
 PriceClass = Literal["spot", "on-demand"]
 FleetEventKind = Literal["joined", "preempt-notice", "lost", "left"]
-NoticeSource = Literal["aws", "gcp", "azure", "cli", "trace", "local"]
+NoticeSource = Literal["aws", "gcp", "azure", "cli", "trace", "local", "sigterm"]
 InstanceId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
 
 

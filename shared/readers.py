@@ -1,5 +1,5 @@
-"""Readers of what the cluster keeps in JetStream: the current plan, the serving mode and a
-request's committed tokens."""
+"""Readers of what the cluster keeps in JetStream: the current plan, the serving mode, a
+request's committed tokens and its cancel marker."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from shared.subjects import (
     PLANS_SUBJECT,
     TOKENS_STREAM,
     admin_bucket,
+    cancel_key,
+    requests_bucket,
     tokens_subject,
 )
 
@@ -99,3 +101,13 @@ async def read_committed_chunks(
     finally:
         await subscription.unsubscribe()
     return chunks
+
+
+async def cancel_requested(js: JetStreamContext, request_id: str) -> bool:
+    """Whether a cancel marker (``spotserve.v1.cancel``) stands for the request."""
+    bucket = await requests_bucket(js)
+    try:
+        await bucket.get(cancel_key(request_id))
+    except NotFoundError:
+        return False
+    return True

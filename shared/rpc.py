@@ -33,6 +33,8 @@ from shared.codec import encoding_from_headers as encoding_of
 from shared.messages import (
     AddInstancesReply,
     AddInstancesRequest,
+    CancelReply,
+    CancelRequest,
     Empty,
     Encoding,
     ErrorCode,
@@ -69,6 +71,7 @@ from shared.messages import (
 )
 from shared.subjects import (
     ADMIN_MODE,
+    CANCEL,
     FLEET_ADD,
     FLEET_NOTICE,
     FLEET_STATUS,
@@ -257,6 +260,14 @@ GENERATE_ENDPOINT = Endpoint(
 RESULT_ENDPOINT = Endpoint(
     "result", RESULT, ResultRequest, ResultReply, (*_CLIENT, ErrorCode.NOT_FOUND), timeout_s=10.0
 )
+CANCEL_ENDPOINT = Endpoint(
+    "cancel",
+    CANCEL,
+    CancelRequest,
+    CancelReply,
+    (*_CLIENT, ErrorCode.NOT_FOUND, ErrorCode.UNAVAILABLE),
+    timeout_s=10.0,
+)
 MODE_ENDPOINT = Endpoint(
     "mode", ADMIN_MODE, ModeRequest, ModeReply, (*_CLIENT, ErrorCode.UNAVAILABLE), timeout_s=5.0
 )
@@ -340,6 +351,7 @@ TRANSFER_STATUS_ENDPOINT = Endpoint(
 ENDPOINTS: tuple[Endpoint[Any, Any], ...] = (
     GENERATE_ENDPOINT,
     RESULT_ENDPOINT,
+    CANCEL_ENDPOINT,
     MODE_ENDPOINT,
     NOTICE_ENDPOINT,
     ADD_ENDPOINT,

@@ -31,6 +31,7 @@ from shared.subjects import (
     ADMIN_BUCKET,
     ADMIN_MODE,
     API_PREFIX,
+    CANCEL,
     FLEET_ADD,
     FLEET_NOTICE,
     FLEET_STATUS,
@@ -87,7 +88,7 @@ _SERVICE_SUBSCRIBE = ["$SRV.>", "_INBOX.>"]
 _OWN: dict[str, Permissions] = {
     "admission": Permissions(
         publish=[REQUESTS_SUBJECT, kv(LOAD_BUCKET), kv(ADMIN_BUCKET), kv(REQUESTS_BUCKET)],
-        subscribe=[GENERATE, RESULT, ADMIN_MODE],
+        subscribe=[GENERATE, RESULT, CANCEL, ADMIN_MODE],
     ),
     "scheduler": Permissions(
         # Commits tokens, drives executors; the token stream itself goes to client inboxes.
@@ -107,8 +108,15 @@ _OWN: dict[str, Permissions] = {
         subscribe=[LOADER_SUBJECTS],
     ),
     "executor": Permissions(
-        # Stages hand micro-batches on, peers send weights and KV caches, loaders are asked.
-        publish=[kv(INSTANCES_BUCKET), EXECUTOR_SUBJECTS, TRANSFER_SUBJECTS, LOADER_SUBJECTS],
+        # Stages hand micro-batches on, peers send weights and KV caches, loaders are asked;
+        # an executor announces its own preemption (SIGTERM, a preStop hook, metadata agents).
+        publish=[
+            kv(INSTANCES_BUCKET),
+            EXECUTOR_SUBJECTS,
+            TRANSFER_SUBJECTS,
+            LOADER_SUBJECTS,
+            FLEET_NOTICE,
+        ],
         subscribe=[EXECUTOR_SUBJECTS, TRANSFER_SUBJECTS],
     ),
 }
@@ -125,12 +133,12 @@ def permissions(user: str) -> Permissions:
         # A client of the public API that is also a nats.micro service (answers $SRV pings):
         # no JetStream, no fleet commands.
         return Permissions(
-            publish=[GENERATE, RESULT, FLEET_STATUS, "$SRV.>", "_INBOX.>"],
+            publish=[GENERATE, RESULT, CANCEL, FLEET_STATUS, "$SRV.>", "_INBOX.>"],
             subscribe=["$SRV.>", f"{inbox_prefix(user)}.>"],
         )
     if user == CLIENT_USER or user.startswith(f"{CLIENT_USER}-"):
         return Permissions(
-            publish=[GENERATE, RESULT, FLEET_STATUS, "$SRV.>"],
+            publish=[GENERATE, RESULT, CANCEL, FLEET_STATUS, "$SRV.>"],
             subscribe=[f"{inbox_prefix(user)}.>"],
         )
     if user == OPERATOR_USER:
@@ -138,6 +146,7 @@ def permissions(user: str) -> Permissions:
             publish=[
                 GENERATE,
                 RESULT,
+                CANCEL,
                 FLEET_STATUS,
                 FLEET_NOTICE,
                 FLEET_ADD,

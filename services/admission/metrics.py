@@ -62,3 +62,7 @@ RESULT_LOOKUPS = with_labels(
     ),
     ("found", "not_found", "unavailable", "bad_request"),
 )
+CANCELS = Counter(
+    "spotserve_admission_cancels_total",
+    "spotserve.v1.cancel calls that recorded a cancel marker (of a request not finished yet).",
+)

@@ -32,6 +32,9 @@ from shared.messages import (
     AcceptedRecord,
     AcceptedRequest,
     ArrivalRate,
+    CancelRecord,
+    CancelReply,
+    CancelRequest,
     Encoding,
     GenerateRequest,
     ModeReply,
@@ -44,6 +47,7 @@ from shared.model.tokenizer import TextTokenizer
 from shared.modelsource import resolve_model
 from shared.readers import read_committed_chunks, read_serving_mode
 from shared.rpc import (
+    CANCEL_ENDPOINT,
     GENERATE_ENDPOINT,
     MODE_ENDPOINT,
     RESULT_ENDPOINT,
@@ -66,6 +70,7 @@ from shared.subjects import (
     REQUESTS_SUBJECT,
     SCHEDULER_CONSUMER,
     admin_bucket,
+    cancel_key,
     load_bucket,
     requests_bucket,
 )
@@ -326,6 +331,31 @@ class Admission:
         metrics.RESULT_LOOKUPS.labels("found").inc()
         return result_of(request_id, chunks)
 
+    async def on_cancel(self, command: CancelRequest) -> CancelReply:
+        """``spotserve.v1.cancel``: leave a cancel marker in the requests bucket (durable: a
+        scheduler that takes the request later, or again after a restart, sees it too); the
+        schedulers watch the markers and stop the request at its next iteration."""
+        request_id = command.request_id
+        try:
+            chunks = await read_committed_chunks(self.context.js, request_id)
+            if not chunks and not await self._accepted(request_id):
+                raise NotFound(
+                    f"no request {request_id!r} (never accepted, or older than its results"
+                    " are kept)"
+                )
+            finish_reason = chunks[-1].finish_reason if chunks else None
+            if finish_reason is not None:
+                return CancelReply(
+                    request_id=request_id, state="finished", finish_reason=finish_reason
+                )
+            bucket = await requests_bucket(self.context.js)
+            await bucket.put(cancel_key(request_id), encode(CancelRecord(requested_at=time.time())))
+        except (TimeoutError, NatsError, JetStreamError) as exc:
+            raise Unavailable(f"the cancel could not be recorded now ({exc!r}); retry") from None
+        metrics.CANCELS.inc()
+        self.log.info("request.cancel_requested", request_id=request_id)
+        return CancelReply(request_id=request_id, state="cancelling")
+
     async def _accepted(self, request_id: str) -> bool:
         bucket = await requests_bucket(self.context.js)
         try:
@@ -429,6 +459,7 @@ async def serve(context: ServiceContext) -> None:
         logger=context.log,
         on_error=count_lookup_refusal,
     )
+    await add_endpoint(service, CANCEL_ENDPOINT, admission.on_cancel, logger=context.log)
     queue = supervised(admission.watch_queue(), "queue", context.log)
     await add_endpoint(service, MODE_ENDPOINT, partial(on_mode, context), logger=context.log)
     context.log.info("admission.ready", subject=generate.subject, model=str(model_dir))

@@ -8,7 +8,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,6 +33,9 @@ from shared.messages import MAX_SEED
 from shared.model.tokenizer import TextTokenizer
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
+T = TypeVar("T")
+# The status recorded for a request whose client hung up before its answer (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 # Prompts longer than this are rendered and tokenized in a worker thread.
 INLINE_TOKENIZE_CHARS = 2_000
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -111,7 +114,7 @@ def create_app(state: GatewayState) -> FastAPI:
         specs = _choice_specs(state, body, prompts, body.max_tokens)
         echoes = [_echo_text(state, prompt) if body.echo else "" for prompt in prompts]
         formatter = _CompletionFormat(f"cmpl-{uuid.uuid4().hex}", state.model_id, body.n, echoes)
-        return await _respond(state, body.stream, body.include_usage, specs, formatter)
+        return await _respond(request, state, body.stream, body.include_usage, specs, formatter)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
@@ -130,7 +133,7 @@ def create_app(state: GatewayState) -> FastAPI:
                 )
         specs = _choice_specs(state, body, [prompt_ids], budget)
         formatter = _ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", state.model_id)
-        return await _respond(state, body.stream, body.include_usage, specs, formatter)
+        return await _respond(request, state, body.stream, body.include_usage, specs, formatter)
 
     return app
 
@@ -139,6 +142,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(ClientGoneError)
+    async def client_gone(request: Request, exc: ClientGoneError) -> Response:
+        # Nobody reads this answer; 499 (nginx's "client closed request") in the metrics.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -344,6 +352,7 @@ class _ChatFormat(_Format):
 
 
 async def _respond(
+    request: Request,
     state: GatewayState,
     stream: bool,
     include_usage: bool,
@@ -357,9 +366,9 @@ async def _respond(
     try:
         # Wait for every choice's first event: a refusal (400, 429, ...) is then an HTTP
         # status, not an error in the middle of a 200 stream.
-        first = await _first_events(events, len(specs))
+        first = await _until_disconnect(request, _first_events(events, len(specs)))
         if not stream:
-            choices = await _collect(first, events, len(specs))
+            choices = await _until_disconnect(request, _collect(first, events, len(specs)))
         else:
             sse = _sse(formatter, first, events, specs, include_usage, release)
             # Started here, so that its cleanup runs even if the client leaves before the body.
@@ -400,6 +409,32 @@ class _EventStreamResponse(StreamingResponse):
         error = streaming.exception()
         if error is not None and not isinstance(error, OSError):  # OSError: it hung up mid-write
             raise error
+
+
+class ClientGoneError(Exception):
+    """The HTTP client hung up before its response was ready."""
+
+
+async def _until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result, unless the client hangs up first: then ClientGoneError (closing the
+    choices' events then cancels their requests)."""
+    working = asyncio.create_task(work)
+    hang_up = asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait((working, hang_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, hang_up):
+            task.cancel()
+        await asyncio.gather(working, hang_up, return_exceptions=True)
+    if not working.cancelled() and working.done():
+        return working.result()
+    raise ClientGoneError
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (its body was read already: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _prepend(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:

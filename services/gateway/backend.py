@@ -28,6 +28,8 @@ FLEET_STATUS_TIMEOUT_S = 2.0
 NO_CAPACITY_RETRY_AFTER_S = 5.0
 OVERLOADED_RETRY_AFTER_S = 1.0
 HEALTH_PING_S = 0.5
+# A cancel of an abandoned choice: how long to wait for admission's answer.
+CANCEL_TIMEOUT_S = 5.0
 
 
 class ApiError(Exception):
@@ -139,6 +141,8 @@ class Backend:
         )
         self._capacity = _Capacity()
         self.active_requests = 0
+        # Cancels of abandoned choices, running detached from the response that ended.
+        self._cancels: set[asyncio.Task[None]] = set()
 
     def take_slot(self) -> Callable[[], None]:
         """Count one generation request in (429 beyond max_concurrent_requests); returns the
@@ -208,23 +212,49 @@ class Backend:
 
     async def run_choices(self, specs: list[ChoiceSpec]) -> AsyncGenerator[ChoiceEvent, None]:
         """Every choice's chunks as they arrive; an error ends its choice. Closing the iterator
-        (the HTTP client went away) stops reading; the requests themselves run to their end."""
+        before every choice has finished (the HTTP client went away, a timeout) cancels the
+        requests still running (``spotserve.v1.cancel``): they free their batch slots."""
         queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue(EVENT_QUEUE_SIZE)
         tasks = [asyncio.create_task(self._run_choice(spec, queue)) for spec in specs]
-        open_choices = len(specs)
+        unfinished = {spec.index: spec.request_id for spec in specs}
         metrics.CHOICES_IN_FLIGHT.inc(len(specs))
         try:
-            while open_choices:
+            while unfinished:
                 event = await queue.get()
-                if event.error is not None or (event.chunk and event.chunk.finish_reason):
-                    open_choices -= 1
+                if event.chunk is not None and event.chunk.finish_reason is not None:
+                    unfinished.pop(event.index, None)
+                elif event.error is not None:
+                    unfinished.pop(event.index, None)
+                    if event.error.status >= 500:  # a gateway-side wait gave up: it may run on
+                        self.cancel_detached([specs[event.index].request_id])
                 yield event
         finally:
             metrics.CHOICES_IN_FLIGHT.dec(len(specs))
             for task in tasks:
                 task.cancel()
+            if unfinished:
+                self.cancel_detached(list(unfinished.values()))
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def cancel_detached(self, request_ids: list[str]) -> None:
+        """Cancel these requests from a task of their own: the caller may itself be being
+        cancelled (a response whose client hung up)."""
+        task = asyncio.create_task(self._cancel(request_ids))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, request_ids: list[str]) -> None:
+        log = structlog.get_logger()
+        for request_id in request_ids:
+            try:
+                reply = await self.client.cancel(request_id, timeout_s=CANCEL_TIMEOUT_S)
+            except (RpcError, NatsError) as exc:
+                # Not accepted yet (refused, or never stored), or spotserve unreachable.
+                log.info("gateway.cancel_failed", request_id=request_id, error=repr(exc))
+                continue
+            metrics.CANCELS.labels(reply.state).inc()
+            log.info("gateway.cancelled", request_id=request_id, state=reply.state)
 
     async def _run_choice(self, spec: ChoiceSpec, queue: asyncio.Queue[ChoiceEvent]) -> None:
         log = structlog.get_logger().bind(request_id=spec.request_id)

@@ -28,6 +28,12 @@ CHOICES = Counter(
     "Choices that ran to their end, by finish reason",
     ["finish_reason"],
 )
+CANCELS = Counter(
+    "spotserve_gateway_cancels_total",
+    "Choices cancelled because their HTTP client went away (or a gateway wait gave up), by what"
+    " spotserve answered: cancelling, or finished (it had ended meanwhile).",
+    ["state"],
+)
 PROMPT_TOKENS = Counter(
     "spotserve_gateway_prompt_tokens_total", "Prompt tokens of finished choices"
 )

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from services.scheduler import metrics
+from services.scheduler.cancellation import Cancellations
 from services.scheduler.executors import ExecutorHandle, ExecutorPool, StepFailedError
 from services.scheduler.intake import RequestIntake
 from services.scheduler.kvmemory import MemoryPlan, apply_after_step, apply_before_step, plan_memory
@@ -40,6 +41,7 @@ class IterationLoop:
     plans: PlanApplier
     intake: RequestIntake
     tokens: TokenPublisher
+    cancellations: Cancellations
     eos_token_ids: frozenset[int]
 
     async def run(self, handle: ExecutorHandle) -> None:
@@ -47,6 +49,7 @@ class IterationLoop:
             planned = time.perf_counter()
             if handle.restart:
                 self.plans.restart_on(handle)
+            await self.cancellations.apply(handle)
             await self.plans.apply_moves(handle)
             batch = self.policy.schedule(handle.view)
             if batch:

@@ -15,11 +15,11 @@ from shared.metrics import DURATION_BUCKETS, REQUEST_LATENCY_BUCKETS, TOKEN_GAP_
 REQUESTS = with_labels(
     Counter(
         "spotserve_scheduler_requests_total",
-        "Requests the scheduler ended, by outcome: the finish reason (stop, length) or error"
-        " (failed after repeated step errors).",
+        "Requests the scheduler ended, by outcome: the finish reason (stop, length, cancelled)"
+        " or error (failed after repeated step errors).",
         ["outcome"],
     ),
-    ("stop", "length", "error"),
+    ("stop", "length", "cancelled", "error"),
 )
 
 RECEIVED = with_labels(

@@ -42,6 +42,8 @@ class Sequence:
     restarts: int = 0
     # When the scheduler last forwarded a chunk of it (its monotonic clock; metrics).
     forwarded_at: float | None = None
+    # The client asked to stop it: it ends at its executor's next iteration boundary.
+    cancel_requested: bool = False
     # Instance whose KV cache holds this sequence (read: ``executor``).
     _executor: str | None = field(default=None, init=False, repr=False)
     # Where that executor keeps the cache: on the device (ready to run) or offloaded to host.
@@ -160,6 +162,14 @@ class Sequence:
         if len(self.generated) >= self.request.max_tokens:
             return self._chunk([token_id], text + self.detokenizer.flush(), "length")
         return self._chunk([token_id], text, None)
+
+    def cancel(self) -> TokenChunk:
+        """Its last chunk, as the client asked it to stop: no new tokens, the text the
+        detokenizer still held back. A restarted sequence still regenerating what the client
+        has counts those tokens (the client has them)."""
+        if len(self.replay) > len(self.generated):
+            self.generated = list(self.replay)
+        return self._chunk([], self.detokenizer.flush(), "cancelled")
 
     def _chunk(self, token_ids: list[int], text: str, finish: FinishReason | None) -> TokenChunk:
         self.finish_reason = finish

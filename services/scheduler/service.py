@@ -8,7 +8,8 @@ Its parts, each a module of this package:
 - ``iteration``: one loop per executor instance: schedule -> step request -> tokens;
 - ``plans``: the planner's plans applied (roles, moves with or without the KV cache);
 - ``tokens``: commits each iteration's chunks (JetStream), then forwards them, overlapped
-  with the executor's next iteration.
+  with the executor's next iteration;
+- ``cancellation``: requests a client cancelled end at their executor's next iteration.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from services.scheduler import metrics
+from services.scheduler.cancellation import Cancellations
 from services.scheduler.executors import ExecutorHandle, ExecutorPool
 from services.scheduler.intake import RequestIntake
 from services.scheduler.iteration import IterationLoop
@@ -53,6 +55,9 @@ class Scheduler:
         self.tokens = TokenPublisher(context, self.intake)
         self.pool = ExecutorPool(context, policy, run_loop=self._run_executor)
         self.plans = PlanApplier(context, policy, self.pool, self.intake.held)
+        self.cancellations = Cancellations(
+            context, policy, self.pool, self.intake.held, self.tokens
+        )
         self.iterations = IterationLoop(
             context,
             policy,
@@ -60,6 +65,7 @@ class Scheduler:
             self.plans,
             self.intake,
             self.tokens,
+            self.cancellations,
             tokenizer.eos_token_ids,
         )
 
@@ -73,6 +79,7 @@ class Scheduler:
 
     def _on_request(self, sequence: Sequence) -> None:
         self.policy.add_request(sequence)
+        self.cancellations.taken(sequence)
         self.pool.wake_all()
 
     async def _run_executor(self, handle: ExecutorHandle) -> None:
@@ -86,7 +93,12 @@ class Scheduler:
 
     def start_loops(self) -> list[asyncio.Task[None]]:
         """The long-running loops but the publisher (it outlives them, to drain the outbox)."""
+        # A cancel marker put while the marker subscription stands is seen by it; one put
+        # before (or missed while NATS was away) by the sweep.
         return [
+            asyncio.create_task(self.cancellations.watch(), name="cancel-watch"),
+            asyncio.create_task(self.cancellations.work(), name="cancel-work"),
+            asyncio.create_task(self.cancellations.sweep(), name="cancel-sweep"),
             asyncio.create_task(self.intake.consume(), name="consume"),
             asyncio.create_task(self.pool.discover(), name="discover"),
             asyncio.create_task(self.intake.keepalive(), name="keepalive"),
