@@ -9,19 +9,27 @@ with this host's name (the default id is ``<hostname>-<random>``), so each execu
 checks its own executor rather than any replica.
 
 Exit status: 0 healthy, 1 nothing (on this node) answered within the timeout, 2 NATS
-unreachable or refused us.
+unreachable or refused us, 3 an executor on this node answers but is draining (it took SIGTERM
+as its preemption notice and leaves the draining marker of :func:`draining_marker`): not
+ready, yet alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
-from shared.config import Settings
+from shared.config import Settings, spotserve_home
 from shared.subjects import ALL_SERVICES
 
-HEALTHY, UNHEALTHY, NO_NATS = 0, 1, 2
+HEALTHY, UNHEALTHY, NO_NATS, DRAINING = 0, 1, 2, 3
+
+
+def draining_marker(instance_id: str) -> Path:
+    """The file a terminating executor leaves for its own container's readiness check."""
+    return spotserve_home() / "draining" / instance_id
 
 
 def service_name(name: str) -> str:
@@ -81,4 +89,7 @@ def check(name: str, this_node: bool = False, timeout_s: float = 5.0) -> tuple[i
     where = " on this node" if this_node else ""
     if info is None:
         return UNHEALTHY, f"{service}: no instance{where} answered within {timeout_s:g} s"
+    instance_id = (info.get("metadata") or {}).get("instance_id")
+    if this_node and instance_id and draining_marker(instance_id).exists():
+        return DRAINING, f"{service}: {instance_id} is draining (it took SIGTERM as a notice)"
     return HEALTHY, f"{service}: {info.get('id', '?')}{where} answered"

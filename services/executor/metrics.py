@@ -93,6 +93,12 @@ MODEL_LOAD_SECONDS = Histogram(
     buckets=DURATION_BUCKETS,
 )
 
+TERMINATIONS = Counter(
+    "spotserve_executor_terminations_total",
+    "SIGTERMs taken as a preemption notice (executor.termination_grace_s set): the executor"
+    " announced its own preemption and drained until the grace period's end.",
+)
+
 
 def observe_engine_memory(
     max_slots: int, host_slots: int, free_slots: Callable[[], int], offloaded: Callable[[], int]

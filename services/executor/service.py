@@ -28,6 +28,7 @@ from services.executor.registration import Registration
 from services.executor.roles import RoleKeeper
 from services.executor.stage_link import Placement, StageLink
 from services.executor.steps import StepRunner
+from services.executor.termination import Termination
 from services.executor.weights import WeightsExchange
 from shared.config import ExecutorSettings
 from shared.loading.hostpool import load_from_host_pool
@@ -204,6 +205,9 @@ async def serve(context: ServiceContext) -> None:
     watch = asyncio.create_task(host.watch_ranks(), name="ranks")
     registration = Registration(context, instance_record(context, instance_id, engine))
     await registration.start()
+    termination = Termination(context, instance_id)
+    await asyncio.to_thread(termination.clear)
+    context.on_sigterm = termination.on_sigterm
     host.log.info("executor.ready", device=str(engine.device), model=str(model_dir))
     await context.stop.wait()
     plans.cancel()
