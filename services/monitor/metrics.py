@@ -1,5 +1,6 @@
 """The monitor's Prometheus metrics (served by shared.metrics; names ``spotserve_monitor_…``),
-and those of the per-node cloud agent (``spotserve_monitor_agent_…``, its own process)."""
+those of its Kubernetes watch (``spotserve_monitor_kubernetes_…``) and those of the per-node
+cloud agent (``spotserve_monitor_agent_…``, its own process)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,26 @@ from prometheus_client import Counter, Gauge
 from shared.messages import FleetEventKind, NoticeSource
 from shared.metrics import with_labels
 
-NOTICE_SOURCES: tuple[NoticeSource, ...] = ("aws", "gcp", "azure", "cli", "trace", "local")
+# The notice senders, and the monitor's own Kubernetes watch (services.monitor.kubernetes).
+NOTICE_SOURCES: tuple[NoticeSource | str, ...] = (
+    "aws",
+    "gcp",
+    "azure",
+    "cli",
+    "trace",
+    "local",
+    "kubernetes",
+)
 NOTICE_OUTCOMES = ("new", "updated", "duplicate", "cancelled", "rejected")
 EVENT_KINDS: tuple[FleetEventKind, ...] = ("joined", "preempt-notice", "lost", "left")
 
 PREEMPT_NOTICES = Counter(
     "spotserve_monitor_preempt_notices_total",
-    "Preemption notices the monitor answered, by source (aws, gcp, azure, cli, trace, local;"
-    " unknown for an unreadable one) and outcome: new, updated (moves the deadline earlier),"
-    " duplicate (folded into the notice already published), cancelled (an added instance that"
-    " had not joined: stopped, no event) or rejected (unreadable, unknown instance, or not"
-    " stored).",
+    "Preemption notices the monitor answered, by source (aws, gcp, azure, cli, trace, local,"
+    " kubernetes: its own watch of the API server; unknown for an unreadable one) and outcome:"
+    " new, updated (moves the deadline earlier), duplicate (folded into the notice already"
+    " published), cancelled (an added instance that had not joined: stopped, no event) or"
+    " rejected (unreadable, unknown instance, or not stored).",
     ["source", "outcome"],
 )
 with_labels(PREEMPT_NOTICES, NOTICE_SOURCES, NOTICE_OUTCOMES)
@@ -69,4 +79,40 @@ AGENT_POLL_ERRORS = with_labels(
         ["reason"],
     ),
     ("unreachable", "malformed"),
+)
+
+KUBERNETES_DISRUPTIONS = Counter(
+    "spotserve_monitor_kubernetes_disruptions_total",
+    "Executor pods the Kubernetes watch saw going away (once each), by outcome: preemption (a"
+    " spot reclaim: preempt notices for the instances) or rollout (no notice: the executor"
+    " announces its own departure), and the signal's reason.",
+    ["outcome", "reason"],
+)
+for _reason in (
+    "impending-node-termination",
+    "spot-itn",
+    "aks-spot-eviction",
+    "spot-cordon",
+    "out-of-service",
+    "node-deleted",
+    "TerminationByKubelet",
+    "DeletionByTaintManager",
+    "node-shutdown",
+    "other",
+):
+    KUBERNETES_DISRUPTIONS.labels("preemption", _reason)
+for _reason in ("EvictionByEvictionAPI", "PreemptionByScheduler", "DeletionByPodGC", "deleted"):
+    KUBERNETES_DISRUPTIONS.labels("rollout", _reason)
+KUBERNETES_DISRUPTIONS.labels("rollout", "other")
+
+KUBERNETES_WATCH_ERRORS = with_labels(
+    Counter(
+        "spotserve_monitor_kubernetes_watch_errors_total",
+        "Failed lists and watches of the Kubernetes API and the events skipped, by resource"
+        " (nodes, pods) and reason: unreachable, http (an error answer), malformed (an event or"
+        " object skipped), gone (410: listed again).",
+        ["resource", "reason"],
+    ),
+    ("nodes", "pods"),
+    ("unreachable", "http", "malformed", "gone"),
 )

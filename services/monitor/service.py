@@ -35,8 +35,13 @@ followed by a notice for an instance that has joined gives joined + preempt-noti
 planner merges those inside one grace period. Children still running when the monitor stops
 are terminated.
 
+Kubernetes (``monitor.kubernetes``): the monitor also watches the API server's nodes and
+executor pods, and a spot reclaim it sees there becomes a notice for each registered executor
+on the node (``services.monitor.kubernetes``); a rollout publishes nothing.
+
 Parts: ``fleet`` (the state and its events, ``events`` the stream), ``registry`` (the bucket
-and the leases), ``notices``, ``processes`` (the local provider) and ``endpoints``.
+and the leases), ``notices``, ``processes`` (the local provider), ``kubernetes`` and
+``endpoints``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from nats.js.kv import KeyValue
 
 from services.monitor.endpoints import Endpoints, observe_instances
 from services.monitor.fleet import Fleet
+from services.monitor.kubernetes import KubernetesWatcher, resolve_config
 from services.monitor.notices import Notices
 from services.monitor.processes import LocalProcesses
 from services.monitor.registry import Registry
@@ -72,11 +78,28 @@ class Monitor:
         self.notices = Notices(self.settings, self.fleet, self.processes, self.log)
         self.registry = Registry(self.settings, kv, self.fleet, self.notices, self.log)
         self.endpoints = Endpoints(self.settings, self.fleet, self.notices, self.processes)
+        self.kubernetes: KubernetesWatcher | None = None
+        if self.settings.kubernetes:  # a configuration problem stops the start here
+            self.kubernetes = KubernetesWatcher(
+                self.settings,
+                resolve_config(self.settings),
+                self.notices.apply,
+                self._incarnation_of,
+                self.log,
+            )
+
+    def _incarnation_of(self, instance_id: str) -> str | None:
+        tracked = self.fleet.instances.get(instance_id)
+        return None if tracked is None else tracked.incarnation
 
     async def start(self) -> None:
         await self.registry.start()
+        if self.kubernetes is not None:  # after the rebuild: notices find the instances
+            await self.kubernetes.start()
 
     async def stop(self) -> None:
+        if self.kubernetes is not None:
+            await self.kubernetes.stop()
         await self.registry.stop()
         await self.notices.stop()
         await self.processes.stop_all()
@@ -99,6 +122,7 @@ async def serve(context: ServiceContext) -> None:
             "node": monitor.node,
             "lease_s": str(settings.lease_s),
             "local_provider": str(settings.local_provider).lower(),
+            "kubernetes": str(settings.kubernetes).lower(),
         },
     )
     await add_raw_endpoint(service, NOTICE_ENDPOINT, endpoints.on_notice)
