@@ -256,9 +256,8 @@ async def wait_replicated(
 async def prepare_streams(url: str, timeout_s: float = 120.0) -> None:
     """Create every stream, bucket and the object store with three replicas before the
     services start, and wait until they are fully replicated. (Each service creates them too,
-    at its start; seven services creating some thirty R3 assets at once on a small machine can
-    make one JetStream call time out, and a service exits at its start on that: see
-    docs/operations.md.)"""
+    at its start, asking again while JetStream is slow to answer: seven services creating
+    some thirty R3 assets at once on a small machine can make one call time out.)"""
     nc = await connect(url, NatsSettings(), name="failover-setup", deadline_s=30)
     try:
         js = nc.jetstream(timeout=10)

@@ -30,6 +30,8 @@ RECONNECT_WAIT_S = 0.5
 CONNECT_CHECK_S = 0.1
 # Bound on each JetStream API call of a context made by connect_jetstream.
 JETSTREAM_TIMEOUT_S = 10.0
+# How long a starting service keeps asking JetStream to create its streams.
+JETSTREAM_READY_S = 60.0
 
 
 class NatsUnavailableError(RuntimeError):
@@ -209,13 +211,38 @@ def _is_auth_error(exc: BaseException) -> bool:
 
 
 async def connect_jetstream(
-    nc: Client, timeout_s: float = JETSTREAM_TIMEOUT_S, replicas: int = 1
+    nc: Client,
+    timeout_s: float = JETSTREAM_TIMEOUT_S,
+    replicas: int = 1,
+    ready_s: float = JETSTREAM_READY_S,
 ) -> JetStreamContext:
     """A JetStream context whose streams, buckets and object store exist (``replicas`` each
-    when this call creates them)."""
+    when this call creates them). A JetStream that does not answer in time (a cluster electing
+    leaders, or creating the same replicated streams for every other starting service) is
+    asked again for ``ready_s``; then :class:`NatsUnavailableError`."""
     js = nc.jetstream(timeout=timeout_s)
-    await ensure_streams(js, replicas)
-    return js
+    deadline = time.monotonic() + ready_s
+    delay_s = 0.5
+    while True:
+        try:
+            await ensure_streams(js, replicas)
+            return js
+        except (NatsError, TimeoutError) as exc:
+            if time.monotonic() + delay_s > deadline:
+                raise NatsUnavailableError(
+                    f"JetStream did not create spotserve's streams within {ready_s:g} s"
+                    f" (last error: {exc!r}); is JetStream enabled, and may this user use it?"
+                ) from exc
+            log.warning("jetstream.not_ready", error=repr(exc), retry_in_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
+
+
+async def reconnected_since(nc: Client, reconnects: int, poll_s: float = 0.2) -> None:
+    """Return once ``nc`` has reconnected (again) since its count was ``reconnects``."""
+    # The counter belongs to nats-py's client (no event to wait on): polled.
+    while nc.stats["reconnects"] == reconnects:  # noqa: ASYNC110
+        await asyncio.sleep(poll_s)
 
 
 async def _log_error(exc: Exception) -> None:

@@ -94,6 +94,15 @@ def executor_release_subject(instance_id: str) -> str:
     return f"{API_PREFIX}.executor.{instance_id}.release"
 
 
+def executor_reconnected_subject(instance_id: str) -> str:
+    """An executor's NATS connection came back (core NATS, empty, no reply): a step reply it
+    sent while away is lost, so the scheduler recovers that step now, not at its timeout."""
+    return f"{API_PREFIX}.executor.{instance_id}.reconnected"
+
+
+EXECUTOR_RECONNECTED_SUBJECTS = executor_reconnected_subject("*")
+
+
 # Converted models, chunked in a JetStream Object Store: a new node gets a model over NATS alone.
 MODELS_BUCKET = "spotserve-models"
 # Each node's loader inventory (key = node): what it holds where, and its measured bandwidths.

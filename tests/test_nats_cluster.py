@@ -71,9 +71,7 @@ from tests.helpers import eventually
 REQUESTS, MAX_TOKENS = 4, 40
 # The migration scenario (as tests/test_reparallelization.py's): a request long enough to
 # outlast the grace period, which is short enough that it must move (by its move time, a
-# good second before the deadline). One request: the other executor stays idle, so no step
-# of its own can be lost with the killed server (docs/operations.md, "A clustered
-# JetStream": such a step waits for the scheduler's step timeout).
+# good second before the deadline).
 MIGRATION_REQUESTS, MIGRATION_TOKENS, GRACE_S = 1, 960, 3.0
 MIGRATION_PROMPT = "A request that moves with its KV cache, number"
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -101,9 +99,8 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
 def r3_cluster(
     nats_cluster: NatsCluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
-    # Every stream, bucket and the object store created (R3) before the services start: seven
-    # services creating them at once on a small machine can time out a JetStream call, and
-    # a service exits at its start on that (docs/operations.md, "A clustered JetStream").
+    # Every stream, bucket and the object store created (R3) before the services start, so
+    # that they start at once (each would ask again while seven create them together).
     asyncio.run(prepare_streams(nats_cluster.url))
     cluster = LocalCluster(
         tmp_path_factory.mktemp("r3-cluster"),
@@ -279,8 +276,8 @@ async def test_losing_a_server_while_kv_caches_migrate(
         # the scheduler's hands (a fraction of a second; the caches move by their move time,
         # about two seconds later): kill the holder's server. Waiting for the plan first keeps
         # the test about the migration: a plan follower whose consumer lived on the killed
-        # server sees the next plan only after its missed-heartbeat reset (10-20 s, past the
-        # deadline), and the requests are then recomputed (docs/operations.md).
+        # server sees the next plan only after its missed-heartbeat reset (2-3 s,
+        # shared.readers.FOLLOW_HEARTBEAT_S, about the grace period here).
         def moving_plan() -> bool:
             return any(
                 holder not in record.get("serving", [holder])  # type: ignore[operator]
@@ -295,8 +292,8 @@ async def test_losing_a_server_while_kv_caches_migrate(
 
         # The request outlived the holder (SIGKILLed at its deadline): it left the holder,
         # moved by the plan (its KV cache streamed peer to peer) or resumed elsewhere from its
-        # committed tokens. (Today a step in flight to the holder when its server dies is
-        # lost, and that loop waits until the holder is gone: docs/operations.md.)
+        # committed tokens (a step in flight to the holder when its server died is given up
+        # once the holder announces its reconnect).
         async def holder_killed() -> str | None:
             return next(
                 (

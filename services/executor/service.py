@@ -10,6 +10,7 @@ dedicated thread (:mod:`services.executor.host`) so the event loop keeps answeri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+from nats.errors import Error as NatsError
 from nats.micro.service import Service
 
 from services.executor import metrics
@@ -30,6 +32,7 @@ from services.executor.stage_link import Placement, StageLink
 from services.executor.steps import StepRunner
 from services.executor.termination import Termination
 from services.executor.weights import WeightsExchange
+from shared.bus import reconnected_since
 from shared.config import ExecutorSettings
 from shared.loading.hostpool import load_from_host_pool
 from shared.messages import HostLease, InstanceRecord
@@ -49,6 +52,7 @@ from shared.rpc import (
     add_raw_endpoint,
 )
 from shared.runtime import ServiceContext
+from shared.subjects import executor_reconnected_subject
 from shared.transfer import TensorInbox
 
 
@@ -145,6 +149,17 @@ async def load_engine(
     return engine
 
 
+async def announce_reconnects(context: ServiceContext, instance_id: str) -> None:
+    """Tell the scheduler each time this connection comes back: a step reply sent while it was
+    away is lost (core NATS), and the scheduler then recovers that step at once."""
+    subject = executor_reconnected_subject(instance_id)
+    while not context.stop.is_set():
+        await reconnected_since(context.nc, context.nc.stats["reconnects"])
+        context.log.info("executor.reconnected", instance_id=instance_id)
+        with contextlib.suppress(NatsError):
+            await context.nc.publish(subject, b"")
+
+
 def service_metadata(
     settings: ExecutorSettings, instance_id: str, engine: InferenceEngine, model_dir: Path
 ) -> dict[str, str]:
@@ -203,6 +218,7 @@ async def serve(context: ServiceContext) -> None:
     await executor.inbox.start()
     plans = asyncio.create_task(follow_plans(context, executor.roles.take_role), name="plans")
     watch = asyncio.create_task(host.watch_ranks(), name="ranks")
+    reconnects = asyncio.create_task(announce_reconnects(context, instance_id), name="reconnects")
     registration = Registration(context, instance_record(context, instance_id, engine))
     await registration.start()
     termination = Termination(context, instance_id)
@@ -212,6 +228,7 @@ async def serve(context: ServiceContext) -> None:
     await context.stop.wait()
     plans.cancel()
     watch.cancel()
+    reconnects.cancel()
     await registration.stop()
     await service.stop()
     await executor.inbox.stop()

@@ -46,7 +46,7 @@ from shared.model.profile import (
     save_parallel_profile,
 )
 from shared.modelsource import resolve_model
-from shared.readers import read_serving_mode
+from shared.readers import FOLLOW_HEARTBEAT_S, read_serving_mode
 from shared.rpc import INFLIGHT_ENDPOINT, RpcError, call
 from shared.runtime import ServiceContext
 from shared.subjects import (
@@ -217,7 +217,10 @@ class Planner:
         self.previous, self.plan_seq = await last_plan(self.context)
         observe_current(self.previous)
         subscription = await self.context.js.subscribe(
-            f"{FLEET_SUBJECT_PREFIX}.*", stream=FLEET_STREAM, ordered_consumer=True
+            f"{FLEET_SUBJECT_PREFIX}.*",
+            stream=FLEET_STREAM,
+            ordered_consumer=True,
+            idle_heartbeat=FOLLOW_HEARTBEAT_S,
         )
         try:
             while not self.context.stop.is_set():

@@ -28,7 +28,7 @@ from services.scheduler.executors import ExecutorHandle, ExecutorPool
 from services.scheduler.policy_base import SchedulerPolicy
 from services.scheduler.sequence import Sequence
 from services.scheduler.tokens import IterationOutput, TokenPublisher
-from shared.readers import cancel_requested
+from shared.readers import FOLLOW_HEARTBEAT_S, cancel_requested
 from shared.runtime import ServiceContext
 from shared.subjects import CANCEL_MARKERS_SUBJECT, REQUESTS_BUCKET
 from shared.waiting import sleep_unless_stopped
@@ -98,6 +98,7 @@ class Cancellations:
             stream=f"KV_{REQUESTS_BUCKET}",
             cb=on_marker,
             ordered_consumer=True,
+            idle_heartbeat=FOLLOW_HEARTBEAT_S,
             deliver_policy=DeliverPolicy.NEW,
             headers_only=True,
         )

@@ -9,15 +9,18 @@ caches elsewhere (or restart from scratch under the baselines' plans).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from services.scheduler import metrics
 from services.scheduler.policy_base import ExecutorView, SchedulerPolicy
 from services.scheduler.reconfigure import PlannedMove, restarts_lost_requests, serves
+from shared.bus import reconnected_since
 from shared.discovery import discover
 from shared.messages import Plan, ReleaseCommand, StepCommand, StepResult
 from shared.rpc import (
@@ -29,7 +32,7 @@ from shared.rpc import (
     call,
 )
 from shared.runtime import ServiceContext
-from shared.subjects import SERVICE_EXECUTOR
+from shared.subjects import EXECUTOR_RECONNECTED_SUBJECTS, SERVICE_EXECUTOR
 from shared.waiting import wait_event
 
 # An executor missing from this many discoveries in a row is considered gone.
@@ -54,6 +57,9 @@ class ExecutorHandle:
     missed_discoveries: int = 0
     # Set when the executor is considered dead: an in-flight step stops waiting for it.
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the executor says its NATS connection came back: a reply it sent meanwhile is
+    # lost, so an in-flight step stops waiting for it too.
+    reconnected: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     # Requests a plan moves off this executor -> when they move (whichever comes first).
     moves: dict[str, PlannedMove] = field(default_factory=dict)
@@ -172,29 +178,47 @@ class ExecutorPool:
     async def step(self, handle: ExecutorHandle, command: StepCommand) -> StepResult:
         """The step's reply, or StepFailedError as soon as discovery declares the executor dead
         (a request to a killed process would otherwise wait for the whole step timeout)."""
+        handle.reconnected.clear()
         step = asyncio.create_task(self._step(handle.view.instance_id, command))
         gone = asyncio.create_task(handle.gone.wait())
         reconnects = self.context.nc.stats["reconnects"]
-        reconnected = asyncio.create_task(self._reconnect_after(reconnects))
+        reconnected = asyncio.create_task(
+            reconnected_since(self.context.nc, reconnects, RECONNECT_POLL_S)
+        )
+        peer_reconnected = asyncio.create_task(handle.reconnected.wait())
+        waits = {gone, reconnected, peer_reconnected}
         try:
-            await asyncio.wait({step, gone, reconnected}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({step, *waits}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            gone.cancel()
-            reconnected.cancel()
+            for wait in waits:
+                wait.cancel()
         if not step.done():
             step.cancel()
             if handle.gone.is_set():
                 raise StepFailedError("executor gone during the step", executor_lost=True)
             # A reply sent while NATS was away is lost for good (core NATS does not redeliver):
             # recover now (recompute from the committed tokens), not after the step timeout.
-            raise StepFailedError("NATS reconnected during the step", executor_lost=False)
+            whose = "the executor's" if handle.reconnected.is_set() else "our"
+            message = f"{whose} NATS connection came back during the step"
+            raise StepFailedError(message, executor_lost=False)
         return step.result()
 
-    async def _reconnect_after(self, reconnects: int) -> None:
-        """Returns once the NATS connection has reconnected (again) since ``reconnects``."""
-        # The counter belongs to nats-py's client (no event to wait on): polled, slowly.
-        while self.context.nc.stats["reconnects"] == reconnects:  # noqa: ASYNC110
-            await asyncio.sleep(RECONNECT_POLL_S)
+    async def watch_reconnects(self) -> None:
+        """Executors announce their reconnects (``executor_reconnected_subject``)."""
+
+        async def on_reconnected(message: Msg) -> None:
+            handle = self.executors.get(message.subject.split(".")[-2])
+            if handle is not None:
+                handle.reconnected.set()
+
+        subscription = await self.context.nc.subscribe(
+            EXECUTOR_RECONNECTED_SUBJECTS, cb=on_reconnected
+        )
+        try:
+            await self.context.stop.wait()
+        finally:
+            with contextlib.suppress(NatsError):
+                await subscription.unsubscribe()
 
     async def _step(self, instance_id: str, command: StepCommand) -> StepResult:
         try:

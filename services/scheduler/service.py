@@ -101,6 +101,7 @@ class Scheduler:
             asyncio.create_task(self.cancellations.sweep(), name="cancel-sweep"),
             asyncio.create_task(self.intake.consume(), name="consume"),
             asyncio.create_task(self.pool.discover(), name="discover"),
+            asyncio.create_task(self.pool.watch_reconnects(), name="executor-reconnects"),
             asyncio.create_task(self.intake.keepalive(), name="keepalive"),
             asyncio.create_task(follow_plans(self.context, self.plans.apply_plan), name="plans"),
         ]
