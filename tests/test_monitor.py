@@ -28,7 +28,9 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
+from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from nats.micro.service import ServiceConfig
 
 from shared.bus import connect
 from shared.cluster import LocalCluster, ServiceProcess
@@ -275,6 +277,37 @@ async def test_sigkill_without_notice_is_lost_after_the_lease(rig: Rig) -> None:
     assert lost.event.deadline is None and lost.event.source == "monitor"
     assert await rig.record("lost-a") is None  # the monitor removed the stale record
     assert rig.events.kinds("lost-a") == ["joined", "lost"]
+
+
+async def test_an_executor_that_answers_keeps_its_lease_without_heartbeats(rig: Rig) -> None:
+    """Heartbeats JetStream did not store (a clustered JetStream electing the bucket's leader)
+    are no death: a lease that ran out is confirmed over NATS, and only silence ends it."""
+    now = time.time()
+    record = InstanceRecord(
+        instance_id="quiet-a",
+        node="elsewhere",
+        devices=1,
+        device_kind="cpu",
+        device_memory_bytes=1 << 30,
+        started_at=now,
+        heartbeat_at=now,
+    )
+    metadata = {"instance_id": "quiet-a"}
+    config = ServiceConfig(name=SERVICE_EXECUTOR, version="0.0.0", metadata=metadata)
+    answering = await add_service(rig.nc, config)  # answers $SRV as the executor would
+    await rig.kv.put("quiet-a", encode(record))  # registered once, never again
+    await rig.joined("quiet-a")
+    monitor_log = rig.cluster.log_dir / "monitor.log"
+
+    def kept() -> bool:
+        text = monitor_log.read_text(encoding="utf-8")
+        return '"registry.lease_late_but_answering"' in text and '"quiet-a"' in text
+
+    await eventually(kept, "the monitor to keep the answering executor's lease", LEASE_S * 10)
+    assert rig.events.kinds("quiet-a") == ["joined"]
+    await answering.stop()
+    lost = await rig.events.wait("quiet-a", "lost", timeout_s=LEASE_S * 10)
+    assert lost.event.source == "monitor"
 
 
 # -- the local provider: add and preempt ---------------------------------------------------------

@@ -28,6 +28,7 @@ from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 
 from bench.nats_failover import (
+    GREEDY,
     REPLICAS,
     STREAMS,
     Received,
@@ -74,7 +75,6 @@ REQUESTS, MAX_TOKENS = 4, 40
 # good second before the deadline).
 MIGRATION_REQUESTS, MIGRATION_TOKENS, GRACE_S = 1, 960, 3.0
 MIGRATION_PROMPT = "A request that moves with its KV cache, number"
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
 # Generous: each wait covers a leader election or two on a slow, shared 2-core machine.
 WAIT_S = 120.0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,8 @@ class Registry:
     fleet: Fleet
     notices: Notices
     log: structlog.stdlib.BoundLogger
+    # The instance ids whose executors answer over NATS right now (None: leases alone judge).
+    answering: Callable[[], Awaitable[set[str]]] | None = None
     _entries: asyncio.Queue[KeyValue.Entry] = field(default_factory=asyncio.Queue, init=False)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list, init=False)
     _watcher: KeyValue.KeyWatcher | None = field(default=None, init=False)
@@ -205,15 +208,26 @@ class Registry:
         await self._check_pending(now)
 
     async def _check_leases(self, now: float) -> None:
-        for tracked in list(self.fleet.instances.values()):
-            if now - tracked.last_seen > self.settings.lease_s:
-                metrics.LEASE_EXPIRATIONS.inc()
-                self.log.warning(
-                    "registry.lease_expired",
-                    instance_id=tracked.record.instance_id,
-                    silent_s=round(now - tracked.last_seen, 3),
-                )
-                await self.fleet.end(tracked, tracked.end_kind, source="monitor", delete_key=True)
+        expired = [
+            tracked
+            for tracked in self.fleet.instances.values()
+            if now - tracked.last_seen > self.settings.lease_s
+        ]
+        if not expired:
+            return
+        # A heartbeat JetStream could not store (a clustered JetStream electing the bucket's
+        # leader) is no death: an executor that still answers keeps its lease.
+        answering = await self.answering() if self.answering is not None else set()
+        for tracked in expired:
+            instance_id = tracked.record.instance_id
+            silent_s = round(now - tracked.last_seen, 3)
+            if instance_id in answering:
+                self.log.warning("registry.lease_late_but_answering", instance_id=instance_id)
+                tracked.last_seen = now
+                continue
+            metrics.LEASE_EXPIRATIONS.inc()
+            self.log.warning("registry.lease_expired", instance_id=instance_id, silent_s=silent_s)
+            await self.fleet.end(tracked, tracked.end_kind, source="monitor", delete_key=True)
 
     async def _check_pending(self, now: float) -> None:
         """Additions whose process exited, or that did not join in time, are given up."""

@@ -3,7 +3,10 @@
 Registry: executors put an :class:`InstanceRecord` under their instance id in the KV bucket
 ``spotserve-instances`` when they serve, re-put it every ``monitor.heartbeat_s`` and delete it
 on a clean stop. The monitor watches the bucket and keeps each instance's lease on its own
-clock (the time it last saw an update), so the instances' clocks do not matter.
+clock (the time it last saw an update), so the instances' clocks do not matter. A lease that
+ran out is confirmed over NATS first: an executor that still answers ``$SRV.INFO`` (its
+heartbeats were not stored, e.g. while a clustered JetStream elected the bucket's leader)
+keeps it.
 
 Fleet events (stream ``SPOTSERVE_FLEET``, subject ``spotserve.v1.fleet.events.<kind>``), one per
 change, in the order the monitor decided them:
@@ -46,6 +49,10 @@ and the leases), ``notices``, ``processes`` (the local provider), ``kubernetes``
 
 from __future__ import annotations
 
+from functools import partial
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
 
 from services.monitor.endpoints import Endpoints, observe_instances
@@ -54,6 +61,7 @@ from services.monitor.kubernetes import KubernetesWatcher, resolve_config
 from services.monitor.notices import Notices
 from services.monitor.processes import LocalProcesses
 from services.monitor.registry import Registry
+from shared.discovery import discover
 from shared.modelsource import node_name
 from shared.rpc import (
     ADD_ENDPOINT,
@@ -63,7 +71,19 @@ from shared.rpc import (
     add_raw_endpoint,
 )
 from shared.runtime import ServiceContext
-from shared.subjects import instances_bucket
+from shared.subjects import SERVICE_EXECUTOR, instances_bucket
+
+# How long a lease check waits for executors' $SRV answers.
+ANSWER_WINDOW_S = 0.5
+
+
+async def answering(nc: Client) -> set[str]:
+    """The instance ids of the executors that answer ``$SRV.INFO`` now (none without NATS)."""
+    try:
+        infos = await discover(nc, SERVICE_EXECUTOR, verb="INFO", window_s=ANSWER_WINDOW_S)
+    except NatsError:
+        return set()
+    return {str((info.get("metadata") or {}).get("instance_id")) for info in infos}
 
 
 class Monitor:
@@ -76,7 +96,9 @@ class Monitor:
         self.fleet = Fleet(context, kv, self.log)
         self.processes = LocalProcesses(context, self.fleet, self.node, self.log)
         self.notices = Notices(self.settings, self.fleet, self.processes, self.log)
-        self.registry = Registry(self.settings, kv, self.fleet, self.notices, self.log)
+        self.registry = Registry(
+            self.settings, kv, self.fleet, self.notices, self.log, partial(answering, context.nc)
+        )
         self.endpoints = Endpoints(self.settings, self.fleet, self.notices, self.processes)
         self.kubernetes: KubernetesWatcher | None = None
         if self.settings.kubernetes:  # a configuration problem stops the start here

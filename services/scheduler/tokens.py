@@ -25,9 +25,11 @@ from shared.waiting import backoff_delays
 # Iterations computed but not yet committed, at most: enough to overlap committing with the
 # next iterations, few enough that a stalled JetStream stops the executors soon.
 OUTBOX_ITERATIONS = 4
-# Backoff while JetStream refuses a commit: from the first delay, doubling up to the last.
+# Backoff while JetStream refuses a commit: from the first delay, doubling up to the last
+# (short: a clustered JetStream answers again as soon as it has elected the stream's leader,
+# and every token of the batch waits for that commit).
 COMMIT_RETRY_FIRST_S = 0.1
-COMMIT_RETRY_MAX_S = 5.0
+COMMIT_RETRY_MAX_S = 1.0
 
 
 @dataclass
