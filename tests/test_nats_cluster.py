@@ -82,10 +82,6 @@ ENV = {
     **failover_env(max_batch_size=2),  # R3, the batch spread over both executors
     "SPOTSERVE_PLANNER__DEBOUNCE_S": "0.2",
     "SPOTSERVE_PLANNER__RATE_POLL_S": "0.5",  # a new serving mode is planned for at once
-    # Longer than a JetStream leader election: with the 5 s default, an election of the
-    # instances bucket's stream outlasts the executors' heartbeat lease and the monitor
-    # declares both live executors lost (docs/operations.md, "A clustered JetStream").
-    "SPOTSERVE_MONITOR__LEASE_S": "15",
 }
 
 
