@@ -50,9 +50,9 @@ from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode, encode
 from shared.config import NatsSettings
-from shared.messages import InflightReport, ModeRequest, Plan
+from shared.messages import InflightReport, ModeReply, ModeRequest, Plan
 from shared.natsserver import NatsCluster
-from shared.rpc import MODE_ENDPOINT, call
+from shared.rpc import MODE_ENDPOINT, Unavailable, call
 from shared.subjects import (
     ADMIN_BUCKET,
     FLEET_NOTICE,
@@ -333,8 +333,16 @@ async def test_the_planner_survives_losing_the_plans_leader(
     nc = await connect(nats_cluster.servers[keeper].url, NatsSettings(), "r3-operator", 10)
     try:
         nats_cluster.kill(victim)
+
         # A new serving mode makes the planner plan again (it polls the mode every 0.5 s here).
-        changed = await call(nc, MODE_ENDPOINT, ModeRequest(mode="reroute"), timeout_s=30)
+        # Admission may have been connected to the victim: asked again until it is back.
+        async def set_mode() -> ModeReply | None:
+            try:
+                return await call(nc, MODE_ENDPOINT, ModeRequest(mode="reroute"), timeout_s=30)
+            except Unavailable:
+                return None
+
+        changed = await eventually(set_mode, "admission to take the new mode", WAIT_S)
         assert changed.mode == "reroute"
 
         async def rerouting() -> bool:

@@ -25,6 +25,12 @@ ENV = {
     "SPOTSERVE_PLANNER__RATE_POLL_S": "1",
 }
 BOUND = 0.5
+# P99 of ~90 requests is one or two of them, and on a 2-core machine the slowest are those
+# decoding while executors added by the trace start up (importing torch, loading, warming up
+# take the cores the serving executor needs), which the simulation does not model: simulated
+# over live P99 came out 0.41-0.77 across runs of one commit. A factor of 3 still catches a
+# request the simulation misses entirely (8.5 s live against 0.7 s simulated once).
+P99_FACTOR = 3.0
 
 
 @pytest.mark.skipif(not A_S.is_file(), reason=f"the kit's traces are not at {KIT_TRACES}")
@@ -42,11 +48,14 @@ def test_the_simulation_predicts_a_live_replay(tiny_model_dir: Path, tmp_path: P
     live, sim = result.live["counts"], result.sim["counts"]
     assert live["completed"] == live["requests"] == sim["completed"] > 30, shown
     assert result.live["preemptions"] == result.sim["preemptions"] == 3, shown
-    for percentile in ("p50", "p99"):
-        assert 1 - BOUND <= result.ratio(percentile) <= 1 + BOUND, shown
+    assert 1 - BOUND <= result.ratio("p50") <= 1 + BOUND, shown
+    assert 1 / P99_FACTOR <= result.ratio("p99") <= P99_FACTOR, shown
     migrations, reconfigurations = result.counts("migrations"), result.counts("reconfigurations")
     assert migrations[0] == migrations[1], shown
-    assert reconfigurations[0] == reconfigurations[1] >= 7, shown
+    # The planner also replans when the measured arrival rate crosses a threshold: a live rate
+    # that lands a little either side of one adds or saves a reconfiguration.
+    assert abs(reconfigurations[0] - reconfigurations[1]) <= 1, shown
+    assert min(reconfigurations) >= 7, shown
 
 
 def test_the_intake_holds_what_arrives_within_the_window_of_a_fetch_that_returned() -> None:
