@@ -31,9 +31,15 @@ from shared.config import NatsSettings
 from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.tokenizer import TextTokenizer
 
-DEFAULT_TRACE = (
-    Path(__file__).resolve().parents[2] / "shared/traces/azure/AzureLLMInferenceTrace_conv.csv"
-)
+AZURE_TRACES = Path(__file__).resolve().parents[2] / "shared/traces/azure"
+DEFAULT_TRACE = AZURE_TRACES / "AzureLLMInferenceTrace_conv.csv"
+# Named workloads: the Azure traces whose (input, output) lengths they sample; "mix" takes as
+# many rows from each.
+WORKLOADS: dict[str, tuple[str, ...]] = {
+    "azure-conv": ("AzureLLMInferenceTrace_conv.csv",),
+    "azure-code": ("AzureLLMInferenceTrace_code.csv",),
+    "mix": ("AzureLLMInferenceTrace_conv.csv", "AzureLLMInferenceTrace_code.csv"),
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,15 @@ def load_lengths(trace: Path) -> list[tuple[int, int]]:
             for row in csv.DictReader(handle)
             if int(row["ContextTokens"]) > 0 and int(row["GeneratedTokens"]) > 0
         ]
+
+
+def workload_lengths(name: str, traces: Path = AZURE_TRACES) -> list[tuple[int, int]]:
+    """The (input, output) lengths of a named workload, equally many rows from each trace."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+    parts = [load_lengths(traces / file) for file in WORKLOADS[name]]
+    rows = min(len(part) for part in parts)
+    return [row for part in parts for row in part[:rows]]
 
 
 def make_jobs(

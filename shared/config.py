@@ -100,9 +100,25 @@ class MlfqSettings(BaseModel):
     starvation_s: float = Field(default=10.0, gt=0)
 
 
+class AdaptiveSettings(BaseModel):
+    """The adaptive policy (services.scheduler.gittins): Gittins index of attained service."""
+
+    # Finished requests whose output lengths make the distribution (the most recent ones).
+    window: int = Field(default=1000, ge=1)
+    # Below this many finished requests every index is equal: first come, first served.
+    min_samples: int = Field(default=20, ge=1)
+    # The index table is computed again after this many more have finished.
+    recompute_every: int = Field(default=32, ge=1)
+    # A request older than age_factor x the mean service time of finished ones (and than
+    # min_age_s) goes ahead of everything, oldest first: its wait is bounded.
+    age_factor: float = Field(default=4.0, gt=0)
+    min_age_s: float = Field(default=5.0, ge=0)
+
+
 class SchedulerSettings(BaseModel):
-    policy: Literal["fcfs", "skip-join-mlfq"] = "fcfs"
+    policy: Literal["fcfs", "skip-join-mlfq", "adaptive"] = "fcfs"
     mlfq: MlfqSettings = MlfqSettings()
+    adaptive: AdaptiveSettings = AdaptiveSettings()
     # The prefill-time profile (`spotserve profile`); None: the default location for the model.
     profile_path: Path | None = None
     max_batch_size: int = Field(default=8, ge=1)

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from services.scheduler.gittins import GittinsPolicy
 from services.scheduler.mlfq import SkipJoinMlfqPolicy
 from services.scheduler.policy_base import ExecutorView, SchedulerPolicy, StepOutput
 from services.scheduler.sequence import Sequence
-from shared.config import MlfqSettings
+from shared.config import AdaptiveSettings, MlfqSettings
 
 # The interface lives in policy_base; it is named here too, where callers look for policies.
 __all__ = [
@@ -97,17 +98,20 @@ class FcfsPolicy(SchedulerPolicy):
         return len(self.waiting) + sum(len(running) for running in self.running.values())
 
 
-POLICY_NAMES = ("fcfs", "skip-join-mlfq")
+POLICY_NAMES = ("fcfs", "skip-join-mlfq", "adaptive")
 
 
 def make_policy(
     name: str,
     mlfq: MlfqSettings | None = None,
     prefill_time_s: Callable[[int], float] | None = None,
+    adaptive: AdaptiveSettings | None = None,
 ) -> SchedulerPolicy:
     """The policy called ``name``; skip-join MLFQ needs the profiled prefill time."""
     if name == "fcfs":
         return FcfsPolicy()
+    if name == "adaptive":  # without a profile: prefills are not counted in the index
+        return GittinsPolicy(adaptive or AdaptiveSettings())
     if name == "skip-join-mlfq":
         if prefill_time_s is None:
             raise ValueError("skip-join-mlfq needs a prefill-time profile (spotserve profile)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from services.scheduler import metrics
 from services.scheduler.cancellation import Cancellations
 from services.scheduler.executors import ExecutorHandle, ExecutorPool
+from services.scheduler.gittins import GittinsPolicy, prefill_in_tokens
 from services.scheduler.intake import RequestIntake
 from services.scheduler.iteration import IterationLoop
 from services.scheduler.mlfq import SkipJoinMlfqPolicy
@@ -142,10 +143,14 @@ def observe_gauges(scheduler: Scheduler) -> None:
 
 
 def build_policy(settings: SchedulerSettings, model_dir: Path) -> SchedulerPolicy:
-    if settings.policy != "skip-join-mlfq":
+    if settings.policy == "fcfs":
         return make_policy(settings.policy)
     path = settings.profile_path or find_profile(model_dir)
     profile = load_profile(path) if path else None
+    if settings.policy == "adaptive":
+        # Without a profile, a prefill is not counted in a new job's index.
+        prefill = prefill_in_tokens(profile, settings.max_batch_size) if profile else None
+        return GittinsPolicy(settings.adaptive, prefill)
     if profile is None:
         raise ConfigurationError(
             f"policy skip-join-mlfq needs a timing profile of {model_dir}: run `spotserve profile"

@@ -1,0 +1,122 @@
+"""The adaptive policy (services.scheduler.gittins): the Gittins index it learns from finished
+jobs orders like first come, first served where lengths vary little, like least attained
+service where they are heavy-tailed, counts a new job's prefill, and bounds every wait."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import numpy as np
+import pytest
+from nats.aio.msg import Msg
+
+from services.scheduler.gittins import GittinsPolicy, entry_index, gittins_indices
+from services.scheduler.policy import ExecutorView, StepOutput
+from services.scheduler.sequence import Sequence
+from shared.config import AdaptiveSettings
+from shared.model.tokenizer import TextTokenizer
+from tests.test_mlfq import FakeClock, FakeMessage, Jobs, ids_of, make_request
+
+SETTINGS = AdaptiveSettings(min_samples=10, recompute_every=1, age_factor=4.0, min_age_s=0.0)
+VIEW = ExecutorView("e1", max_batch_size=1)
+
+
+def test_steady_lengths_favour_the_job_that_has_run_longest() -> None:
+    indices = gittins_indices([100] * 50, 100)
+    assert np.all(np.diff(indices) > 0)  # first come, first served: finish what is started
+
+
+def test_heavy_tailed_lengths_favour_the_job_that_has_run_least() -> None:
+    lengths = [1] * 90 + [1000] * 10
+    indices = gittins_indices(lengths, 1000)
+    # A job that outlived the many short ones is probably one of the long ones.
+    assert indices[0] > indices[1] > 0
+    assert indices[999] > indices[1]  # near its end a long job is worth finishing
+    assert gittins_indices(lengths, 2000)[1500] == 0  # beyond every length seen
+
+
+def test_a_longer_prefill_lowers_a_new_jobs_index() -> None:
+    ordered = np.sort(np.asarray([10.0] * 20 + [200.0] * 5))
+    prefix = np.concatenate(([0.0], np.cumsum(ordered)))
+    assert entry_index(ordered, prefix, 0.0) > entry_index(ordered, prefix, 50.0) > 0
+
+
+def run(policy: GittinsPolicy, clock: FakeClock, compute_s: float = 1.0) -> list[Sequence]:
+    batch = policy.schedule(VIEW)
+    clock.advance(compute_s)
+    for sequence in batch:
+        sequence.append(5, frozenset())
+    policy.update_from_output(StepOutput("e1", batch, compute_s))
+    return batch
+
+
+def job(jobs: Jobs, length: int) -> Sequence:
+    """A job of exactly ``length`` output tokens."""
+    request = make_request(1, f"g{next(jobs.counter)}").model_copy(update={"max_tokens": length})
+    return Sequence.create(request, cast(Msg, FakeMessage()), jobs.tokenizer, [])
+
+
+def teach(policy: GittinsPolicy, jobs: Jobs, clock: FakeClock, length: int, count: int) -> None:
+    """Let ``count`` jobs of ``length`` tokens run to their end, one after the other."""
+    for _ in range(count):
+        sequence = job(jobs, length)
+        policy.add_request(sequence)
+        while not sequence.finished:
+            run(policy, clock, compute_s=0.0)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def jobs(tokenizer: TextTokenizer) -> Jobs:
+    return Jobs(tokenizer)
+
+
+def test_first_come_first_served_until_enough_jobs_have_finished(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    policy = GittinsPolicy(SETTINGS, clock=clock)
+    first, second = jobs(), jobs()
+    for sequence in (first, second):
+        policy.add_request(sequence)
+    assert ids_of(policy.priority_order(VIEW)) == [first.request_id, second.request_id]
+
+
+def test_steady_lengths_run_the_started_job_to_its_end(jobs: Jobs, clock: FakeClock) -> None:
+    policy = GittinsPolicy(SETTINGS, clock=clock)
+    teach(policy, jobs, clock, length=20, count=10)
+    started = job(jobs, 20)
+    policy.add_request(started)
+    run(policy, clock, compute_s=0.0)
+    newcomer = jobs()
+    policy.add_request(newcomer)
+    assert ids_of(policy.priority_order(VIEW))[0] == started.request_id
+
+
+def test_heavy_tails_let_a_newcomer_pass_a_job_that_has_run(jobs: Jobs, clock: FakeClock) -> None:
+    policy = GittinsPolicy(SETTINGS, clock=clock)
+    teach(policy, jobs, clock, length=1, count=18)
+    teach(policy, jobs, clock, length=40, count=2)
+    survivor = job(jobs, 40)
+    policy.add_request(survivor)
+    for _ in range(3):
+        run(policy, clock, compute_s=0.0)
+    newcomer = jobs()
+    policy.add_request(newcomer)
+    assert ids_of(policy.priority_order(VIEW))[0] == newcomer.request_id
+
+
+def test_a_job_older_than_the_age_bound_goes_first(jobs: Jobs, clock: FakeClock) -> None:
+    policy = GittinsPolicy(SETTINGS, clock=clock)
+    teach(policy, jobs, clock, length=1, count=18)
+    teach(policy, jobs, clock, length=40, count=2)
+    old = job(jobs, 40)
+    policy.add_request(old)
+    run(policy, clock, compute_s=0.0)
+    # Mean service so far is 0 s: the bound is min_age_s (0), so any age counts.
+    clock.advance(1.0)
+    policy.add_request(jobs())
+    assert ids_of(policy.priority_order(VIEW))[0] == old.request_id
