@@ -112,6 +112,9 @@ class AdaptiveSettings(BaseModel):
     # A request older than age_factor x the mean service time of finished ones (and than
     # min_age_s) goes ahead of everything, oldest first: its wait is bounded.
     age_factor: float = Field(default=4.0, gt=0)
+    # A new request whose prefill costs at most this many output tokens' time runs its first
+    # iteration before the others (time to first token; more costs the others mean JCT).
+    first_iteration_prefill: float = Field(default=16.0, ge=0)
     min_age_s: float = Field(default=5.0, ge=0)
 
 

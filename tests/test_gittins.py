@@ -17,7 +17,9 @@ from shared.config import AdaptiveSettings
 from shared.model.tokenizer import TextTokenizer
 from tests.test_mlfq import FakeClock, FakeMessage, Jobs, ids_of, make_request
 
-SETTINGS = AdaptiveSettings(min_samples=10, recompute_every=1, age_factor=4.0, min_age_s=0.0)
+SETTINGS = AdaptiveSettings(
+    min_samples=10, recompute_every=1, age_factor=4.0, min_age_s=0.0, first_iteration_prefill=0
+)
 VIEW = ExecutorView("e1", max_batch_size=1)
 
 
@@ -50,9 +52,10 @@ def run(policy: GittinsPolicy, clock: FakeClock, compute_s: float = 1.0) -> list
     return batch
 
 
-def job(jobs: Jobs, length: int) -> Sequence:
+def job(jobs: Jobs, length: int, prompt: int = 1) -> Sequence:
     """A job of exactly ``length`` output tokens."""
-    request = make_request(1, f"g{next(jobs.counter)}").model_copy(update={"max_tokens": length})
+    request = make_request(prompt, f"g{next(jobs.counter)}")
+    request = request.model_copy(update={"max_tokens": length})
     return Sequence.create(request, cast(Msg, FakeMessage()), jobs.tokenizer, [])
 
 
@@ -120,3 +123,17 @@ def test_a_job_older_than_the_age_bound_goes_first(jobs: Jobs, clock: FakeClock)
     clock.advance(1.0)
     policy.add_request(jobs())
     assert ids_of(policy.priority_order(VIEW))[0] == old.request_id
+
+
+def test_a_short_prefill_runs_its_first_iteration_first(jobs: Jobs, clock: FakeClock) -> None:
+    settings = SETTINGS.model_copy(update={"first_iteration_prefill": 16.0})
+    policy = GittinsPolicy(settings, prefill_tokens=float, clock=clock)  # a token costs one
+    teach(policy, jobs, clock, length=20, count=10)
+    started = job(jobs, 20)
+    policy.add_request(started)
+    run(policy, clock, compute_s=0.0)
+    long_prompt, short_prompt = job(jobs, 20, prompt=100), job(jobs, 20, prompt=4)
+    policy.add_request(long_prompt)
+    policy.add_request(short_prompt)
+    order = ids_of(policy.priority_order(VIEW))
+    assert order == [short_prompt.request_id, started.request_id, long_prompt.request_id]
