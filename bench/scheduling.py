@@ -1,16 +1,19 @@
-"""FCFS vs skip-join MLFQ on the running system, side by side in one run.
+"""The scheduling policies on the running system, side by side in one run.
 
-The same workload is replayed through a fresh local cluster once per policy: Poisson arrivals,
-input/output lengths sampled from an Azure LLM inference trace (scaled to the model's context),
-outputs forced to the trace's length. The arrival rate is set from a calibration run (all
-requests at once under FCFS; the executor's total compute time per request at full batches)
-so that the executor is ~85% busy; each run reports the busy fraction it really had.
+The same workload is replayed through a fresh local cluster once per policy (adaptive, FCFS,
+skip-join MLFQ): Poisson arrivals, input/output lengths sampled from a named workload
+(``--workload``, repeatable: ``azure-conv``, ``azure-code``, ``mix``; default ``azure-conv``)
+scaled to the model's context, outputs forced to the trace's length. The arrival rate is set
+from a calibration run (all requests at once under FCFS; the executor's total compute time per
+request at full batches) so that the executor is ``--load`` busy (default 85%); each run
+reports the busy fraction it really had.
 
-    python -m bench.scheduling [--trace PATH] [--requests 120] [--load 0.85] [--size small]
+    python -m bench.scheduling [--workload azure-code] [--requests 120] [--load 0.85]
 
 Prints average and P99 job completion time (JCT) and time to first token (TTFT) per policy,
-their ratios, KV swaps, and the scheduler's own time per iteration as a fraction of the
-executor's iteration time (from the scheduler's step log).
+their ratios to FCFS, KV swaps, and the scheduler's own time per iteration as a fraction of
+the executor's iteration time (from the scheduler's step log); then one line per workload and
+policy: ``summary: workload=W policy=P avg_vs_fcfs=X p99_vs_fcfs=Y``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.tokenizer import TextTokenizer
 
 AZURE_TRACES = Path(__file__).resolve().parents[2] / "shared/traces/azure"
-DEFAULT_TRACE = AZURE_TRACES / "AzureLLMInferenceTrace_conv.csv"
 # Named workloads: the Azure traces whose (input, output) lengths they sample; "mix" takes as
 # many rows from each.
 WORKLOADS: dict[str, tuple[str, ...]] = {
@@ -152,23 +154,14 @@ def run_policy(model_dir: Path, policy: str, jobs: list[Job], env: dict[str, str
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--requests", type=int, default=120)
-    parser.add_argument("--load", type=float, default=0.85, help="target executor utilisation")
-    parser.add_argument("--scale", type=float, default=0.25, help="trace length scale")
-    parser.add_argument("--batch", type=int, default=4, help="max batch size")
-    parser.add_argument("--kv-slots", type=int, default=8, help="device KV slots per executor")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if not args.trace.exists():
-        raise SystemExit(f"trace not found: {args.trace} (pass --trace)")
-    model_dir = args.model or ensure_model(default_model_dir(args.size), args.size)
-    tokenizer = TextTokenizer.from_model_dir(model_dir)
-    lengths = load_lengths(args.trace)
+# Replayed in this order; the ratios are to FCFS.
+LIVE_POLICIES = ("adaptive", "fcfs", "skip-join-mlfq")
+
+
+def run_workload(
+    name: str, args: argparse.Namespace, model_dir: Path, tokenizer: TextTokenizer
+) -> dict[str, RunResult]:
+    lengths = workload_lengths(name)
     env = {
         "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": str(args.batch),
         "SPOTSERVE_EXECUTOR__MAX_SLOTS": str(args.kv_slots),
@@ -185,18 +178,45 @@ def main() -> None:
         lengths, args.requests, rate, tokenizer.context_length, tokenizer.vocab_size,
         args.scale, args.seed,
     )  # fmt: skip
-    results = {
-        policy: run_policy(model_dir, policy, jobs, env) for policy in ("fcfs", "skip-join-mlfq")
-    }
+    results = {policy: run_policy(model_dir, policy, jobs, env) for policy in LIVE_POLICIES}
     inputs = [len(job.prompt_token_ids) for job in jobs]
     outputs = [job.output_tokens for job in jobs]
     print(
-        f"model {model_dir.name} | {args.requests} requests from {args.trace.name}"
-        f" (lengths x{args.scale}: input mean {mean(inputs):.0f}, output mean"
-        f" {mean(outputs):.0f} tokens) | batch {args.batch}, {args.kv_slots} KV slots |"
-        f" capacity {capacity:.2f} req/s, Poisson rate {rate:.2f} req/s ({args.load:.0%})"
+        f"{name}: model {model_dir.name} | {args.requests} requests (lengths x{args.scale}:"
+        f" input mean {mean(inputs):.0f}, output mean {mean(outputs):.0f} tokens) | batch"
+        f" {args.batch}, {args.kv_slots} KV slots | capacity {capacity:.2f} req/s, Poisson"
+        f" rate {rate:.2f} req/s ({args.load:.0%})"
     )
     report(results)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
+    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--load", type=float, default=0.85, help="target executor utilisation")
+    parser.add_argument("--scale", type=float, default=0.25, help="trace length scale")
+    parser.add_argument("--batch", type=int, default=4, help="max batch size")
+    parser.add_argument("--kv-slots", type=int, default=8, help="device KV slots per executor")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model_dir = args.model or ensure_model(default_model_dir(args.size), args.size)
+    tokenizer = TextTokenizer.from_model_dir(model_dir)
+    summaries = []
+    for name in args.workload or ["azure-conv"]:
+        results = run_workload(name, args, model_dir, tokenizer)
+        fcfs = results["fcfs"]
+        for policy, result in results.items():
+            summaries.append(
+                f"summary: workload={name} policy={policy}"
+                f" avg_vs_fcfs={mean(fcfs.jct) / mean(result.jct):.2f}"
+                f" p99_vs_fcfs={percentile(fcfs.jct, 0.99) / percentile(result.jct, 0.99):.2f}"
+            )
+    for line in summaries:
+        print(line)
 
 
 def mean(values: list[float] | list[int]) -> float:
@@ -217,13 +237,16 @@ def report(results: dict[str, RunResult]) -> None:
             f"{r.scheduler_fraction:.2%}",
         )
         print(f"{policy:>15}  " + "  ".join(f"{c:>10}" for c in cells))
-    fcfs, mlfq = results["fcfs"], results["skip-join-mlfq"]
-    print(
-        f"FCFS / MLFQ: avg JCT {mean(fcfs.jct) / mean(mlfq.jct):.2f}x,"
-        f" P99 JCT {percentile(fcfs.jct, 0.99) / percentile(mlfq.jct, 0.99):.2f}x,"
-        f" avg TTFT {mean(fcfs.ttft) / mean(mlfq.ttft):.2f}x,"
-        f" P99 TTFT {percentile(fcfs.ttft, 0.99) / percentile(mlfq.ttft, 0.99):.2f}x"
-    )
+    fcfs = results["fcfs"]
+    for policy, r in results.items():
+        if policy == "fcfs":
+            continue
+        print(
+            f"FCFS / {policy}: avg JCT {mean(fcfs.jct) / mean(r.jct):.2f}x,"
+            f" P99 JCT {percentile(fcfs.jct, 0.99) / percentile(r.jct, 0.99):.2f}x,"
+            f" avg TTFT {mean(fcfs.ttft) / mean(r.ttft):.2f}x,"
+            f" P99 TTFT {percentile(fcfs.ttft, 0.99) / percentile(r.ttft, 0.99):.2f}x"
+        )
 
 
 if __name__ == "__main__":
