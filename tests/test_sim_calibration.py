@@ -52,10 +52,12 @@ def test_the_simulation_predicts_a_live_replay(tiny_model_dir: Path, tmp_path: P
     assert 1 / P99_FACTOR <= result.ratio("p99") <= P99_FACTOR, shown
     migrations, reconfigurations = result.counts("migrations"), result.counts("reconfigurations")
     assert migrations[0] == migrations[1], shown
-    # The planner also replans when the measured arrival rate crosses a threshold: a live rate
-    # that lands a little either side of one adds or saves a reconfiguration.
-    assert abs(reconfigurations[0] - reconfigurations[1]) <= 1, shown
-    assert min(reconfigurations) >= 7, shown
+    # One plan at least per fleet change (3 add times, 3 preemptions). The planner also replans
+    # when the measured arrival rate crosses a threshold, and a live rate that lands a little
+    # either side of one adds or saves a plan: live/sim came out 7/7, 8/7 and 6/8 across runs
+    # of one commit.
+    assert abs(reconfigurations[0] - reconfigurations[1]) <= 2, shown
+    assert min(reconfigurations) >= 6, shown
 
 
 def test_the_intake_holds_what_arrives_within_the_window_of_a_fetch_that_returned() -> None:
