@@ -184,7 +184,8 @@ def run_workload(
     print(
         f"{name}: model {model_dir.name} | {args.requests} requests (lengths x{args.scale}:"
         f" input mean {mean(inputs):.0f}, output mean {mean(outputs):.0f} tokens) | batch"
-        f" {args.batch}, {args.kv_slots} KV slots | capacity {capacity:.2f} req/s, Poisson"
+        f" {args.batch}, KV memory of {args.kv_slots} full-context sequences | capacity"
+        f" {capacity:.2f} req/s, Poisson"
         f" rate {rate:.2f} req/s ({args.load:.0%})"
     )
     report(results)
@@ -200,7 +201,9 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.85, help="target executor utilisation")
     parser.add_argument("--scale", type=float, default=0.25, help="trace length scale")
     parser.add_argument("--batch", type=int, default=4, help="max batch size")
-    parser.add_argument("--kv-slots", type=int, default=8, help="device KV slots per executor")
+    parser.add_argument(
+        "--kv-slots", type=int, default=8, help="KV memory per executor, in full-context sequences"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model_dir = args.model or ensure_model(default_model_dir(args.size), args.size)

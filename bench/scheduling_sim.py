@@ -87,7 +87,7 @@ def simulate(
     """Job completion times and times to first token under one policy."""
     clock = [0.0]
     policy: SchedulerPolicy = make_policy(lambda: clock[0])
-    view = ExecutorView("sim", max_batch_size=batch, kv_slots=1 << 20)
+    view = ExecutorView("sim", max_batch_size=batch, kv_blocks=1 << 20)
     arrivals = [(job.arrival_s, i, job) for i, job in enumerate(jobs)]
     heapq.heapify(arrivals)
     finished: dict[int, float] = {}

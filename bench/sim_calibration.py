@@ -684,8 +684,8 @@ def sim_options(
         fleet_name=case.fleet.name,
         grace_s=case.grace_s,
         time_scale=case.time_scale,
-        # The scheduler's batch: its max_batch_size, at most the executor's KV slots.
-        max_batch=min(settings.scheduler.max_batch_size, settings.executor.max_slots),
+        # The scheduler's batch: its max_batch_size (the executors' KV blocks hold far more).
+        max_batch=settings.scheduler.max_batch_size,
         scheduler=settings.scheduler.policy,
         host_kv_slots=settings.executor.host_kv_slots,
         spares=len(nodes),  # the embedded cluster gives no idle executor back

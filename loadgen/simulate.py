@@ -132,6 +132,10 @@ class SimOptions:
     time_scale: float = 1.0
     max_batch: int = 4
     scheduler: str = "fcfs"
+    # Each executor's paged KV cache (blocks of kv_block_size positions); None: room for every
+    # sequence bound to it (a non-preemptive scheduler never holds more than its batch).
+    kv_blocks: int | None = None
+    kv_block_size: int = 16
     host_kv_slots: int = 16
     spares: int = 0
     # The on-demand policy's fleet: None: what the planner needs for the mean arrival rate.
@@ -656,7 +660,9 @@ class Simulation:
         for head in operational:
             if head not in self.executors:
                 view = ExecutorView(head, max_batch_size=self.o.max_batch,
-                                    kv_slots=self.o.max_batch, host_slots=self.o.host_kv_slots,
+                                    kv_blocks=self.o.kv_blocks or 1 << 30,
+                                    block_size=self.o.kv_block_size,
+                                    host_slots=self.o.host_kv_slots,
                                     accepts_new=serves(self.plan, head))  # fmt: skip
                 self.executors[head] = Executor(view, generation=next(self.generations))
         self._wake_all()
@@ -701,6 +707,7 @@ class Simulation:
         if not batch:
             return
         memory = plan_memory(executor.view, batch, self.scheduler.priority_order(executor.view))
+        batch = memory.batch
         apply_before_step(memory)
         seconds = self._step_seconds(batch, memory)
         executor.busy = True

@@ -140,8 +140,12 @@ class SchedulerSettings(BaseModel):
 class ExecutorSettings(BaseModel):
     instance_id: str | None = None
     device: str | None = Field(default=None, description="cpu, cuda, cuda:1; None: auto.")
-    # Device KV budget: sequences whose cache can be resident at once.
+    # Device KV budget, in sequences of the full context length (max_seq_len): the paged cache
+    # holds max_slots x ceil(max_seq_len / kv_block_size) blocks, shared by sequences of any
+    # length, unless kv_blocks sets the number of blocks.
     max_slots: int = Field(default=16, ge=1)
+    kv_block_size: int = Field(default=16, ge=1)
+    kv_blocks: int | None = Field(default=None, ge=1)
     # Host swap: offloaded KV caches kept in host memory (pinned on CUDA).
     host_kv_slots: int = Field(default=64, ge=0)
     max_seq_len: int | None = None

@@ -250,16 +250,16 @@ async def test_every_service_counts_the_traffic_exactly(metrics_cluster: LocalCl
         executors = await eventually_scraped(
             nc,
             SERVICE_EXECUTOR,
-            lambda s: s.value("spotserve_executor_kv_slots_used") == 0,
-            "every KV slot freed",
+            lambda s: s.value("spotserve_executor_kv_blocks_used") == 0,
+            "every KV block freed",
             expected=INSTANCES,
         )
         assert executors.value("spotserve_executor_sampled_tokens_total") >= total_tokens
         assert executors.value("spotserve_executor_steps_total", outcome="ok") == iterations
         assert executors.value("spotserve_executor_step_seconds_count") == iterations
         infos = await discover(nc, SERVICE_EXECUTOR, verb="INFO", window_s=0.5)
-        slots = sum(int(info["metadata"]["max_slots"]) for info in infos)
-        assert executors.value("spotserve_executor_kv_slots") == slots
+        blocks = sum(int(info["metadata"]["kv_blocks"]) for info in infos)
+        assert executors.value("spotserve_executor_kv_blocks") == blocks
         assert executors.value("spotserve_executor_kv_offloaded_sequences") == 0
         loads = "spotserve_executor_model_load_seconds_count"
         assert executors.value(loads, phase="start", source="disk") == INSTANCES

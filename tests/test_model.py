@@ -25,7 +25,7 @@ from shared.model.engine import (
     Engine,
     EngineError,
     InvalidStepError,
-    NoFreeSlotError,
+    NoFreeBlocksError,
     SequenceStep,
 )
 from shared.model.llama import KVCache, KVCacheFullError, ModelArgs, load_transformer
@@ -164,7 +164,7 @@ def test_engine_matches_hf_generate(
         for request_id, token in engine.step(batch).items():
             generated[int(request_id)].append(token)
         engine.release(str(i) for i, out in generated.items() if len(out) == new_tokens[i])
-    assert engine.num_free_slots == len(prompts)
+    assert engine.num_free_blocks == engine.kv_blocks
     for i, prompt in enumerate(prompts):
         expected = hf_model.generate(
             torch.tensor([prompt]),
@@ -181,32 +181,37 @@ def test_logits_match_hf(
     model_dir: Path, tokenizer: TextTokenizer, hf_model: torch.nn.Module
 ) -> None:
     model = load_transformer(model_dir, device=torch.device("cpu"))
-    model.setup_caches(num_slots=2, max_seq_len=64)
+    model.setup_caches(num_blocks=8, max_seq_len=64, block_size=16)
     a, b = tokenizer.encode(TEXTS[0]), tokenizer.encode(TEXTS[1])
     with torch.no_grad():
         ref_a = hf_model(torch.tensor([a])).logits[0].float()
         ref_b = hf_model(torch.tensor([b])).logits[0].float()
-    torch.testing.assert_close(model.prefill(torch.tensor(a[:-1]), 0)[None], ref_a[-2:-1])
-    torch.testing.assert_close(model.prefill(torch.tensor(b[:-3]), 1)[None], ref_b[-4:-3])
+    # Each sequence's blocks interleaved with the other's: the tables alone say where it is.
+    table_a, table_b = torch.tensor([6, 0, 4, 2]), torch.tensor([1, 7, 3, 5])
+    torch.testing.assert_close(model.prefill(torch.tensor(a[:-1]), table_a)[None], ref_a[-2:-1])
+    torch.testing.assert_close(model.prefill(torch.tensor(b[:-3]), table_b)[None], ref_b[-4:-3])
     # A ragged decode of both rows at their own positions.
     rows = model.decode_one_token(
-        torch.tensor([a[-1], b[-3]]), torch.tensor([0, 1]), torch.tensor([len(a) - 1, len(b) - 3])
+        torch.tensor([a[-1], b[-3]]),
+        torch.stack([table_a, table_b]),
+        torch.tensor([len(a) - 1, len(b) - 3]),
     )
     torch.testing.assert_close(rows, torch.stack([ref_a[-1], ref_b[-3]]))
 
 
 def test_prefill_in_two_chunks_equals_one(model_dir: Path, tokenizer: TextTokenizer) -> None:
     model = load_transformer(model_dir, device=torch.device("cpu"))
-    model.setup_caches(num_slots=2, max_seq_len=128)
+    model.setup_caches(num_blocks=32, max_seq_len=128, block_size=8)
     ids = torch.tensor(tokenizer.encode(MULTIBYTE_TEXT + " " + TEXTS[0]))
-    whole = model.prefill(ids, slot=0)
-    model.prefill(ids[:9], slot=1)
-    split = model.prefill(ids[9:], slot=1, start_pos=9)
+    tables = torch.arange(32).view(2, 16)
+    whole = model.prefill(ids, tables[0])
+    model.prefill(ids[:9], tables[1])  # the continuation starts inside the second block
+    split = model.prefill(ids[9:], tables[1], start_pos=9)
     assert whole.dtype == torch.float32 and whole.shape == (model.args.vocab_size,)
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)
     # The cache holds the same K/V either way, so decoding continues identically.
     n = len(ids)
-    both = model.decode_one_token(torch.tensor([5, 5]), torch.tensor([0, 1]), torch.tensor([n, n]))
+    both = model.decode_one_token(torch.tensor([5, 5]), tables, torch.tensor([n, n]))
     torch.testing.assert_close(both[0], both[1], rtol=1e-4, atol=1e-5)
 
 
@@ -248,11 +253,13 @@ def test_other_llama_family_checkpoints_match_hf(tmp_path: Path, family: str) ->
     directory = _tiny_hf_dir(tmp_path, family)
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     model = load_transformer(directory, device=torch.device("cpu"))
-    model.setup_caches(num_slots=1, max_seq_len=200)
+    model.setup_caches(num_blocks=1, max_seq_len=200, block_size=200)  # one slot
     ids = torch.arange(150) % 96  # past original_max_position_embeddings: scaling matters
     with torch.no_grad():
         expected = hf(ids[None]).logits[0, -1].float()
-    torch.testing.assert_close(model.prefill(ids, slot=0), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model.prefill(ids, torch.tensor([0])), expected, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_model_args_reject_unsupported_configs(model_dir: Path) -> None:
@@ -266,15 +273,25 @@ def test_model_args_reject_unsupported_configs(model_dir: Path) -> None:
         ModelArgs.from_hf_config({**config, "architectures": ["LlamaForSequenceClassification"]})
 
 
-def test_kv_cache_slots() -> None:
-    cache = KVCache(1, 2, 1, 4, 2, torch.float32, torch.device("cpu"))
-    assert (cache.allocate(), cache.allocate(), cache.num_free) == (0, 1, 0)
-    with pytest.raises(KVCacheFullError, match="all 2 KV cache slots"):
-        cache.allocate()
-    cache.free(1)
+def test_kv_cache_blocks() -> None:
+    cache = KVCache(1, 3, 4, 1, 12, 2, torch.float32, torch.device("cpu"))
+    assert (cache.blocks_for(0), cache.blocks_for(4), cache.blocks_for(5)) == (0, 1, 2)
+    assert (cache.allocate(2), cache.num_free) == ([0, 1], 1)
+    with pytest.raises(KVCacheFullError, match="2 KV cache blocks asked for, 1 of 3 free"):
+        cache.allocate(2)
+    cache.free([1])
     with pytest.raises(ValueError, match="not allocated"):
-        cache.free(1)
-    assert cache.allocate() == 1
+        cache.free([1])
+    assert cache.allocate(2) == [1, 2]
+    # A copy out and back in moves only the positions held, through any blocks.
+    positions = torch.arange(6, dtype=torch.float32)
+    cache.k[0][2, 0, :, 0] = positions[:4]
+    cache.k[0][0, 0, :2, 0] = positions[4:]
+    ((k, _v),) = cache.copy_out([2, 0], 6, pin_memory=False)
+    assert k.shape == (1, 6, 2) and k[0, :, 0].tolist() == positions.tolist()
+    cache.copy_in([1, 2], [(k, k)])
+    assert cache.k[0][1, 0, :, 0].tolist() == [0, 1, 2, 3]
+    assert cache.k[0][2, 0, :2, 0].tolist() == [4, 5]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,16 +360,16 @@ def test_engine_refuses_bad_steps_without_side_effects(
     engine: Engine, tokenizer: TextTokenizer
 ) -> None:
     assert engine.step([greedy("a", [1, 5, 6])]).keys() == {"a"}
-    free = engine.num_free_slots
+    free = engine.num_free_blocks
 
     def refused(error: type[EngineError], match: str, steps: list[SequenceStep]) -> None:
         with pytest.raises(error, match=match):
             engine.step(steps)
-        assert engine.num_free_slots == free
+        assert engine.num_free_blocks == free
         assert not engine.has_sequence("new") and engine.sequence_length("a") == 3
 
     too_many = [greedy(f"n{i}", [1]) for i in range(free + 1)]
-    refused(NoFreeSlotError, "KV cache slots are free", too_many)
+    refused(NoFreeBlocksError, f"needs {free + 1} more KV cache blocks", too_many)
     context = engine.context_length
     refused(ContextLengthError, "over the context length", [greedy("new", [1] * (context + 1))])
     refused(ContextLengthError, "context", [greedy("a", [7] * (context - 2))])
@@ -364,7 +381,7 @@ def test_engine_refuses_bad_steps_without_side_effects(
     # A valid sequence in a refused batch is not applied either.
     refused(InvalidStepError, "vocabulary", [greedy("a", [4]), greedy("new", [10**9])])
     engine.release(["a", "unknown"])
-    assert engine.num_free_slots == free + 1 and not engine.has_sequence("a")
+    assert engine.num_free_blocks == free + 1 and not engine.has_sequence("a")
 
 
 def test_engine_fills_exactly_to_the_context(model_dir: Path) -> None:
@@ -375,10 +392,30 @@ def test_engine_fills_exactly_to_the_context(model_dir: Path) -> None:
     token = engine.step([greedy("a", [4])])["a"]  # the 16th
     with pytest.raises(ContextLengthError, match="17 tokens"):
         engine.step([greedy("a", [token])])
-    slots = Engine(model_dir, device="cpu", max_slots=2)
-    slots.step([greedy("x", [1]), greedy("y", [1])])
-    with pytest.raises(NoFreeSlotError, match="only 0 of 2"):
-        slots.step([greedy("z", [1])])
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        Engine(model_dir, device="cpu", max_seq_len=16, block_size=8, kv_blocks=1)
+
+
+def test_paged_engine_fits_short_sequences_and_grows_them_by_blocks(model_dir: Path) -> None:
+    # The memory of 2 sequences of the full context (16 positions): 4 blocks of 8.
+    engine = Engine(model_dir, device="cpu", max_slots=2, max_seq_len=16, block_size=8)
+    assert (engine.kv_blocks, engine.block_size) == (4, 8)
+    engine.step([greedy(name, [1, 2, 3]) for name in "wxyz"])  # 4 sequences: 1 block each
+    assert engine.num_free_blocks == 0
+    with pytest.raises(NoFreeBlocksError, match="needs 1 more KV cache blocks"):
+        engine.step([greedy("w", [4] * 6)])  # 9 positions: a second block
+    engine.release(["x"])
+    engine.step([greedy("w", [4] * 6)])
+    assert engine.sequence_length("w") == 9 and engine.num_free_blocks == 0
+    # An upload takes the blocks its positions need, no more.
+    engine = Engine(model_dir, device="cpu", max_slots=2, max_seq_len=16, block_size=8,
+                    host_slots=2)  # fmt: skip
+    engine.step([greedy("a", [1] * 9), greedy("b", [1])])
+    engine.offload(["a", "b"])
+    assert engine.fitting_uploads(["a", "b"]) == ["a", "b"]
+    engine.step([greedy("c", [1] * 12)])
+    assert engine.fitting_uploads(["a", "b"]) == ["a"]
+    assert engine.fitting_uploads(["b", "a"]) == ["b"]
 
 
 # ---------------------------------------------------------------------------------------------

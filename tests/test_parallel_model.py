@@ -176,7 +176,7 @@ def test_pipeline_generates_like_one_engine(
             engine.release(finished)
     assert all(len(out[rid]) == count for rid, (_, _, count, _) in plan.items())
     for stage in stages:
-        assert stage.num_free_slots == 5 and not stage.sequence_ids()
+        assert stage.num_free_blocks == stage.kv_blocks and not stage.sequence_ids()
     # The run_stage path of the reference equals its plain step() path too.
     plain = Engine(tiny_model_dir, device="cpu", max_slots=1)
     tokens = [plain.step([step_of("r0", prompts[0], 0, False)])["r0"]]
@@ -197,10 +197,10 @@ def test_stage_checks_what_it_receives(tiny_model_dir: Path) -> None:
     assert handed.hidden is not None and handed.hidden.shape == (5, first.model.args.dim)
 
     def refused(batch: StageBatch, engine: Engine, match: str) -> None:
-        before = (engine.num_free_slots, engine.sequence_length("a"))
+        before = (engine.num_free_blocks, engine.sequence_length("a"))
         with pytest.raises(InvalidStepError, match=match):
             engine.run_stage(batch)
-        assert (engine.num_free_slots, engine.sequence_length("a")) == before
+        assert (engine.num_free_blocks, engine.sequence_length("a")) == before
 
     refused(StageBatch(seqs, hidden=handed.hidden), first, "not hidden states")
     refused(StageBatch(seqs), last, r"needs hidden states \[5, 256\]")
@@ -261,7 +261,8 @@ def test_stage_holds_and_reads_only_its_layers(
         assert (stage.model.lm_head is not None) == (stage.model.norm is not None) == (last == 3)
         # The KV cache: this stage's layers only.
         assert len(stage.cache.k) == len(stage.cache.v) == last - first + 1
-        assert stage.cache.k[0].shape == (3, 4, stage.max_seq_len, 32)
+        blocks = 3 * -(-stage.max_seq_len // 16)  # 3 sequences of the full context
+        assert stage.cache.k[0].shape == (blocks, 4, 16, 32)
 
 
 def test_stage_from_an_hf_dir_reads_only_its_tensors(

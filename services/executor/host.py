@@ -82,9 +82,9 @@ class EngineHost:
         future.add_done_callback(self._prefetch_done)
 
     def _prefetch(self, request_ids: list[str]) -> list[str]:
-        """Upload what is offloaded here, as far as slots are free; returns what was not."""
+        """Upload what is offloaded here, as far as blocks are free; returns what was not."""
         held = set(self.engine.offloaded_ids())
-        ready = [rid for rid in request_ids if rid in held][: self.engine.num_free_slots]
+        ready = self.engine.fitting_uploads([rid for rid in request_ids if rid in held])
         if ready:
             self.engine.upload(ready)
             metrics.KV_SWAPS.labels("upload").inc(len(ready))

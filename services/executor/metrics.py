@@ -35,13 +35,13 @@ SAMPLED_TOKENS = Counter(
     " the instance heading it).",
 )
 
-KV_SLOTS = Gauge(
-    "spotserve_executor_kv_slots",
-    "KV cache slots on the device (sequences it can hold there).",
+KV_BLOCKS = Gauge(
+    "spotserve_executor_kv_blocks",
+    "KV cache blocks on the device (executor.kv_block_size positions each).",
 )
-KV_SLOTS_USED = Gauge(
-    "spotserve_executor_kv_slots_used",
-    "KV cache slots on the device holding a sequence.",
+KV_BLOCKS_USED = Gauge(
+    "spotserve_executor_kv_blocks_used",
+    "KV cache blocks on the device holding a sequence's positions.",
 )
 KV_HOST_SLOTS = Gauge(
     "spotserve_executor_kv_host_slots",
@@ -101,14 +101,14 @@ TERMINATIONS = Counter(
 
 
 def observe_engine_memory(
-    max_slots: int, host_slots: int, free_slots: Callable[[], int], offloaded: Callable[[], int]
+    kv_blocks: int, host_slots: int, free_blocks: Callable[[], int], offloaded: Callable[[], int]
 ) -> None:
     """The KV cache gauges: the configured sizes, and what is in use read when scraped (from the
     metrics server's thread: single reads of the engine's bookkeeping; a read that fails while
     the engine is being replaced reports NaN instead of failing the scrape)."""
-    KV_SLOTS.set(max_slots)
+    KV_BLOCKS.set(kv_blocks)
     KV_HOST_SLOTS.set(host_slots)
-    KV_SLOTS_USED.set_function(_or_nan(lambda: max_slots - free_slots()))
+    KV_BLOCKS_USED.set_function(_or_nan(lambda: kv_blocks - free_blocks()))
     KV_OFFLOADED.set_function(_or_nan(offloaded))
 
 

@@ -176,8 +176,19 @@ class ShardedEngine:
         return self.local.is_last_stage
 
     @property
-    def num_free_slots(self) -> int:
-        return self.local.num_free_slots
+    def num_free_blocks(self) -> int:
+        return self.local.num_free_blocks
+
+    @property
+    def kv_blocks(self) -> int:
+        return self.local.kv_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.local.block_size
+
+    def fitting_uploads(self, request_ids: list[str]) -> list[str]:
+        return self.local.fitting_uploads(request_ids)
 
     def offloaded_ids(self) -> list[str]:
         return self.local.offloaded_ids()

@@ -68,6 +68,8 @@ def engine_spec(settings: ExecutorSettings, model_dir: Path) -> EngineSpec:
         max_seq_len=settings.max_seq_len,
         host_slots=settings.host_kv_slots,
         torch_threads=settings.torch_threads,
+        block_size=settings.kv_block_size,
+        kv_blocks=settings.kv_blocks,
     )
 
 
@@ -165,7 +167,8 @@ def service_metadata(
 ) -> dict[str, str]:
     return {
         "instance_id": instance_id,
-        "max_slots": str(settings.max_slots),
+        "kv_blocks": str(engine.kv_blocks),
+        "kv_block_size": str(engine.block_size),
         "host_kv_slots": str(settings.host_kv_slots),
         "device": str(engine.device),
         "tensor_parallel": str(settings.tensor_parallel),
@@ -205,9 +208,9 @@ async def serve(context: ServiceContext) -> None:
     host = EngineHost(engine, spec, compute, context.log.bind(instance_id=instance_id))
     executor = Executor(context, host, instance_id)
     metrics.observe_engine_memory(
-        settings.max_slots,
+        engine.kv_blocks,
         settings.host_kv_slots,
-        free_slots=lambda: host.engine.num_free_slots,
+        free_blocks=lambda: host.engine.num_free_blocks,
         offloaded=lambda: len(host.engine.offloaded_ids()),
     )
     service = await context.add_micro_service(

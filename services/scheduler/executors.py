@@ -140,11 +140,12 @@ class ExecutorPool:
                     self.drop(instance_id, "missing from discovery")
 
     def _add(self, instance_id: str, metadata: dict[str, str]) -> None:
-        kv_slots = max(1, int(metadata.get("max_slots", 1)))
+        kv_blocks = max(1, int(metadata.get("kv_blocks", 1)))
         view = ExecutorView(
             instance_id=instance_id,
-            max_batch_size=min(self.context.settings.scheduler.max_batch_size, kv_slots),
-            kv_slots=kv_slots,
+            max_batch_size=min(self.context.settings.scheduler.max_batch_size, kv_blocks),
+            kv_blocks=kv_blocks,
+            block_size=max(1, int(metadata.get("kv_block_size", 16))),
             host_slots=max(0, int(metadata.get("host_kv_slots", 0))),
             accepts_new=serves(self.plan, instance_id),
         )

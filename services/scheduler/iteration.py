@@ -63,6 +63,7 @@ class IterationLoop:
     async def _iterate(self, handle: ExecutorHandle, batch: list[Sequence], planned: float) -> None:
         """One step of ``batch`` on ``handle``; ``planned``: when the loop began it."""
         memory = plan_memory(handle.view, batch, self.policy.priority_order(handle.view))
+        batch = memory.batch
         command = self._command(handle, batch, memory)
         apply_before_step(memory)
         metrics.BATCH_SIZE.observe(len(batch))

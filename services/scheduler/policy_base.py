@@ -17,10 +17,12 @@ class ExecutorView:
     """What a policy may know of one executor instance."""
 
     instance_id: str
-    # Never more than the executor's device KV slots: every sequence in a batch is resident.
+    # Sequences per iteration; the memory plan may run fewer when their KV blocks do not fit.
     max_batch_size: int
-    # KV caches the executor holds on the device, and offloaded in host memory.
-    kv_slots: int = 1 << 30
+    # The executor's paged device KV cache: blocks of block_size positions.
+    kv_blocks: int = 1 << 30
+    block_size: int = 16
+    # Offloaded KV caches it keeps in host memory (sequences).
     host_slots: int = 0
     # False while the current plan gives the instance no role (e.g. it is being preempted):
     # it finishes the sequences bound to it but takes no new ones.

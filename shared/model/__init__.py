@@ -24,7 +24,7 @@ if TYPE_CHECKING:
         Engine,
         EngineError,
         InvalidStepError,
-        NoFreeSlotError,
+        NoFreeBlocksError,
         SequenceStep,
     )
     from shared.model.interface import InferenceEngine
@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "Engine": "engine",
     "EngineError": "engine",
     "InvalidStepError": "engine",
-    "NoFreeSlotError": "engine",
+    "NoFreeBlocksError": "engine",
     "SequenceStep": "engine",
     "InferenceEngine": "interface",
     "EngineSpec": "spec",
@@ -80,7 +80,7 @@ __all__ = [
     "KVCacheFullError",
     "ModelArgs",
     "ModelSize",
-    "NoFreeSlotError",
+    "NoFreeBlocksError",
     "SamplingParams",
     "SequenceStep",
     "SizeSpec",

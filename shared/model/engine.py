@@ -1,13 +1,15 @@
 """The in-process inference engine the executor service wraps.
 
 Synchronous and not thread-safe: the service runs every call in one dedicated thread. A step
-takes a ragged batch: new sequences are prefilled one by one (each gets a KV slot), and all
-single-token continuations run together as one decode batch with per-row positions.
+takes a ragged batch: new sequences are prefilled one by one, and all single-token continuations
+run together as one decode batch with per-row positions. The KV cache is paged: a sequence holds
+the blocks of ``block_size`` positions its length needs, taken as it grows (all or nothing per
+step), so short sequences leave room for more of them.
 
 Pipeline stage (``layers=(first, last)``): ``run_stage`` takes a :class:`StageBatch` (one
 micro-batch: the scheduler's steps, plus the previous stage's hidden states past the first stage)
 and returns the batch for the next stage, or, on the last stage, the sampled tokens. Each stage
-keeps its own KV slots for its layers and the same per-sequence bookkeeping, so release, offload
+keeps its own KV blocks for its layers and the same per-sequence bookkeeping, so release, offload
 and upload work per stage exactly as on a whole model. Tensor parallel (``tp``): every rank runs
 the same calls with the same inputs; the collectives inside make their results identical.
 """
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from shared.model.blocks import blocks_for
 from shared.model.llama import Layers, Transformer, WeightsSource, load_transformer
 from shared.model.parallel import TensorParallel
 from shared.model.sampling import SamplingParams, sample_tokens, validate_sampling
@@ -35,8 +38,8 @@ class EngineError(Exception):
     """A step or release the engine refuses; nothing of the step was applied."""
 
 
-class NoFreeSlotError(EngineError):
-    """More new sequences than free KV cache slots."""
+class NoFreeBlocksError(EngineError):
+    """A step or upload needs more KV cache blocks than are free."""
 
 
 class ContextLengthError(EngineError):
@@ -123,8 +126,8 @@ class StageResult:
 
 @dataclass
 class _Sequence:
-    slot: int
-    length: int  # positions of the slot holding valid K/V
+    blocks: list[int]  # its KV cache blocks, in position order
+    length: int  # positions holding valid K/V
 
 
 @dataclass
@@ -135,7 +138,7 @@ class _HostCopy:
 
 @dataclass(frozen=True)
 class _Plan:
-    new: list[SequenceStep]  # no slot yet: prefill from position 0
+    new: list[SequenceStep]  # no cache yet: prefill from position 0
     extend: list[SequenceStep]  # known, several tokens: prefill continuing at its length
     decode: list[SequenceStep]  # known, one token: joins the batched decode
 
@@ -152,9 +155,16 @@ class Engine:
         *,
         layers: Layers | None = None,
         tp: TensorParallel | None = None,
+        block_size: int = 16,
+        kv_blocks: int | None = None,
     ) -> None:
+        """``max_slots``: the device KV budget in sequences of the full context length (the
+        pool holds ``max_slots`` x blocks of ``max_seq_len``), unless ``kv_blocks`` gives it in
+        blocks; ``host_slots``: offloaded caches kept in host memory."""
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if block_size < 1 or (kv_blocks is not None and kv_blocks < 1):
+            raise ValueError(f"block_size, kv_blocks must be >= 1, got {block_size}, {kv_blocks}")
         if max_seq_len is not None and max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.model_dir = Path(model_dir)
@@ -168,7 +178,14 @@ class Engine:
         )
         limit = self.model.args.max_position_embeddings
         self.max_seq_len = limit if max_seq_len is None else min(max_seq_len, limit)
-        self.cache = self.model.setup_caches(max_slots, self.max_seq_len)
+        if kv_blocks is None:
+            kv_blocks = max_slots * blocks_for(self.max_seq_len, block_size)
+        if kv_blocks < blocks_for(self.max_seq_len, block_size):
+            raise ValueError(
+                f"{kv_blocks} KV cache blocks of {block_size} cannot hold one sequence of the"
+                f" context length {self.max_seq_len}"
+            )
+        self.cache = self.model.setup_caches(kv_blocks, self.max_seq_len, block_size)
         self._eos_token_ids = self._read_eos_ids()
         self._sequences: dict[str, _Sequence] = {}
         # Offloaded KV caches (FastServe's host swap), at most host_slots of them.
@@ -191,6 +208,8 @@ class Engine:
             weights=weights,
             layers=spec.layers,
             tp=tp,
+            block_size=spec.block_size,
+            kv_blocks=spec.kv_blocks,
         )
 
     # -- properties the executor service reports -------------------------------------------
@@ -241,22 +260,39 @@ class Engine:
         return self._eos_token_ids
 
     @property
-    def num_free_slots(self) -> int:
+    def num_free_blocks(self) -> int:
         return self.cache.num_free
 
     @property
-    def max_slots(self) -> int:
-        return self.cache.num_slots
+    def kv_blocks(self) -> int:
+        """KV cache blocks on the device."""
+        return self.cache.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        """Positions per KV cache block."""
+        return self.cache.block_size
+
+    def fitting_uploads(self, request_ids: list[str]) -> list[str]:
+        """The longest prefix of these offloaded sequences whose caches fit the free blocks."""
+        free, fitting = self.cache.num_free, []
+        for request_id in request_ids:
+            copy = self._host.get(request_id)
+            if copy is None or self.cache.blocks_for(copy.length) > free:
+                break
+            free -= self.cache.blocks_for(copy.length)
+            fitting.append(request_id)
+        return fitting
 
     def has_sequence(self, request_id: str) -> bool:
         return request_id in self._sequences
 
     def sequence_ids(self) -> list[str]:
-        """Every sequence whose KV cache the engine holds (in a slot or offloaded)."""
+        """Every sequence whose KV cache the engine holds (on the device or offloaded)."""
         return [*self._sequences, *self._host]
 
     def sequence_length(self, request_id: str) -> int:
-        """Positions of the sequence's slot holding K/V (0 if unknown)."""
+        """Positions of the sequence's device cache holding K/V (0 if unknown)."""
         sequence = self._sequences.get(request_id)
         return sequence.length if sequence else 0
 
@@ -343,21 +379,21 @@ class Engine:
         return self._run(seqs, plan, inputs, finish)
 
     def release(self, request_ids: Iterable[str]) -> None:
-        """Free the slots (and host copies) of these sequences; unknown ids are ignored."""
+        """Free the blocks (and host copies) of these sequences; unknown ids are ignored."""
         for request_id in request_ids:
             sequence = self._sequences.pop(request_id, None)
             if sequence is not None:
-                self.cache.free(sequence.slot)
+                self.cache.free(sequence.blocks)
             self._host.pop(request_id, None)
 
     def offloaded_ids(self) -> list[str]:
         return list(self._host)
 
     def offload(self, request_ids: list[str]) -> None:
-        """Move these sequences' KV caches to host memory and free their slots (all or none)."""
+        """Move these sequences' KV caches to host memory and free their blocks (all or none)."""
         missing = [rid for rid in request_ids if rid not in self._sequences]
         if missing:
-            raise UnknownSequenceError(f"cannot offload sequences without a KV slot: {missing}")
+            raise UnknownSequenceError(f"cannot offload sequences without a KV cache: {missing}")
         if len(self._host) + len(request_ids) > self.host_slots:
             raise HostSwapFullError(
                 f"offloading {len(request_ids)} caches would exceed the host swap of "
@@ -366,34 +402,33 @@ class Engine:
         pin = self.device.type == "cuda"
         for request_id in request_ids:
             sequence = self._sequences.pop(request_id)
-            layers = self.cache.copy_out(sequence.slot, sequence.length, pin_memory=pin)
+            layers = self.cache.copy_out(sequence.blocks, sequence.length, pin_memory=pin)
             self._host[request_id] = _HostCopy(length=sequence.length, layers=layers)
-            self.cache.free(sequence.slot)
+            self.cache.free(sequence.blocks)
         if pin:
-            torch.cuda.synchronize(self.device)  # the slots may be reused right away
+            torch.cuda.synchronize(self.device)  # the blocks may be reused right away
 
     def upload(self, request_ids: list[str]) -> None:
-        """Bring offloaded KV caches back into free slots (all or none)."""
+        """Bring offloaded KV caches back into free blocks (all or none)."""
         missing = [rid for rid in request_ids if rid not in self._host]
         if missing:
             raise UnknownSequenceError(f"cannot upload sequences not offloaded: {missing}")
-        if len(request_ids) > self.cache.num_free:
-            raise NoFreeSlotError(
-                f"uploading {len(request_ids)} caches but only {self.cache.num_free} of "
-                f"{self.cache.num_slots} KV cache slots are free"
+        needed = sum(self.cache.blocks_for(self._host[rid].length) for rid in request_ids)
+        if needed > self.cache.num_free:
+            raise NoFreeBlocksError(
+                f"uploading {len(request_ids)} caches needs {needed} KV cache blocks, only "
+                f"{self.cache.num_free} of {self.cache.num_blocks} are free"
             )
         for request_id in request_ids:
             copy = self._host.pop(request_id)
-            slot = self.cache.allocate()
-            self.cache.copy_in(slot, copy.layers)
-            self._sequences[request_id] = _Sequence(slot=slot, length=copy.length)
+            self._place(request_id, copy.length, copy.layers)
 
     def export_kv(self, request_id: str) -> tuple[int, dict[str, Tensor]]:
         """A sequence's KV cache as named host tensors (``<layer>.k``/``<layer>.v``, the
         stage's local layers), for another executor; the sequence stays here until released."""
         if request_id in self._sequences:
             sequence = self._sequences[request_id]
-            layers = self.cache.copy_out(sequence.slot, sequence.length, pin_memory=False)
+            layers = self.cache.copy_out(sequence.blocks, sequence.length, pin_memory=False)
             length = sequence.length
         elif request_id in self._host:
             length, layers = self._host[request_id].length, self._host[request_id].layers
@@ -408,14 +443,14 @@ class Engine:
         self, request_id: str, length: int, tensors: dict[str, Tensor], into: str = "auto"
     ) -> str:
         """Take a KV cache exported by another executor: into the host swap when it has room
-        (the scheduler uploads it before the sequence runs), else into a free device slot;
+        (the scheduler uploads it before the sequence runs), else into free device blocks;
         ``into="host"`` always parks it in host memory. Returns where it landed."""
         if request_id in self._sequences or request_id in self._host:
             raise InvalidStepError(f"{request_id} already has a KV cache here")
         layers = []
         for layer in range(len(self.cache.k)):
             k, v = tensors.get(f"{layer}.k"), tensors.get(f"{layer}.v")
-            expected = (*self.cache.k[layer].shape[1:2], length, self.cache.k[layer].shape[3])
+            expected = (self.cache.n_kv_heads, length, self.cache.k[layer].shape[-1])
             if k is None or v is None or tuple(k.shape) != expected or k.shape != v.shape:
                 raise InvalidStepError(
                     f"KV cache of {request_id}: layer {layer} should be {expected}, got"
@@ -428,12 +463,19 @@ class Engine:
         if into == "host" or len(self._host) < self.host_slots:
             self._host[request_id] = _HostCopy(length=length, layers=layers)
             return "host"
-        if self.cache.num_free == 0:
-            raise NoFreeSlotError(f"no room for the KV cache of {request_id}")
-        slot = self.cache.allocate()
-        self.cache.copy_in(slot, layers)
-        self._sequences[request_id] = _Sequence(slot=slot, length=length)
+        if self.cache.blocks_for(length) > self.cache.num_free:
+            raise NoFreeBlocksError(
+                f"no room for the KV cache of {request_id}: {self.cache.blocks_for(length)}"
+                f" blocks, {self.cache.num_free} free"
+            )
+        self._place(request_id, length, layers)
         return "device"
+
+    def _place(self, request_id: str, length: int, layers: list[tuple[Tensor, Tensor]]) -> None:
+        """Copy a host cache into newly taken device blocks (the caller checked they fit)."""
+        blocks = self.cache.allocate(self.cache.blocks_for(length))
+        self.cache.copy_in(blocks, layers)
+        self._sequences[request_id] = _Sequence(blocks=blocks, length=length)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -448,24 +490,30 @@ class Engine:
         ``finish(outputs)`` (logits on the last stage, else hidden states, per sequence); commit
         the new lengths only when all of it succeeded, and return what ``finish`` made."""
         outputs: dict[str, Tensor] = {}
-        allocated: dict[str, int] = {}
+        grown = {seq.request_id: self.cache.allocate(self._growth(seq)) for seq in seqs}
         try:
-            for seq in plan.new:
-                allocated[seq.request_id] = self.cache.allocate()
-                outputs[seq.request_id] = self._prefill(seq, allocated[seq.request_id], 0, inputs)
-            for seq in plan.extend:
-                known = self._sequences[seq.request_id]
-                outputs[seq.request_id] = self._prefill(seq, known.slot, known.length, inputs)
+            for seq in [*plan.new, *plan.extend]:
+                outputs[seq.request_id] = self._prefill(seq, self._table(seq, grown), inputs)
             if plan.decode:
-                outputs.update(self._decode(plan.decode, inputs))
+                outputs.update(self._decode(plan.decode, grown, inputs))
             result = finish(outputs)
         except BaseException:
             # The cache positions written are past every sequence's length: harmless garbage.
-            for slot in allocated.values():
-                self.cache.free(slot)
+            self.cache.free([block for blocks in grown.values() for block in blocks])
             raise
-        self._commit(seqs, allocated)
+        self._commit(seqs, grown)
         return result
+
+    def _growth(self, seq: SequenceStep) -> int:
+        """New blocks this step's tokens need beyond those the sequence holds."""
+        known = self._sequences.get(seq.request_id)
+        held, length = (len(known.blocks), known.length) if known else (0, 0)
+        return self.cache.blocks_for(length + len(seq.token_ids)) - held
+
+    def _table(self, seq: SequenceStep, grown: dict[str, list[int]]) -> list[int]:
+        """The sequence's blocks for this step: those it holds, then those just taken."""
+        known = self._sequences.get(seq.request_id)
+        return [*(known.blocks if known else []), *grown[seq.request_id]]
 
     def _stage_inputs(self, batch: StageBatch) -> dict[str, Tensor] | None:
         """Past the first stage, each sequence's rows of the incoming hidden states."""
@@ -510,10 +558,11 @@ class Engine:
                 plan.decode.append(seq)
             else:
                 plan.extend.append(seq)
-        if len(plan.new) > self.cache.num_free:
-            raise NoFreeSlotError(
-                f"{len(plan.new)} new sequences but only {self.cache.num_free} of "
-                f"{self.cache.num_slots} KV cache slots are free"
+        needed = sum(self._growth(seq) for seq in seqs)
+        if needed > self.cache.num_free:
+            raise NoFreeBlocksError(
+                f"this step needs {needed} more KV cache blocks ({len(plan.new)} new sequences),"
+                f" only {self.cache.num_free} of {self.cache.num_blocks} are free"
             )
         return plan
 
@@ -543,26 +592,32 @@ class Engine:
             )
 
     def _prefill(
-        self, seq: SequenceStep, slot: int, start_pos: int, inputs: dict[str, Tensor] | None
+        self, seq: SequenceStep, table: list[int], inputs: dict[str, Tensor] | None
     ) -> Tensor:
         if inputs is None:
             x = torch.tensor(seq.token_ids, dtype=torch.long, device=self.device)
         else:
             x = inputs[seq.request_id]
-        return self.model.prefill(x, slot, start_pos)
+        return self.model.prefill(x, self._long(table), self.sequence_length(seq.request_id))
 
     def _decode(
-        self, seqs: list[SequenceStep], inputs: dict[str, Tensor] | None
+        self,
+        seqs: list[SequenceStep],
+        grown: dict[str, list[int]],
+        inputs: dict[str, Tensor] | None,
     ) -> dict[str, Tensor]:
-        known = [self._sequences[seq.request_id] for seq in seqs]
-        positions = [sequence.length for sequence in known]
+        positions = [self._sequences[seq.request_id].length for seq in seqs]
         if inputs is None:
             x = self._long([seq.token_ids[0] for seq in seqs])
         else:
             x = torch.cat([inputs[seq.request_id] for seq in seqs])
+        tables = [self._table(seq, grown) for seq in seqs]
+        width = max(len(table) for table in tables)
+        # Rows padded with block 0: positions past a row's length are masked out.
+        padded = [table + [0] * (width - len(table)) for table in tables]
         out = self.model.decode_one_token(
             x,
-            self._long([sequence.slot for sequence in known]),
+            torch.tensor(padded, dtype=torch.long, device=self.device),
             self._long(positions),
             max_len=max(positions) + 1,  # known here: saves a device sync
         )
@@ -578,12 +633,11 @@ class Engine:
         tokens = sample_tokens(stacked, params)
         return {seq.request_id: token for seq, token in zip(seqs, tokens, strict=True)}, stacked
 
-    def _commit(self, seqs: list[SequenceStep], allocated: dict[str, int]) -> None:
+    def _commit(self, seqs: list[SequenceStep], grown: dict[str, list[int]]) -> None:
         for seq in seqs:
-            slot = allocated.get(seq.request_id)
-            if slot is not None:
-                self._sequences[seq.request_id] = _Sequence(slot=slot, length=0)
-            self._sequences[seq.request_id].length += len(seq.token_ids)
+            sequence = self._sequences.setdefault(seq.request_id, _Sequence(blocks=[], length=0))
+            sequence.blocks.extend(grown[seq.request_id])
+            sequence.length += len(seq.token_ids)
 
     def _long(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,4 +1,4 @@
-"""A compact Llama-family forward pass (gpt-fast style) with a slotted, preallocated KV cache.
+"""A compact Llama-family forward pass (gpt-fast style) with a paged, preallocated KV cache.
 
 Covers Llama, Mistral and Qwen2 checkpoints in the Hugging Face layout. Module names mirror HF's
 (``layers.{i}.self_attn.q_proj`` …) so a checkpoint loads by stripping the ``model.`` prefix, and
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared.model.blocks import blocks_for
 from shared.model.parallel import TensorParallel, column_linear, row_linear
 
 # model_type -> the causal-LM architecture of that family.
@@ -189,52 +190,98 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCacheFullError(RuntimeError):
-    """Every slot of the KV cache is taken."""
+    """Fewer free KV cache blocks than asked for."""
 
 
 class KVCache:
-    """Preallocated K/V per layer, [num_slots, n_kv_heads, max_seq_len, head_dim]; a sequence owns
-    one slot for its lifetime."""
+    """Paged K/V per layer: ``num_blocks`` blocks of ``block_size`` positions,
+    [num_blocks, n_kv_heads, block_size, head_dim]. A sequence holds the blocks its positions
+    need (position p in block ``table[p // block_size]``), taken as it grows and freed when it
+    ends. A block of ``max_seq_len`` positions is the slotted layout: one block per sequence for
+    its lifetime. Reads and writes go through flat indices (:meth:`index`) computed once per
+    forward pass, so each layer's read is one gather into [B, n_kv_heads, L, head_dim]."""
 
     def __init__(
         self,
         n_layers: int,
-        num_slots: int,
+        num_blocks: int,
+        block_size: int,
         n_kv_heads: int,
         max_seq_len: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_slots, n_kv_heads, max_seq_len, head_dim)
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need >= 1 block of >= 1 position, got {num_blocks} x {block_size}")
+        shape = (num_blocks, n_kv_heads, block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.num_slots = num_slots
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.n_kv_heads = n_kv_heads
         self.max_seq_len = max_seq_len
-        # Free list kept sorted descending, so pop() hands out the lowest slot: deterministic.
-        self._free = list(range(num_slots - 1, -1, -1))
+        # Free list kept sorted descending, so pop() hands out the lowest block: deterministic.
+        self._free = list(range(num_blocks - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
-        if not self._free:
-            raise KVCacheFullError(f"all {self.num_slots} KV cache slots are in use")
-        return self._free.pop()
+    def blocks_for(self, positions: int) -> int:
+        return blocks_for(positions, self.block_size)
 
-    def free(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots or slot in self._free:
-            raise ValueError(f"KV cache slot {slot} is not allocated")
-        self._free.append(slot)
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise KVCacheFullError(
+                f"{count} KV cache blocks asked for, {len(self._free)} of {self.num_blocks} free"
+            )
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, blocks: list[int]) -> None:
+        taken = set(range(self.num_blocks)) - set(self._free)
+        if not set(blocks) <= taken or len(set(blocks)) != len(blocks):
+            raise ValueError(f"KV cache blocks {sorted(set(blocks) - taken)} are not allocated")
+        self._free.extend(blocks)
         self._free.sort(reverse=True)
 
-    def copy_out(self, slot: int, length: int, pin_memory: bool) -> list[tuple[Tensor, Tensor]]:
-        """The first ``length`` positions of a slot, per layer, copied to host memory."""
+    def index(self, tables: Tensor, length: int) -> Tensor:
+        """Flat indices [B, n_kv_heads, length] of positions 0..length-1 of each head, through
+        block tables [B, n], into a layer's cache viewed as rows of head_dim."""
+        positions = torch.arange(length, device=tables.device)
+        blocks = tables[:, torch.div(positions, self.block_size, rounding_mode="floor")]
+        heads = torch.arange(self.n_kv_heads, device=tables.device)
+        starts = (blocks[:, None, :] * self.n_kv_heads + heads[None, :, None]) * self.block_size
+        return starts + (positions % self.block_size)[None, None, :]
+
+    def gather(self, layer: int, index: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V at ``index`` [..., L]: [..., L, head_dim] each (one copy, contiguous)."""
+        flat = index.reshape(-1)
+        k, v = self.k[layer], self.v[layer]
+        shape = (*index.shape, k.shape[-1])
+        # index_select on rows: several times faster on CPU than advanced indexing.
+        return (
+            k.view(-1, k.shape[-1]).index_select(0, flat).view(shape),
+            v.view(-1, v.shape[-1]).index_select(0, flat).view(shape),
+        )
+
+    def scatter(self, layer: int, index: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k/v [..., head_dim] at ``index`` [...]."""
+        flat = index.reshape(-1)
+        keys, values = self.k[layer], self.v[layer]
+        keys.view(-1, keys.shape[-1]).index_copy_(0, flat, k.reshape(-1, keys.shape[-1]))
+        values.view(-1, values.shape[-1]).index_copy_(0, flat, v.reshape(-1, values.shape[-1]))
+
+    def copy_out(
+        self, blocks: list[int], length: int, pin_memory: bool
+    ) -> list[tuple[Tensor, Tensor]]:
+        """The first ``length`` positions held in ``blocks``, per layer, as contiguous host
+        tensors [n_kv_heads, length, head_dim]: only what the sequence holds moves."""
+        index = self.index(torch.tensor([blocks], device=self.k[0].device), length)[0]
         copies = []
-        for k, v in zip(self.k, self.v, strict=True):
+        for layer in range(len(self.k)):
             pair = []
-            for source in (k[slot, :, :length], v[slot, :, :length]):
+            for source in self.gather(layer, index):
                 target = torch.empty(
                     source.shape, dtype=source.dtype, device="cpu", pin_memory=pin_memory
                 )
@@ -244,16 +291,22 @@ class KVCache:
             copies.append((pair[0], pair[1]))
         return copies
 
-    def copy_in(self, slot: int, copies: list[tuple[Tensor, Tensor]]) -> None:
-        """Write host copies (from :meth:`copy_out`) back into the start of a slot."""
+    def copy_in(self, blocks: list[int], copies: list[tuple[Tensor, Tensor]]) -> None:
+        """Write host copies (from :meth:`copy_out`) into ``blocks`` from position 0."""
+        if not copies:
+            return
+        device = self.k[0].device
+        index = self.index(torch.tensor([blocks], device=device), copies[0][0].shape[1])[0]
         for layer, (k, v) in enumerate(copies):
-            length = k.shape[1]
-            self.k[layer][slot, :, :length].copy_(k, non_blocking=k.is_pinned())
-            self.v[layer][slot, :, :length].copy_(v, non_blocking=v.is_pinned())
+            pinned = k.is_pinned()
+            self.scatter(
+                layer, index, k.to(device, non_blocking=pinned), v.to(device, non_blocking=pinned)
+            )
 
 
 class CacheView(Protocol):
-    """How one forward pass reads and writes the cache (prefill of one slot, or ragged decode)."""
+    """How one forward pass reads and writes the cache (prefill of one sequence, or ragged
+    decode)."""
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's k/v [B, n_kv, T, D]; return the keys/values to attend over."""
@@ -267,41 +320,46 @@ class CacheView(Protocol):
 
 
 class PrefillView:
-    """T new tokens of one slot at positions start_pos .. start_pos+T-1."""
+    """T new tokens of one sequence at positions start_pos .. start_pos+T-1, its blocks
+    ``table`` [n] covering them."""
 
-    def __init__(self, cache: KVCache, slot: int, start_pos: int, length: int) -> None:
-        self.cache, self.slot, self.start, self.end = cache, slot, start_pos, start_pos + length
+    def __init__(self, cache: KVCache, table: Tensor, start_pos: int, length: int) -> None:
+        self.cache = cache
+        end = start_pos + length
+        # Indices of positions 0..end-1 [1, H, end], computed once for every layer.
+        self.read = cache.index(table[None], end)
+        self.write = self.read[0, :, start_pos:]
         # From position 0 the plain causal mask is right; a continuation also sees the prefix.
         self.is_causal = start_pos == 0
         self.attn_mask: Tensor | None = None
         if not self.is_causal:
-            device = cache.k[0].device
-            ones = torch.ones(length, self.end, dtype=torch.bool, device=device)
+            ones = torch.ones(length, end, dtype=torch.bool, device=table.device)
             self.attn_mask = ones.tril(diagonal=start_pos)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[self.slot, :, self.start : self.end] = k[0]
-        v_cache[self.slot, :, self.start : self.end] = v[0]
-        s = slice(self.slot, self.slot + 1)
-        return k_cache[s, :, : self.end], v_cache[s, :, : self.end]
+        self.cache.scatter(layer, self.write, k[0], v[0])
+        return self.cache.gather(layer, self.read)
 
 
 class DecodeView:
-    """One new token per row; each row has its own slot and position (a ragged batch)."""
+    """One new token per row; each row has its own block table (``tables`` [B, n], padded with
+    any block) and position (a ragged batch)."""
 
-    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, max_len: int) -> None:
-        self.cache, self.slots, self.positions, self.max_len = cache, slots, positions, max_len
+    def __init__(self, cache: KVCache, tables: Tensor, positions: Tensor, max_len: int) -> None:
+        self.cache = cache
+        # Indices of every row's positions up to the batch's longest [B, H, max_len], once for
+        # all layers; the new token's [B, H].
+        self.read = cache.index(tables, max_len)
+        rows = torch.arange(len(positions), device=positions.device)
+        self.write = self.read[rows, :, positions]
         self.is_causal = False
         # Attend to the cache only up to the batch's longest row; mask each row past its own end.
         keys = torch.arange(max_len, device=positions.device)
         self.attn_mask: Tensor | None = (keys[None, :] <= positions[:, None])[:, None, None, :]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[self.slots, :, self.positions] = k[:, :, 0]
-        v_cache[self.slots, :, self.positions] = v[:, :, 0]
-        return k_cache[self.slots, :, : self.max_len], v_cache[self.slots, :, : self.max_len]
+        self.cache.scatter(layer, self.write, k[:, :, 0], v[:, :, 0])
+        return self.cache.gather(layer, self.read)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,8 +533,8 @@ class Transformer(nn.Module):
             return "lm_head.weight" if tied_head and name == "embed_tokens.weight" else None
         return name if self.is_last else None
 
-    def setup_caches(self, num_slots: int, max_seq_len: int) -> KVCache:
-        """Allocate the KV cache and the rope tables (replacing any previous cache)."""
+    def setup_caches(self, num_blocks: int, max_seq_len: int, block_size: int = 16) -> KVCache:
+        """Allocate the paged KV cache and the rope tables (replacing any previous cache)."""
         if not 0 < max_seq_len <= self.args.max_position_embeddings:
             raise ValueError(
                 f"max_seq_len must be in 1..{self.args.max_position_embeddings}, got {max_seq_len}"
@@ -484,7 +542,8 @@ class Transformer(nn.Module):
         a = self.args
         self.kv_cache = KVCache(
             len(self.layers),
-            num_slots,
+            num_blocks,
+            block_size,
             self.n_local_kv_heads,
             max_seq_len,
             a.head_dim,
@@ -495,8 +554,9 @@ class Transformer(nn.Module):
         return self.kv_cache
 
     @torch.inference_mode()
-    def prefill(self, token_ids: Tensor, slot: int, start_pos: int = 0) -> Tensor:
-        """Run T tokens of one sequence at positions start_pos.. into ``slot``.
+    def prefill(self, token_ids: Tensor, blocks: Tensor, start_pos: int = 0) -> Tensor:
+        """Run T tokens of one sequence at positions start_pos.. into its KV cache ``blocks``
+        [n] (enough for start_pos + T positions).
 
         ``token_ids`` [T] on the first stage, the previous stage's hidden states [T, dim] on a
         later one. Returns float32 logits [vocab] of the last position on the last stage, else
@@ -508,7 +568,9 @@ class Transformer(nn.Module):
                 f"prefill of {length} tokens at position {start_pos} does not fit "
                 f"1..{cache.max_seq_len} positions"
             )
-        view = PrefillView(cache, slot, start_pos, length)
+        if blocks.shape[0] < cache.blocks_for(start_pos + length):
+            raise ValueError(f"{blocks.shape[0]} blocks cannot hold {start_pos + length} positions")
+        view = PrefillView(cache, blocks.to(self.device), start_pos, length)
         span = slice(start_pos, start_pos + length)
         h = self._stage_input(token_ids)[None]
         h = self.run_layers(h, cos[span], sin[span], view)
@@ -516,20 +578,21 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def decode_one_token(
-        self, token_ids: Tensor, slots: Tensor, positions: Tensor, max_len: int | None = None
+        self, token_ids: Tensor, tables: Tensor, positions: Tensor, max_len: int | None = None
     ) -> Tensor:
-        """One token per row at its own slot and position; float32 logits [B, vocab] on the last
+        """One token per row at its own position, its KV cache in the blocks of its row of
+        ``tables`` [B, n] (rows padded with any block); float32 logits [B, vocab] on the last
         stage, else hidden states [B, dim]. ``token_ids`` [B] on the first stage, else the
         previous stage's hidden states [B, dim].
 
-        ``max_len`` (max(positions) + 1) may be given to skip a device sync; slots must be
-        distinct.
+        ``max_len`` (max(positions) + 1) may be given to skip a device sync; no two rows may
+        share a block.
         """
         cache, cos, sin = self._cache()
         positions = positions.to(self.device)
         if max_len is None:
             max_len = int(positions.max().item()) + 1
-        view = DecodeView(cache, slots.to(self.device), positions, max_len)
+        view = DecodeView(cache, tables.to(self.device), positions, max_len)
         # [B, D] -> [B, 1, 1, D]: broadcasts over heads and the single query position.
         cos_b, sin_b = cos[positions][:, None, None, :], sin[positions][:, None, None, :]
         h = self._stage_input(token_ids)[:, None]

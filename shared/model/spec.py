@@ -23,6 +23,8 @@ class EngineSpec:
     host_slots: int
     layers: Layers | None = None
     torch_threads: int | None = None
+    block_size: int = 16
+    kv_blocks: int | None = None
 
     def rank_device(self, rank: int) -> str | None:
         """Rank r on the r-th GPU; all ranks on the CPU otherwise."""
