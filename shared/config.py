@@ -109,8 +109,9 @@ class AdaptiveSettings(BaseModel):
     min_samples: int = Field(default=20, ge=1)
     # The index table is computed again after this many more have finished.
     recompute_every: int = Field(default=32, ge=1)
-    # A request older than age_factor x the mean service time of finished ones (and than
-    # min_age_s) goes ahead of everything, oldest first: its wait is bounded.
+    # A request older than age_factor x (1 + CV^2) / 2 x the mean service time of finished ones
+    # (CV: of their output lengths), and than min_age_s, goes ahead of everything, oldest
+    # first: its wait is bounded.
     age_factor: float = Field(default=4.0, gt=0)
     # A new request whose prefill costs at most this many output tokens' time runs its first
     # iteration before the others (time to first token; more costs the others mean JCT).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from nats.aio.msg import Msg
 
-from services.scheduler.gittins import GittinsPolicy, entry_index, gittins_indices
+from services.scheduler.gittins import GittinsPolicy, ServiceHistory, entry_index, gittins_indices
 from services.scheduler.policy import ExecutorView, StepOutput
 from services.scheduler.sequence import Sequence
 from shared.config import AdaptiveSettings
@@ -123,6 +123,21 @@ def test_a_job_older_than_the_age_bound_goes_first(jobs: Jobs, clock: FakeClock)
     clock.advance(1.0)
     policy.add_request(jobs())
     assert ids_of(policy.priority_order(VIEW))[0] == old.request_id
+
+
+def test_the_age_bound_widens_with_the_variability_of_lengths() -> None:
+    settings = SETTINGS.model_copy(update={"min_age_s": 1.0})
+    steady, heavy = ServiceHistory(settings), ServiceHistory(settings)
+    for _ in range(10):
+        steady.add(10, 2.0)  # CV 0: 4 x 1/2 x 2 s
+    for length in [1] * 9 + [91]:
+        heavy.add(length, 2.0)  # mean 10, CV^2 = 7.29: 4 x 4.145 x 2 s
+    assert steady.max_age_s() == pytest.approx(4.0)
+    assert heavy.max_age_s() == pytest.approx(4 * (1 + 7.29) / 2 * 2.0)
+    assert ServiceHistory(settings).max_age_s() == 1.0  # nothing finished yet: min_age_s
+    quick = ServiceHistory(settings)
+    quick.add(10, 0.1)
+    assert quick.max_age_s() == 1.0  # never below min_age_s
 
 
 def test_a_short_prefill_runs_its_first_iteration_first(jobs: Jobs, clock: FakeClock) -> None:
