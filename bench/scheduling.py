@@ -12,84 +12,33 @@ reports the busy fraction it really had.
 
 Prints average and P99 job completion time (JCT) and time to first token (TTFT) per policy,
 their ratios to FCFS, KV swaps, and the scheduler's own time per iteration as a fraction of
-the executor's iteration time (from the scheduler's step log); then one line per workload and
-policy: ``summary: workload=W policy=P avg_vs_fcfs=X p99_vs_fcfs=Y``.
+the executor's iteration time (from the scheduler's step log). The same jobs then go through
+``bench.scheduling_sim``'s simulation (the same policy classes on the model's measured
+profile), with the SRPT oracle, and the live and simulated ratios to FCFS are printed side by
+side. It ends with one line per workload and policy (the default policy first):
+``summary: workload=W policy=P avg_vs_fcfs=X p99_vs_fcfs=Y oracle_avg_vs_fcfs=Z
+sim_avg_vs_fcfs=S sim_p99_vs_fcfs=T`` (the oracle's and the sim_ ratios simulated).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
-import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from bench.scheduling_sim import policies, simulate
+from bench.workloads import WORKLOADS, Job, make_jobs, mean, percentile, workload_lengths
 from shared.bus import connect
 from shared.client import Completion, SpotserveClient
 from shared.cluster import LocalCluster
 from shared.config import NatsSettings
 from shared.model.checkpoint import default_model_dir, ensure_model
+from shared.model.profile import find_profile, load_profile
 from shared.model.tokenizer import TextTokenizer
-
-AZURE_TRACES = Path(__file__).resolve().parents[2] / "shared/traces/azure"
-# Named workloads: the Azure traces whose (input, output) lengths they sample; "mix" takes as
-# many rows from each.
-WORKLOADS: dict[str, tuple[str, ...]] = {
-    "azure-conv": ("AzureLLMInferenceTrace_conv.csv",),
-    "azure-code": ("AzureLLMInferenceTrace_code.csv",),
-    "mix": ("AzureLLMInferenceTrace_conv.csv", "AzureLLMInferenceTrace_code.csv"),
-}
-
-
-@dataclass(frozen=True)
-class Job:
-    arrival_s: float
-    prompt_token_ids: list[int]
-    output_tokens: int
-
-
-def load_lengths(trace: Path) -> list[tuple[int, int]]:
-    with trace.open(newline="") as handle:
-        return [
-            (int(row["ContextTokens"]), int(row["GeneratedTokens"]))
-            for row in csv.DictReader(handle)
-            if int(row["ContextTokens"]) > 0 and int(row["GeneratedTokens"]) > 0
-        ]
-
-
-def workload_lengths(name: str, traces: Path = AZURE_TRACES) -> list[tuple[int, int]]:
-    """The (input, output) lengths of a named workload, equally many rows from each trace."""
-    if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
-    parts = [load_lengths(traces / file) for file in WORKLOADS[name]]
-    rows = min(len(part) for part in parts)
-    return [row for part in parts for row in part[:rows]]
-
-
-def make_jobs(
-    lengths: list[tuple[int, int]],
-    count: int,
-    rate: float,
-    context: int,
-    vocab_size: int,
-    scale: float,
-    seed: int,
-) -> list[Job]:
-    """Sample rows, scale lengths by ``scale`` (clipped to the context), Poisson arrivals."""
-    rng = random.Random(seed)
-    rows = rng.sample(lengths, count)
-    max_input, max_output = context // 2, context // 4
-    jobs, clock = [], 0.0
-    for context_tokens, generated in rows:
-        inputs = max(1, min(max_input, round(context_tokens * scale)))
-        outputs = max(1, min(max_output, round(generated * scale)))
-        prompt = [rng.randrange(3, vocab_size) for _ in range(inputs)]
-        jobs.append(Job(clock, prompt, outputs))
-        clock += rng.expovariate(rate) if rate > 0 else 0.0
-    return jobs
 
 
 async def replay(nats_url: str, jobs: list[Job]) -> list[Completion]:
@@ -113,9 +62,11 @@ async def replay(nats_url: str, jobs: list[Job]) -> list[Completion]:
         await nc.close()
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+class SimJcts(Protocol):
+    """What a run gives per job, live or simulated: JCT and TTFT seconds."""
+
+    jct: list[float]
+    ttft: list[float]
 
 
 @dataclass
@@ -160,7 +111,7 @@ LIVE_POLICIES = ("adaptive", "fcfs", "skip-join-mlfq")
 
 def run_workload(
     name: str, args: argparse.Namespace, model_dir: Path, tokenizer: TextTokenizer
-) -> dict[str, RunResult]:
+) -> tuple[dict[str, RunResult], dict[str, SimJcts]]:
     lengths = workload_lengths(name)
     env = {
         "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": str(args.batch),
@@ -179,6 +130,7 @@ def run_workload(
         args.scale, args.seed,
     )  # fmt: skip
     results = {policy: run_policy(model_dir, policy, jobs, env) for policy in LIVE_POLICIES}
+    results_sim = simulate_jobs(jobs, model_dir, args.batch, tokenizer)
     inputs = [len(job.prompt_token_ids) for job in jobs]
     outputs = [job.output_tokens for job in jobs]
     print(
@@ -189,7 +141,52 @@ def run_workload(
         f" rate {rate:.2f} req/s ({args.load:.0%})"
     )
     report(results)
-    return results
+    compare(results, results_sim)
+    return results, results_sim
+
+
+def simulate_jobs(
+    jobs: list[Job], model_dir: Path, batch: int, tokenizer: TextTokenizer
+) -> dict[str, SimJcts]:
+    """The same jobs through bench.scheduling_sim (the same policy classes on the model's
+    measured profile, no NATS, no overheads), with the SRPT oracle."""
+    path = find_profile(model_dir)
+    if path is None:
+        raise SystemExit(f"no profile of {model_dir}: run `spotserve profile --model {model_dir}`")
+    profile = load_profile(path)
+    return {
+        policy: simulate(make, jobs, profile, batch, tokenizer)
+        for policy, make in policies(profile, batch).items()
+    }
+
+
+def ratios(jct: list[float], ttft: list[float], fcfs: SimJcts) -> tuple[float, float, float]:
+    """FCFS's mean JCT, P99 JCT and mean TTFT over these (higher is better)."""
+    return (
+        mean(fcfs.jct) / mean(jct),
+        percentile(fcfs.jct, 0.99) / percentile(jct, 0.99),
+        mean(fcfs.ttft) / mean(ttft),
+    )
+
+
+def compare(live: dict[str, RunResult], sim: dict[str, SimJcts]) -> None:
+    """Each policy's ratios to FCFS, live and simulated on the same jobs, side by side."""
+    print("ratios to FCFS, live and simulated (same jobs); sim/live")
+    columns = ("avg live", "avg sim", "sim/live", "P99 live", "P99 sim", "TTFT live", "TTFT sim")
+    print(f"{'policy':>15}  " + "  ".join(f"{c:>9}" for c in columns))
+    for policy, result in live.items():
+        got = ratios(result.jct, result.ttft, live["fcfs"])
+        expected = ratios(sim[policy].jct, sim[policy].ttft, sim["fcfs"])
+        cells = (
+            got[0],
+            expected[0],
+            expected[0] / got[0],
+            got[1],
+            expected[1],
+            got[2],
+            expected[2],
+        )
+        print(f"{policy:>15}  " + "  ".join(f"{c:>9.2f}" for c in cells))
 
 
 def main() -> None:
@@ -210,20 +207,18 @@ def main() -> None:
     tokenizer = TextTokenizer.from_model_dir(model_dir)
     summaries = []
     for name in args.workload or ["azure-conv"]:
-        results = run_workload(name, args, model_dir, tokenizer)
-        fcfs = results["fcfs"]
+        results, sim = run_workload(name, args, model_dir, tokenizer)
+        oracle = ratios(sim["srpt oracle"].jct, sim["srpt oracle"].ttft, sim["fcfs"])[0]
         for policy, result in results.items():
+            live = ratios(result.jct, result.ttft, results["fcfs"])
+            simulated = ratios(sim[policy].jct, sim[policy].ttft, sim["fcfs"])
             summaries.append(
-                f"summary: workload={name} policy={policy}"
-                f" avg_vs_fcfs={mean(fcfs.jct) / mean(result.jct):.2f}"
-                f" p99_vs_fcfs={percentile(fcfs.jct, 0.99) / percentile(result.jct, 0.99):.2f}"
+                f"summary: workload={name} policy={policy} avg_vs_fcfs={live[0]:.2f}"
+                f" p99_vs_fcfs={live[1]:.2f} oracle_avg_vs_fcfs={oracle:.2f}"
+                f" sim_avg_vs_fcfs={simulated[0]:.2f} sim_p99_vs_fcfs={simulated[1]:.2f}"
             )
     for line in summaries:
         print(line)
-
-
-def mean(values: list[float] | list[int]) -> float:
-    return sum(values) / len(values)
 
 
 def report(results: dict[str, RunResult]) -> None:

@@ -24,12 +24,16 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.scheduling import WORKLOADS, Job, make_jobs, mean, percentile, workload_lengths
-from services.scheduler.gittins import GittinsPolicy, prefill_in_tokens
-from services.scheduler.mlfq import SkipJoinMlfqPolicy
-from services.scheduler.policy import ExecutorView, FcfsPolicy, SchedulerPolicy, StepOutput
+from bench.workloads import WORKLOADS, Job, make_jobs, mean, percentile, workload_lengths
+from services.scheduler.gittins import prefill_in_tokens
+from services.scheduler.policy import (
+    ExecutorView,
+    FcfsPolicy,
+    SchedulerPolicy,
+    StepOutput,
+    make_policy,
+)
 from services.scheduler.sequence import Sequence
-from shared.config import AdaptiveSettings, MlfqSettings
 from shared.messages import AcceptedRequest
 from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.profile import ModelProfile, find_profile, load_profile
@@ -81,12 +85,12 @@ class SimResult:
 
 
 def simulate(
-    make_policy: PolicyFactory, jobs: list[Job], profile: ModelProfile, batch: int,
+    policy_factory: PolicyFactory, jobs: list[Job], profile: ModelProfile, batch: int,
     tokenizer: TextTokenizer,
 ) -> SimResult:  # fmt: skip
     """Job completion times and times to first token under one policy."""
     clock = [0.0]
-    policy: SchedulerPolicy = make_policy(lambda: clock[0])
+    policy: SchedulerPolicy = policy_factory(lambda: clock[0])
     view = ExecutorView("sim", max_batch_size=batch, kv_blocks=1 << 20)
     arrivals = [(job.arrival_s, i, job) for i, job in enumerate(jobs)]
     heapq.heapify(arrivals)
@@ -120,22 +124,23 @@ def simulate(
     )
 
 
-def mlfq_factory(settings: MlfqSettings, profile: ModelProfile) -> PolicyFactory:
-    def make(clock: Callable[[], float]) -> SchedulerPolicy:
-        return SkipJoinMlfqPolicy(settings, profile.prefill_time_s, clock)
-
-    return make
-
-
 def policies(profile: ModelProfile, batch: int) -> dict[str, PolicyFactory]:
     """The policies compared, the adaptive one first; the oracle last."""
     return {
-        "adaptive": lambda clock: GittinsPolicy(
-            AdaptiveSettings(), prefill_in_tokens(profile, batch), clock
+        "adaptive": lambda clock: make_policy(
+            "adaptive",
+            prefill_time_s=profile.prefill_time_s,
+            decode_time_s=profile.decode_time_s,
+            max_batch_size=batch,
+            clock=clock,
         ),
         "fcfs": lambda _clock: FcfsPolicy(),
-        "skip-join-mlfq": mlfq_factory(MlfqSettings(), profile),
-        "srpt oracle": lambda _clock: SrptOracle(prefill_in_tokens(profile, batch)),
+        "skip-join-mlfq": lambda clock: make_policy(
+            "skip-join-mlfq", prefill_time_s=profile.prefill_time_s, clock=clock
+        ),
+        "srpt oracle": lambda _clock: SrptOracle(
+            prefill_in_tokens(profile.prefill_time_s, profile.decode_time_s, batch)
+        ),
     }
 
 

@@ -259,7 +259,7 @@ class Simulation:
         self.counter = itertools.count()
         self.profile = options.profile
         self.policy = SpotServePolicy(self.profile, options.planner)
-        self.scheduler: SchedulerPolicy = _scheduler_policy(options, self.profile)
+        self.scheduler: SchedulerPolicy = _scheduler_policy(options, self.profile, lambda: self.now)
         self.meter = ArrivalMeter(self.costs.rate_window_s, clock=lambda: self.now)
         self.fleet = FleetState()
         self.fleet_seq = 0
@@ -844,15 +844,25 @@ def _role_bytes(profile: ParallelProfile, first: int, last: int, plan: Plan) -> 
     return layers + embed + head
 
 
-def _scheduler_policy(options: SimOptions, profile: ParallelProfile) -> SchedulerPolicy:
-    if options.scheduler == "fcfs":
-        return make_policy("fcfs")
+def _scheduler_policy(
+    options: SimOptions, profile: ParallelProfile, clock: Callable[[], float]
+) -> SchedulerPolicy:
+    config = (1, min(profile.tensor_degrees()))
 
     def prefill_time_s(tokens: int) -> float:
-        config = (1, min(profile.tensor_degrees()))
         return step_seconds(profile, *config, 1, tokens, 0)
 
-    return make_policy(options.scheduler, MlfqSettings(), prefill_time_s)
+    def decode_time_s(batch: int) -> float:
+        return step_seconds(profile, *config, 0, 0, batch)
+
+    return make_policy(
+        options.scheduler,
+        MlfqSettings(),
+        prefill_time_s,
+        decode_time_s=decode_time_s,
+        max_batch_size=options.max_batch,
+        clock=clock,
+    )
 
 
 def simulate(options: SimOptions) -> RunRecord:

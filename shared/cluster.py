@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from shared.bus import connect
-from shared.config import NatsSettings
+from shared.config import ModelSettings, NatsSettings, SchedulerSettings
 from shared.discovery import discover
 from shared.metrics import HTTP_URL_KEY, METRICS_URL_KEY
 from shared.natsserver import EmbeddedNatsServer
@@ -200,13 +200,14 @@ class LocalCluster:
             raise
 
     def _ensure_profile(self) -> None:
-        """Skip-join MLFQ needs a timing profile of the model: measure one if there is none."""
+        """Skip-join MLFQ needs a timing profile of the model, and the adaptive policy counts
+        prefills with one: measure one if there is none."""
         env = self._service_env({})
-        if env.get("SPOTSERVE_SCHEDULER__POLICY") != "skip-join-mlfq":
+        policy = env.get("SPOTSERVE_SCHEDULER__POLICY", SchedulerSettings().policy)
+        if policy not in ("skip-join-mlfq", "adaptive"):
             return
         if env.get("SPOTSERVE_SCHEDULER__PROFILE_PATH"):
             return
-        from shared.config import ModelSettings
         from shared.model.profile import (
             default_profile_path,
             find_profile,

@@ -120,7 +120,7 @@ class AdaptiveSettings(BaseModel):
 
 
 class SchedulerSettings(BaseModel):
-    policy: Literal["fcfs", "skip-join-mlfq", "adaptive"] = "fcfs"
+    policy: Literal["fcfs", "skip-join-mlfq", "adaptive"] = "adaptive"
     mlfq: MlfqSettings = MlfqSettings()
     adaptive: AdaptiveSettings = AdaptiveSettings()
     # The prefill-time profile (`spotserve profile`); None: the default location for the model.

@@ -59,10 +59,12 @@ def job(jobs: Jobs, length: int, prompt: int = 1) -> Sequence:
     return Sequence.create(request, cast(Msg, FakeMessage()), jobs.tokenizer, [])
 
 
-def teach(policy: GittinsPolicy, jobs: Jobs, clock: FakeClock, length: int, count: int) -> None:
+def teach(
+    policy: GittinsPolicy, jobs: Jobs, clock: FakeClock, length: int, count: int, prompt: int = 1
+) -> None:
     """Let ``count`` jobs of ``length`` tokens run to their end, one after the other."""
     for _ in range(count):
-        sequence = job(jobs, length)
+        sequence = job(jobs, length, prompt)
         policy.add_request(sequence)
         while not sequence.finished:
             run(policy, clock, compute_s=0.0)
@@ -123,6 +125,30 @@ def test_a_job_older_than_the_age_bound_goes_first(jobs: Jobs, clock: FakeClock)
     clock.advance(1.0)
     policy.add_request(jobs())
     assert ids_of(policy.priority_order(VIEW))[0] == old.request_id
+
+
+def test_lengths_are_learned_per_prompt_length_class(jobs: Jobs, clock: FakeClock) -> None:
+    policy = GittinsPolicy(SETTINGS, clock=clock)
+    # Short prompts asked for 1 token, long ones for 40 (alternating: the pooled distribution
+    # is half and half).
+    for _ in range(10):
+        teach(policy, jobs, clock, length=1, count=1, prompt=2)
+        teach(policy, jobs, clock, length=40, count=1, prompt=100)
+    long_prompt, short_prompt = job(jobs, 40, prompt=100), job(jobs, 1, prompt=2)
+    policy.add_request(long_prompt)
+    policy.add_request(short_prompt)
+    # Pooled, both would rank alike (arrival order); by class the short one is expected short.
+    assert ids_of(policy.priority_order(VIEW)) == [
+        short_prompt.request_id,
+        long_prompt.request_id,
+    ]
+    # A class with too few finished jobs falls back to all of them: arrival order.
+    first, second = job(jobs, 5, prompt=20), job(jobs, 5, prompt=40)
+    fresh = GittinsPolicy(SETTINGS, clock=clock)
+    teach(fresh, jobs, clock, length=5, count=10, prompt=2)
+    fresh.add_request(first)
+    fresh.add_request(second)
+    assert ids_of(fresh.priority_order(VIEW)) == [first.request_id, second.request_id]
 
 
 def test_the_age_bound_widens_with_the_variability_of_lengths() -> None:

@@ -52,13 +52,15 @@ import numpy as np
 from services.scheduler.policy_base import ExecutorView, SchedulerPolicy, StepOutput
 from services.scheduler.sequence import Sequence
 from shared.config import AdaptiveSettings
-from shared.model.profile import ModelProfile
 
 
-def prefill_in_tokens(profile: ModelProfile, batch: int) -> Callable[[int], float]:
-    """A prefill's time in output tokens of one sequence at full batches of ``batch``."""
-    per_token_s = profile.decode_time_s(batch) / batch
-    return lambda tokens: profile.prefill_time_s(tokens) / per_token_s
+def prefill_in_tokens(
+    prefill_time_s: Callable[[int], float], decode_time_s: Callable[[int], float], batch: int
+) -> Callable[[int], float]:
+    """A prefill's time in output tokens of one sequence at full batches of ``batch``, from a
+    profile's prefill seconds by prompt length and decode seconds by batch size."""
+    per_token_s = decode_time_s(batch) / batch
+    return lambda tokens: prefill_time_s(tokens) / per_token_s
 
 
 def gittins_indices(lengths: list[int], horizon: int) -> np.ndarray:

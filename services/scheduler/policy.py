@@ -7,10 +7,11 @@ policy is one class implementing :class:`SchedulerPolicy`.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 
-from services.scheduler.gittins import GittinsPolicy
+from services.scheduler.gittins import GittinsPolicy, prefill_in_tokens
 from services.scheduler.mlfq import SkipJoinMlfqPolicy
 from services.scheduler.policy_base import ExecutorView, SchedulerPolicy, StepOutput
 from services.scheduler.sequence import Sequence
@@ -106,14 +107,23 @@ def make_policy(
     mlfq: MlfqSettings | None = None,
     prefill_time_s: Callable[[int], float] | None = None,
     adaptive: AdaptiveSettings | None = None,
+    *,
+    decode_time_s: Callable[[int], float] | None = None,
+    max_batch_size: int = 8,
+    clock: Callable[[], float] = time.monotonic,
 ) -> SchedulerPolicy:
-    """The policy called ``name``; skip-join MLFQ needs the profiled prefill time."""
+    """The policy called ``name``, on ``clock`` (a simulation passes its own). Skip-join MLFQ
+    needs the profiled ``prefill_time_s``; the adaptive policy counts prefills in a new job's
+    index when it has both ``prefill_time_s`` and ``decode_time_s`` (by batch size)."""
     if name == "fcfs":
         return FcfsPolicy()
-    if name == "adaptive":  # without a profile: prefills are not counted in the index
-        return GittinsPolicy(adaptive or AdaptiveSettings())
+    if name == "adaptive":
+        prefill_tokens = None
+        if prefill_time_s is not None and decode_time_s is not None:
+            prefill_tokens = prefill_in_tokens(prefill_time_s, decode_time_s, max_batch_size)
+        return GittinsPolicy(adaptive or AdaptiveSettings(), prefill_tokens, clock)
     if name == "skip-join-mlfq":
         if prefill_time_s is None:
             raise ValueError("skip-join-mlfq needs a prefill-time profile (spotserve profile)")
-        return SkipJoinMlfqPolicy(mlfq or MlfqSettings(), prefill_time_s)
+        return SkipJoinMlfqPolicy(mlfq or MlfqSettings(), prefill_time_s, clock)
     raise ValueError(f"unknown scheduling policy {name!r}; choose from {list(POLICY_NAMES)}")

@@ -22,7 +22,6 @@ from pathlib import Path
 from services.scheduler import metrics
 from services.scheduler.cancellation import Cancellations
 from services.scheduler.executors import ExecutorHandle, ExecutorPool
-from services.scheduler.gittins import GittinsPolicy, prefill_in_tokens
 from services.scheduler.intake import RequestIntake
 from services.scheduler.iteration import IterationLoop
 from services.scheduler.mlfq import SkipJoinMlfqPolicy
@@ -149,8 +148,13 @@ def build_policy(settings: SchedulerSettings, model_dir: Path) -> SchedulerPolic
     profile = load_profile(path) if path else None
     if settings.policy == "adaptive":
         # Without a profile, a prefill is not counted in a new job's index.
-        prefill = prefill_in_tokens(profile, settings.max_batch_size) if profile else None
-        return GittinsPolicy(settings.adaptive, prefill)
+        return make_policy(
+            settings.policy,
+            adaptive=settings.adaptive,
+            prefill_time_s=profile.prefill_time_s if profile else None,
+            decode_time_s=profile.decode_time_s if profile else None,
+            max_batch_size=settings.max_batch_size,
+        )
     if profile is None:
         raise ConfigurationError(
             f"policy skip-join-mlfq needs a timing profile of {model_dir}: run `spotserve profile"
