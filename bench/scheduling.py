@@ -4,9 +4,9 @@ The same workload is replayed through a fresh local cluster once per policy (ada
 skip-join MLFQ): Poisson arrivals, input/output lengths sampled from a named workload
 (``--workload``, repeatable: ``azure-conv``, ``azure-code``, ``mix``; default ``azure-conv``)
 scaled to the model's context, outputs forced to the trace's length. The arrival rate is set
-from a calibration run (all requests at once under FCFS; the executor's total compute time per
-request at full batches) so that the executor is ``--load`` busy (default 85%); each run
-reports the busy fraction it really had.
+from a calibration run (all requests at once under FCFS: the system's throughput at full
+batches) to ``--load`` of that capacity (default 85%); each run reports the fraction of its
+time the executor really computed.
 
     python -m bench.scheduling [--workload azure-code] [--requests 120] [--load 0.85]
 
@@ -14,9 +14,10 @@ Prints average and P99 job completion time (JCT) and time to first token (TTFT) 
 their ratios to FCFS, KV swaps, and the scheduler's own time per iteration as a fraction of
 the executor's iteration time (from the scheduler's step log). The same jobs then go through
 ``bench.scheduling_sim``'s simulation (the same policy classes on the model's measured
-profile), with the SRPT oracle, and the live and simulated ratios to FCFS are printed side by
-side. It ends with one line per workload and policy (the default policy first):
-``summary: workload=W policy=P avg_vs_fcfs=X p99_vs_fcfs=Y oracle_avg_vs_fcfs=Z
+profile, calibrated on the live FCFS run: its compute over the profile's and its time per
+iteration outside the executor), with the SRPT oracle, and the live and simulated ratios to
+FCFS are printed side by side. It ends with one line per workload and policy (the default
+policy first): ``summary: workload=W policy=P avg_vs_fcfs=X p99_vs_fcfs=Y oracle_avg_vs_fcfs=Z
 sim_avg_vs_fcfs=S sim_p99_vs_fcfs=T`` (the oracle's and the sim_ ratios simulated).
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bench.scheduling_sim import policies, simulate
+from bench.scheduling_sim import Calibration, policies, simulate
 from bench.workloads import WORKLOADS, Job, make_jobs, mean, percentile, workload_lengths
 from shared.bus import connect
 from shared.client import Completion, SpotserveClient
@@ -79,6 +80,9 @@ class RunResult:
     # Executor compute time / wall time of the run.
     busy_fraction: float
     compute_s: float
+    iterations: int
+    # Mean wall time of an iteration outside the executor's compute (round trip + scheduler).
+    iteration_overhead_s: float
 
 
 def run_policy(model_dir: Path, policy: str, jobs: list[Job], env: dict[str, str]) -> RunResult:
@@ -102,6 +106,12 @@ def run_policy(model_dir: Path, policy: str, jobs: list[Job], env: dict[str, str
         swaps=sum(step.get("offloaded", 0) + step.get("uploaded", 0) for step in steps),
         busy_fraction=compute_ms / 1000 / makespan,
         compute_s=compute_ms / 1000,
+        iterations=len(steps),
+        iteration_overhead_s=sum(
+            step["round_trip_ms"] - step["compute_ms"] + step["scheduler_ms"] for step in steps
+        )
+        / 1000
+        / max(1, len(steps)),
     )
 
 
@@ -122,15 +132,16 @@ def run_workload(
         args.scale, args.seed,
     )  # fmt: skip
     calibration = run_policy(model_dir, "fcfs", burst, env)
-    # At full batches the executor needs compute_s for all requests: that is its capacity.
-    capacity = args.requests / calibration.compute_s
+    # All requests at once keep the batches full: the system's throughput then (its wall time,
+    # the overheads outside the executor's compute included) is its capacity.
+    capacity = args.requests / calibration.makespan
     rate = args.load * capacity
     jobs = make_jobs(
         lengths, args.requests, rate, tokenizer.context_length, tokenizer.vocab_size,
         args.scale, args.seed,
     )  # fmt: skip
     results = {policy: run_policy(model_dir, policy, jobs, env) for policy in LIVE_POLICIES}
-    results_sim = simulate_jobs(jobs, model_dir, args.batch, tokenizer)
+    results_sim = simulate_jobs(jobs, model_dir, args.batch, tokenizer, results["fcfs"])
     inputs = [len(job.prompt_token_ids) for job in jobs]
     outputs = [job.output_tokens for job in jobs]
     print(
@@ -146,17 +157,29 @@ def run_workload(
 
 
 def simulate_jobs(
-    jobs: list[Job], model_dir: Path, batch: int, tokenizer: TextTokenizer
+    jobs: list[Job], model_dir: Path, batch: int, tokenizer: TextTokenizer, fcfs: RunResult
 ) -> dict[str, SimJcts]:
     """The same jobs through bench.scheduling_sim (the same policy classes on the model's
-    measured profile, no NATS, no overheads), with the SRPT oracle."""
+    measured profile), with the SRPT oracle, calibrated on the live FCFS run: its compute
+    over the profile's for the same jobs under FCFS, and its overhead per iteration."""
     path = find_profile(model_dir)
     if path is None:
         raise SystemExit(f"no profile of {model_dir}: run `spotserve profile --model {model_dir}`")
     profile = load_profile(path)
+    made = policies(profile, batch)
+    plain = simulate(made["fcfs"], jobs, profile, batch, tokenizer)
+    calibration = Calibration(
+        compute_scale=fcfs.compute_s / plain.compute_s,
+        iteration_overhead_s=fcfs.iteration_overhead_s,
+    )
+    print(
+        f"simulation calibrated on the live FCFS run: compute x{calibration.compute_scale:.2f}"
+        f" of the profile's, {calibration.iteration_overhead_s * 1000:.1f} ms per iteration"
+        f" outside it ({fcfs.iterations} live iterations, {plain.iterations} simulated)"
+    )
     return {
-        policy: simulate(make, jobs, profile, batch, tokenizer)
-        for policy, make in policies(profile, batch).items()
+        policy: simulate(make, jobs, profile, batch, tokenizer, calibration)
+        for policy, make in made.items()
     }
 
 

@@ -82,11 +82,24 @@ def sequence_for(job: Job, index: int, tokenizer: TextTokenizer) -> Sequence:
 class SimResult:
     jct: list[float]
     ttft: list[float]
+    compute_s: float = 0.0  # the iterations' compute, as the profile (times the scale) gives it
+    iterations: int = 0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the live system adds to the profile, measured on a live run of the same jobs:
+    ``compute_scale`` (the executor's compute over the profile's for the same iterations) and
+    ``iteration_overhead_s`` (the wall time of an iteration outside the executor's compute:
+    the step round trip over NATS, the scheduler's planning and commit)."""
+
+    compute_scale: float = 1.0
+    iteration_overhead_s: float = 0.0
 
 
 def simulate(
     policy_factory: PolicyFactory, jobs: list[Job], profile: ModelProfile, batch: int,
-    tokenizer: TextTokenizer,
+    tokenizer: TextTokenizer, calibration: Calibration = Calibration(),
 ) -> SimResult:  # fmt: skip
     """Job completion times and times to first token under one policy."""
     clock = [0.0]
@@ -97,6 +110,7 @@ def simulate(
     finished: dict[int, float] = {}
     first_token: dict[int, float] = {}
     index_of: dict[Sequence, int] = {}
+    compute_s, iterations = 0.0, 0
     while len(finished) < len(jobs):
         while arrivals and arrivals[0][0] <= clock[0]:
             _, i, job = heapq.heappop(arrivals)
@@ -109,8 +123,12 @@ def simulate(
             continue
         new = [s for s in chosen if s.cached_tokens == 0]
         decoding = len(chosen) - len(new)
-        took = sum(profile.prefill_time_s(len(s.request.prompt_token_ids)) for s in new)
-        took += profile.decode_time_s(decoding) if decoding else 0.0
+        compute = sum(profile.prefill_time_s(len(s.request.prompt_token_ids)) for s in new)
+        compute += profile.decode_time_s(decoding) if decoding else 0.0
+        compute *= calibration.compute_scale
+        took = compute + calibration.iteration_overhead_s
+        compute_s += compute
+        iterations += 1
         clock[0] += took
         for sequence in chosen:
             sequence.append(5, frozenset())
@@ -121,6 +139,8 @@ def simulate(
     return SimResult(
         jct=[finished[i] - job.arrival_s for i, job in enumerate(jobs)],
         ttft=[first_token[i] - job.arrival_s for i, job in enumerate(jobs)],
+        compute_s=compute_s,
+        iterations=iterations,
     )
 
 

@@ -141,32 +141,36 @@ def observe_gauges(scheduler: Scheduler) -> None:
             metrics.MLFQ_QUEUE.labels(str(level)).set_function(partial(policy.queue_length, level))
 
 
-def build_policy(settings: SchedulerSettings, model_dir: Path) -> SchedulerPolicy:
+def build_policy(
+    settings: SchedulerSettings, model_dir: Path
+) -> tuple[SchedulerPolicy, Path | None]:
+    """The configured policy, and the timing profile it uses (None: none)."""
     if settings.policy == "fcfs":
-        return make_policy(settings.policy)
+        return make_policy(settings.policy), None
     path = settings.profile_path or find_profile(model_dir)
     profile = load_profile(path) if path else None
     if settings.policy == "adaptive":
         # Without a profile, a prefill is not counted in a new job's index.
-        return make_policy(
+        policy = make_policy(
             settings.policy,
             adaptive=settings.adaptive,
             prefill_time_s=profile.prefill_time_s if profile else None,
             decode_time_s=profile.decode_time_s if profile else None,
             max_batch_size=settings.max_batch_size,
         )
+        return policy, path if profile else None
     if profile is None:
         raise ConfigurationError(
             f"policy skip-join-mlfq needs a timing profile of {model_dir}: run `spotserve profile"
             f" --model {model_dir}` (or set SPOTSERVE_SCHEDULER__PROFILE_PATH)"
         )
-    return make_policy(settings.policy, settings.mlfq, profile.prefill_time_s)
+    return make_policy(settings.policy, settings.mlfq, profile.prefill_time_s), path
 
 
 async def serve(context: ServiceContext) -> None:
     model_dir = await resolve_model(context)
     tokenizer = await asyncio.to_thread(TextTokenizer.from_model_dir, model_dir)
-    policy = await asyncio.to_thread(build_policy, context.settings.scheduler, model_dir)
+    policy, profile = await asyncio.to_thread(build_policy, context.settings.scheduler, model_dir)
     scheduler = Scheduler(context, tokenizer, policy)
     observe_gauges(scheduler)
     service = await context.add_micro_service(
@@ -176,7 +180,11 @@ async def serve(context: ServiceContext) -> None:
     await add_endpoint(service, INFLIGHT_ENDPOINT, scheduler.on_inflight, logger=context.log)
     loops = scheduler.start_loops()
     publisher = asyncio.create_task(scheduler.tokens.publish(), name="publish")
-    context.log.info("scheduler.ready", policy=context.settings.scheduler.policy)
+    context.log.info(
+        "scheduler.ready",
+        policy=context.settings.scheduler.policy,
+        profile=str(profile) if profile else None,
+    )
     started = time.monotonic()
     await context.stop.wait()
     context.log.info("scheduler.stopping", uptime_s=round(time.monotonic() - started, 1))
