@@ -104,11 +104,13 @@ class ServiceHistory:
         self._since_table = 0
         self._sorted = np.zeros(0)
         self._prefix = np.zeros(1)
+        self._max_age_s: float | None = None  # changes only when a job finishes
 
     def add(self, length: int, service_s: float) -> None:
         self.lengths.append(length)
         self.service_s.append(service_s)
         self._since_table += 1
+        self._max_age_s = None
 
     @property
     def ready(self) -> bool:
@@ -141,6 +143,11 @@ class ServiceHistory:
         """How old a job may get before it goes ahead of everything (the module docstring)."""
         if not self.service_s:
             return float("inf") if self.settings.min_age_s <= 0 else self.settings.min_age_s
+        if self._max_age_s is None:
+            self._max_age_s = self._age_bound_s()
+        return self._max_age_s
+
+    def _age_bound_s(self) -> float:
         mean_service_s = sum(self.service_s) / len(self.service_s)
         lengths = np.asarray(self.lengths, dtype=np.float64)
         squared_cv = float(lengths.var() / lengths.mean() ** 2) if lengths.mean() > 0 else 0.0
