@@ -6,6 +6,7 @@ Any NATS client works the same way: publish a msgpack (or JSON) body to
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from shared.rpc import (
     NoResponders,
     ReplyT,
     RpcError,
+    Unavailable,
     error_of,
     request_raw,
 )
@@ -34,6 +36,9 @@ GenerateError = RpcError
 # The first chunk waits for the queue and the prefill; later ones for one iteration.
 FIRST_CHUNK_TIMEOUT_S = 300.0
 CHUNK_TIMEOUT_S = 120.0
+# Between reads of the committed result while it cannot be read (NATS recovering from a
+# server loss); the whole wait is bounded by the chunk timeout.
+GAP_RETRY_S = 0.2
 
 
 @dataclass
@@ -122,7 +127,7 @@ class SpotserveClient:
                     if chunk.index < seen.chunks:
                         continue  # re-sent after a scheduler restart: already seen
                     if chunk.index > seen.chunks:  # earlier chunks were lost on the way
-                        chunk = await self._catch_up(request_id, seen) or chunk
+                        chunk = await self._fill_gap(request_id, seen, chunk)
                 seen.add(chunk)
                 yield chunk
                 if chunk.finish_reason is not None:
@@ -130,6 +135,28 @@ class SpotserveClient:
                 timeout = self.chunk_timeout_s
         finally:
             await subscription.unsubscribe()
+
+    async def _fill_gap(self, request_id: str, seen: _Seen, arrived: TokenChunk) -> TokenChunk:
+        """The chunks lost before ``arrived`` and ``arrived`` itself, read back as one chunk.
+
+        A chunk is committed before it is forwarded, so the result holds ``arrived``; reading
+        it can fail for a while (a NATS server lost, its streams electing a leader), so it is
+        retried for up to the chunk timeout. A hole is never yielded: past that, the stream
+        ends with an error that says which chunks are missing."""
+        deadline = time.monotonic() + self.chunk_timeout_s
+        while True:
+            caught_up = await self._catch_up(request_id, seen)
+            if caught_up is not None and caught_up.index >= arrived.index:
+                return caught_up
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"chunks {seen.chunks}..{arrived.index - 1} of request {request_id!r} were"
+                    f" lost on the way and the committed result could not be read within"
+                    f" {self.chunk_timeout_s:g} s; read the whole output with"
+                    f" spotserve.v1.result once NATS is back",
+                    request_id=request_id,
+                )
+            await asyncio.sleep(GAP_RETRY_S)
 
     async def _catch_up(self, request_id: str | None, seen: _Seen) -> TokenChunk | None:
         """Everything committed after what was seen, as one chunk (None: nothing new)."""
