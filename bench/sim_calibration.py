@@ -17,7 +17,7 @@ What the simulation is given, and where each figure comes from:
 - the live settings (``shared.config.Settings`` with the run's overrides): the planner's
   (``policy_settings``: max_pipeline 1, max_batch, rate_margin, whole instance groups; debounce,
   rate_change), admission's rate window and interval, the scheduler's batch size (at most the
-  executor's KV slots), policy and JetStream fetch window (``intake_window_s``);
+  executor's KV slots) and policy;
 - measured on the live cluster (the scheduler's iteration and overhead histograms, scraped
   before and after; its and admission's logs):
   - ``token_overhead_s``: after the replay, a lone request and then three at once, shaped as
@@ -31,9 +31,6 @@ What the simulation is given, and where each figure comes from:
     work (every request's prefill, the decode steps at the run's mean batch) and the
     per-sequence part: the NATS round trip, the scheduler's and executor's own time, and what
     this shared CPU adds to the compute while the run goes on;
-  - ``intake_hold_fraction``: of the replay's requests the scheduler's JetStream intake could
-    have held (``loadgen.simulate.Intake`` on their acceptance times), the share it did hold
-    (taken more than 5 ms after admission accepted them, by the two services' logs);
 - measured on the replay's record and streams:
   - ``restart_s`` (an added instance's join delay): from the trace's add to the instance's
     ``joined`` fleet event (process start, model load, registration), the median of the adds;
@@ -70,7 +67,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -85,7 +81,7 @@ from pydantic import BaseModel
 
 from loadgen.replay import PROMPT_TOKEN_RANGE, Replayer, ReplayOptions, stderr_progress
 from loadgen.report import RequestRecord, RunRecord, summarize
-from loadgen.simulate import Intake, SimCosts, SimOptions, simulate
+from loadgen.simulate import SimCosts, SimOptions, simulate
 from loadgen.traces import Arrival, FleetTrace, arrivals_from_spec, read_fleet_trace, scale_lengths
 from services.planner.costmodel import step_seconds
 from services.planner.mapping import rank_order
@@ -111,8 +107,6 @@ KIT_SEGMENTS = {"A_S": "trace_0304_real.jsonl", "B_S": "trace_0506_real.jsonl"}
 SMALL_MESSAGE = 1024
 LARGE_MESSAGE = 512 * 1024
 PROFILE_REPEATS = 5
-# A request the scheduler took this long after admission accepted it was held at the intake.
-INTAKE_HELD_S = 0.005
 # The probe after a replay (the per-sequence cost of an iteration): a lone request, then
 # PROBE_WIDTHS[-1] at once, each shaped as the replay's first request (a decode step's cost
 # grows with the context its batch attends to, which the profile measures at 16 tokens).
@@ -150,7 +144,6 @@ class Measured:
     step_overhead_s: float
     token_overhead_s: float
     request_overhead_s: float
-    intake_hold_fraction: float
     join_delay_s: float | None  # None: no instance joined during the run
     initial_rate_rps: float
     rate_phase_s: float | None
@@ -279,8 +272,6 @@ class LiveRun:
     # seconds) of each repeat, one request alone, then several.
     probes: list[tuple[int, Iterations, float]]
     sends: dict[str, float]  # one-way seconds by message size name
-    # (accepted at, seconds to the scheduler's intake) of every request (the logs).
-    intake: list[tuple[float, float]] = field(default_factory=list)
 
 
 def replay_options(case: Case, settings: Settings) -> ReplayOptions:
@@ -322,31 +313,7 @@ def run_live(
         live = asyncio.run(_replay(cluster, options, profile, model_dir, progress))
     finally:
         cluster.stop()
-    live.intake = _intake_delays(cluster.log_dir)
     return live
-
-
-def _intake_delays(log_dir: Path) -> list[tuple[float, float]]:
-    """(accepted at, seconds until the scheduler took it) of every request, from admission's
-    and the scheduler's logs (JSON lines: ``generate.accepted``, ``request.scheduled``)."""
-
-    def times(name: str, event: str) -> dict[str, float]:
-        found = {}
-        path = log_dir / name
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("event") == event and "request_id" in entry:
-                stamp = datetime.fromisoformat(str(entry["timestamp"]).replace("Z", "+00:00"))
-                found[entry["request_id"]] = stamp.timestamp()
-        return found
-
-    accepted = times("admission.log", "generate.accepted")
-    taken = times("scheduler.log", "request.scheduled")
-    return sorted((at, taken[r] - at) for r, at in accepted.items() if r in taken)
 
 
 async def _replay(
@@ -490,7 +457,6 @@ def measure(
     profile: ParallelProfile,
     played: list[Arrival],
     interval_s: float,
-    window_s: float,
 ) -> Measured:
     """The simulation's live constants from the live run (see the module docstring);
     ``played``: every request the run sent (its warm-up's and the measured ones)."""
@@ -526,7 +492,6 @@ def measure(
         step_overhead_s=max(0.0, step),
         token_overhead_s=token,
         request_overhead_s=max(0.0, statistics.median(lone)),
-        intake_hold_fraction=_hold_fraction(live, window_s),
         join_delay_s=_join_delay(live, case),
         initial_rate_rps=plan.arrival_rate_rps,
         rate_phase_s=_rate_phase(live, interval_s),
@@ -551,18 +516,6 @@ def _compute_s(
     prefill = sum(step_seconds(profile, pipeline, tensor, 1, tokens, 0) for tokens in prompts)
     decoding = max(0.0, its.batch - len(prompts)) / its.count
     return prefill + its.count * _decode_s(profile, pipeline, tensor, decoding)
-
-
-def _hold_fraction(live: LiveRun, window_s: float) -> float:
-    """Of the replay's requests (its warm-up's included) the scheduler's intake could have
-    held (``Intake``'s rule on their acceptance times), the share the logs show held."""
-    end = live.wall_start + live.record.duration_s
-    played = [(at, delay) for at, delay in live.intake if at <= end]
-    rule = Intake(window_s)
-    for at, _ in played:
-        rule.take_at(at)
-    held = sum(1 for _, delay in played if delay > INTAKE_HELD_S)
-    return min(1.0, held / rule.held) if rule.held else 1.0
 
 
 def _rate_phase(live: LiveRun, interval_s: float) -> float | None:
@@ -662,8 +615,6 @@ def sim_options(
         step_overhead_s=measured.step_overhead_s,
         token_overhead_s=measured.token_overhead_s,
         request_overhead_s=measured.request_overhead_s,
-        intake_window_s=settings.scheduler.fetch_timeout_s,
-        intake_hold_fraction=measured.intake_hold_fraction,
         debounce_s=planner.debounce_s,
         rate_window_s=admission.rate_window_s,
         rate_interval_s=admission.rate_interval_s,
@@ -722,10 +673,7 @@ def calibrate(
         raise RuntimeError("the simulation's arrivals are not the ones the replay played")
     warm = warmup_s(case, settings)
     played = [a for a in arrivals if a.at_s * case.time_scale < warm] + arrivals
-    measured = measure(
-        live, case, profile, played,
-        settings.admission.rate_interval_s, settings.scheduler.fetch_timeout_s,
-    )  # fmt: skip
+    measured = measure(live, case, profile, played, settings.admission.rate_interval_s)
     options = sim_options(case, settings, profile, arrivals, measured, sim_fleet(live, trace))
     sim = simulate(options)
     return Calibration(
@@ -793,7 +741,7 @@ def cases_table(results: list[Calibration]) -> str:
 def constants_table(results: list[Calibration]) -> str:
     header = [
         "trace", "live iteration (ms)", "mean batch", "profile compute (ms)", "step overhead (ms)",
-        "per-sequence overhead (ms)", "request overhead (ms)", "intake holds", "join delay (s)",
+        "per-sequence overhead (ms)", "request overhead (ms)", "join delay (s)",
         "initial rate (req/s)", "warm-up played (s)", "KV hand-over set-up (ms)",
         "NATS bandwidth (MB/s)",
     ]  # fmt: skip
@@ -806,7 +754,7 @@ def constants_table(results: list[Calibration]) -> str:
             r.case.label(), f"{m.iteration_s * 1e3:.2f}", f"{m.batch:.2f}",
             f"{m.compute_s * 1e3:.2f}", f"{m.step_overhead_s * 1e3:.2f}",
             f"{m.token_overhead_s * 1e3:.2f}", f"{m.request_overhead_s * 1e3:.1f}",
-            f"{m.intake_hold_fraction:.2f}", join, f"{m.initial_rate_rps:.3f}", warm,
+            join, f"{m.initial_rate_rps:.3f}", warm,
             f"{m.transfer_fixed_s * 1e3:.2f}", f"{m.link_bytes_s / 1e6:.0f}",
         ])  # fmt: skip
     return pipe_table(header, rows)

@@ -101,14 +101,6 @@ class SimCosts:
     # and forward, its share of the step command and of sampling); 0 at paper scale, measured
     # for the live system by bench.sim_calibration.
     token_overhead_s: float = 0.0
-    # The scheduler's intake from JetStream (the live scheduler's fetch_timeout_s): nats-py's
-    # batch fetch returns with the first message, but its pull request may stay open on the
-    # server until its window ends, and a request arriving meanwhile is then held until that
-    # end (``Intake``); intake_hold_fraction of those it could hold are (a race between the
-    # server's delivery and the client's next pull request), measured for the live system by
-    # bench.sim_calibration. 0: a request reaches the scheduler at once (paper scale).
-    intake_window_s: float = 0.0
-    intake_hold_fraction: float = 1.0
     # Per request, outside the iterations: admission's hand-over through JetStream to the
     # scheduler, and the last token's commit and forward to the client (charged on the way
     # in); 0 at paper scale, measured for the live system by bench.sim_calibration.
@@ -208,48 +200,6 @@ class Executor:
     moves: dict[str, PlannedMove] = field(default_factory=dict)
 
 
-@dataclass
-class Intake:
-    """When requests reach the scheduler from JetStream (``SimCosts.intake_window_s``). The
-    scheduler fetches in windows, one after the other while none comes; a fetch returns with the
-    first request and the next one starts then, but the server may hold what arrives before the
-    returned fetch's window ends and hand it over at that end (measured with nats-py 2.16 and
-    nats-server 2.15: a second request within the window waits for its end, or not, by a race).
-    ``hold_fraction`` of the requests it could hold are held, spread evenly."""
-
-    window_s: float
-    hold_fraction: float = 1.0
-    start: float = 0.0  # when the fetch running now started
-    blocked: float = float("-inf")  # until when the server holds what arrives
-    due: float | None = None  # a hand-over already due then
-    credit: float = 0.0
-    could_hold: int = 0
-    held: int = 0
-
-    def take_at(self, now: float) -> float:
-        """When a request in JetStream at ``now`` (the calls in time order) is taken."""
-        window = self.window_s
-        if window <= 0:
-            return now
-        if self.due is not None and now < self.due:
-            self.held += 1
-            return self.due  # with the others held until the same window's end
-        if now < self.blocked:
-            self.could_hold += 1
-            self.credit += self.hold_fraction
-            if self.credit >= 1.0:
-                self.credit -= 1.0
-                self.held += 1
-                due = self.blocked
-                self.blocked = self.start + window
-                self.start = self.due = due
-                return due
-        idle = (now - self.start) // window  # fetches that timed out meanwhile
-        self.blocked = self.start + idle * window + window
-        self.start = now
-        return now
-
-
 class Simulation:
     def __init__(self, options: SimOptions) -> None:
         self.o = options
@@ -283,7 +233,6 @@ class Simulation:
         self.generations = itertools.count()
         self.remaining = len(options.arrivals)
         self.published_rps: float | None = None  # the rate admission published last
-        self.intake = Intake(self.costs.intake_window_s, self.costs.intake_hold_fraction)
         # Every replica's members and head, old ones included (they drain until they break).
         self.members: dict[str, list[str]] = {}
         self.head_of: dict[str, str] = {}
@@ -790,15 +739,7 @@ class Simulation:
         )
         delay = self.costs.request_overhead_s
         if delay > 0:
-            self.at(self.now + delay, lambda: self._reach(sequence))
-        else:
-            self._reach(sequence)
-
-    def _reach(self, sequence: Sequence) -> None:
-        """The request is in JetStream: the scheduler takes it when its intake lets it."""
-        taken = self.intake.take_at(self.now)
-        if taken > self.now:
-            self.at(taken, lambda: self._take(sequence))
+            self.at(self.now + delay, lambda: self._take(sequence))
         else:
             self._take(sequence)
 

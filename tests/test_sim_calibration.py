@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from bench.sim_calibration import Case, calibrate, constants_table, table
-from loadgen.simulate import Intake
 
 KIT_TRACES = Path(__file__).resolve().parents[2] / "shared/traces/spotserve"
 A_S = KIT_TRACES / "trace_0304_real.jsonl"
@@ -61,19 +60,3 @@ def test_the_simulation_predicts_a_live_replay(tiny_model_dir: Path, tmp_path: P
     # of one commit.
     assert abs(reconfigurations[0] - reconfigurations[1]) <= 2, shown
     assert min(reconfigurations) >= 6, shown
-
-
-def test_the_intake_holds_what_arrives_within_the_window_of_a_fetch_that_returned() -> None:
-    # The scheduler fetches in 0.5 s windows from 0: the first request comes at once; one
-    # arriving before the window of the fetch that returned it ends waits for that end (with
-    # any other), then the next fetch's window holds the following ones likewise.
-    intake = Intake(window_s=0.5)
-    assert intake.take_at(0.8) == 0.8
-    assert intake.take_at(0.9) == intake.take_at(0.95) == 1.0
-    assert intake.take_at(1.2) == 1.3
-    assert intake.take_at(2.5) == 2.5
-    assert (intake.could_hold, intake.held) == (2, 3)
-    # Half of those it could hold, every other one.
-    half = Intake(window_s=0.5, hold_fraction=0.5)
-    assert [half.take_at(t) for t in (0.8, 0.9, 1.0, 2.0)] == [0.8, 0.9, 1.3, 2.0]
-    assert Intake(window_s=0.0).take_at(0.3) == 0.3  # paper scale: at once

@@ -35,9 +35,11 @@ from shared.subjects import (
 )
 from shared.waiting import wait_event
 
-# Most messages one fetch asks for: the room left is taken in bites this size, so one pull
-# never holds the consumer (or this loop) for long.
-FETCH_BATCH_MAX = 32
+# Messages one fetch asks for. One: a pull for more may stay open on the server after the
+# fetch returned with fewer (nats-py 2.16 sends its no-wait probe with an expiry, which the
+# server treats as a lingering pull), and a request arriving meanwhile is held there until the
+# pull expires, up to fetch_timeout_s later; a pull for one is done with its message.
+FETCH_BATCH = 1
 # While every place is taken, how often the loop looks for room again even when no finished
 # request signalled it (a signal set while it was not waiting is not lost for longer).
 CAPACITY_RECHECK_S = 1.0
@@ -98,7 +100,7 @@ class RequestIntake:
         """The next messages, at most ``room``; none when nothing came in time or on failure."""
         try:
             return await subscription.fetch(
-                batch=min(room, FETCH_BATCH_MAX), timeout=self.settings.fetch_timeout_s
+                batch=FETCH_BATCH, timeout=self.settings.fetch_timeout_s
             )
         except TimeoutError:
             return []
