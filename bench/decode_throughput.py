@@ -1,23 +1,36 @@
 """Decode tokens/s of the whole system vs the executor's forward pass in-process.
 
-Same model, same batch sizes, side by side in one run:
+Same model, same batch sizes, same torch threads, side by side in one run:
 - in-process: ``Engine.step`` called directly (the executor's forward pass, no NATS);
 - system: client -> admission -> JetStream -> scheduler -> executor -> JetStream -> client,
   one executor instance, all requests sent at once so they decode as one batch.
 
-Decode rate = decode tokens / time between the batch's first token and its last token, so
-prefill and queueing are left out of both sides alike.
+Decode rate = the tokens decoded while the whole batch decodes (from the last request's first
+token to the first request's last token) / that time, so prefill, queueing and requests joining
+or leaving are left out of both sides alike. Per batch size it reports the wall time
+the system adds to each iteration (its time per iteration less the in-process one) and the CPU
+time the processes other than the executor (scheduler, admission, the other services,
+nats-server, and this client) spend per generated token, from ``/proc`` and ``getrusage``.
+``--torch-threads 1`` leaves one of two cores to the services, so the ratio shows the system's
+own overhead rather than the services competing with torch for the cores.
 
-    python -m bench.decode_throughput [--size small] [--batch-sizes 1,8] [--tokens 64]
+    python -m bench.decode_throughput [--size small] [--batch-sizes 1,8,32] [--tokens 64] \\
+        [--torch-threads 1]
+
+Ends with one line per batch size:
+``summary: batch=B ratio=R overhead_ms_per_iteration=X service_cpu_us_per_token=Y``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,8 +42,10 @@ from shared.config import NatsSettings
 from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.engine import Engine, SequenceStep
 from shared.model.tokenizer import TextTokenizer
+from shared.subjects import SERVICE_EXECUTOR
 
 PROMPT = "Spot instances are cheap but can be taken away with two minutes of notice, so"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def in_process_rate(model_dir: Path, batch_size: int, tokens: int, prompt_ids: list[int]) -> float:
@@ -51,7 +66,38 @@ def in_process_rate(model_dir: Path, batch_size: int, tokens: int, prompt_ids: l
     return batch_size * (tokens - 1) / elapsed
 
 
-async def system_rate(nats_url: str, batch_size: int, tokens: int) -> float:
+@dataclass
+class SystemRun:
+    rate: float  # decode tokens per second
+    tokens: int  # generated, every one of them (the first included)
+    service_cpu_s: float  # CPU seconds of every process but the executor's, over the run
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def service_pids(cluster: LocalCluster) -> list[int]:
+    """Every process of the cluster but the executors: the services and nats-server."""
+    pids = [
+        service.process.pid
+        for service in cluster.services
+        if service.name != SERVICE_EXECUTOR and service.process is not None
+    ]
+    if cluster.nats is not None and cluster.nats.process is not None:
+        pids.append(cluster.nats.process.pid)
+    return pids
+
+
+async def generate_batch(nats_url: str, batch_size: int, tokens: int) -> tuple[float, int]:
+    """Decode rate and tokens generated of ``batch_size`` requests sent at once."""
     nc = await connect(nats_url, NatsSettings(), name="bench")
     client = SpotserveClient(nc)
     try:
@@ -63,24 +109,45 @@ async def system_rate(nats_url: str, batch_size: int, tokens: int) -> float:
         )
     finally:
         await nc.close()
-    first = min(c.chunk_times[0] for c in completions)
-    last = max(c.chunk_times[-1] for c in completions)
-    decoded = sum(len(c.chunk_times) - 1 for c in completions)
-    return decoded / (last - first)
+    generated = sum(len(c.token_ids) for c in completions)
+    return full_batch_rate([c.chunk_times for c in completions]), generated
+
+
+def full_batch_rate(chunk_times: list[list[float]]) -> float:
+    """Tokens per second while every request decodes: the chunks after the last request's
+    first one, up to the first request's last one."""
+    start = max(times[0] for times in chunk_times)
+    end = min(times[-1] for times in chunk_times)
+    if end <= start:
+        raise SystemExit("the requests never decoded together: give more --tokens")
+    decoded = sum(1 for times in chunk_times for at in times if start < at <= end)
+    return decoded / (end - start)
+
+
+def system_run(cluster: LocalCluster, batch_size: int, tokens: int) -> SystemRun:
+    pids = service_pids(cluster)
+    before = sum(process_cpu_s(pid) for pid in pids) + own_cpu_s()
+    rate, generated = asyncio.run(generate_batch(cluster.nats_url, batch_size, tokens))
+    after = sum(process_cpu_s(pid) for pid in pids) + own_cpu_s()
+    return SystemRun(rate, generated, after - before)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
     parser.add_argument("--model", type=Path, default=None, help="HF model dir (overrides --size)")
-    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell; median reported")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="in-process and executor (default: torch's)"
+    )
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     model_dir = args.model or ensure_model(default_model_dir(args.size), args.size)
     prompt_ids = TextTokenizer.from_model_dir(model_dir).encode(PROMPT)
-    torch.set_num_threads(torch.get_num_threads())
+    threads = args.torch_threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
 
     in_process = {
         b: statistics.median(
@@ -88,30 +155,43 @@ def main() -> None:
         )
         for b in batch_sizes
     }
+    system: dict[int, list[SystemRun]] = {}
     with tempfile.TemporaryDirectory(prefix="spotserve-bench-") as state:
         env = {
             "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": str(max(batch_sizes)),
             "SPOTSERVE_EXECUTOR__MAX_SLOTS": str(max(batch_sizes)),
+            "SPOTSERVE_EXECUTOR__TORCH_THREADS": str(threads),
         }
         with LocalCluster(Path(state), instances=1, model_dir=model_dir, env=env) as cluster:
-            asyncio.run(system_rate(cluster.nats_url, 1, 8))  # warm-up
-            system = {
-                b: statistics.median(
-                    asyncio.run(system_rate(cluster.nats_url, b, args.tokens))
-                    for _ in range(args.repeats)
-                )
-                for b in batch_sizes
-            }
+            system_run(cluster, 1, 8)  # warm-up
+            for b in batch_sizes:
+                system[b] = [system_run(cluster, b, args.tokens) for _ in range(args.repeats)]
     print(
-        f"model {model_dir} | {args.tokens} tokens/request | torch threads "
-        f"{torch.get_num_threads()} | median of {args.repeats}"
+        f"model {model_dir} | {args.tokens} tokens/request | torch threads {threads} (in-process"
+        f" and executor) | median of {args.repeats} | {os.cpu_count()} cores"
     )
-    print(
-        f"{'batch':>5}  {'in-process tok/s':>16}  {'system tok/s':>12}  {'system/in-process':>17}"
-    )
+    header = ("batch", "in-process tok/s", "system tok/s", "ratio", "ms/iter in-proc",
+              "ms/iter system", "added ms/iter", "service CPU us/token")  # fmt: skip
+    print("  ".join(f"{h:>{max(len(h), 5)}}" for h in header))
+    summaries = []
     for b in batch_sizes:
-        ratio = system[b] / in_process[b]
-        print(f"{b:>5}  {in_process[b]:>16.1f}  {system[b]:>12.1f}  {ratio:>17.2f}")
+        runs = system[b]
+        rate = statistics.median(run.rate for run in runs)
+        cpu_us = statistics.median(run.service_cpu_s / run.tokens for run in runs) * 1e6
+        ratio = rate / in_process[b]
+        iteration_ms, in_process_ms = b / rate * 1e3, b / in_process[b] * 1e3
+        added_ms = iteration_ms - in_process_ms
+        cells = (f"{b}", f"{in_process[b]:.1f}", f"{rate:.1f}", f"{ratio:.2f}",
+                 f"{in_process_ms:.2f}", f"{iteration_ms:.2f}", f"{added_ms:.2f}",
+                 f"{cpu_us:.0f}")  # fmt: skip
+        print("  ".join(f"{c:>{max(len(h), 5)}}" for c, h in zip(cells, header, strict=True)))
+        summaries.append(
+            f"summary: batch={b} ratio={ratio:.2f} overhead_ms_per_iteration={added_ms:.2f}"
+            f" service_cpu_us_per_token={cpu_us:.0f}"
+        )
+    print()
+    for line in summaries:
+        print(line)
 
 
 if __name__ == "__main__":

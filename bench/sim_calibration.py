@@ -241,15 +241,14 @@ class Iterations:
     """The scheduler's iterations over a stretch of the run (its histograms' sums)."""
 
     count: int
-    seconds: float  # the iteration round trips and the scheduler's own time around them
+    seconds: float  # the wall time the iterations took on the executors' busy time lines
     batch: float  # sequences in them, summed
 
     @classmethod
     def of(cls, m: dict[str, float]) -> Iterations:
         return cls(
             count=int(m["spotserve_scheduler_iteration_seconds_count"]),
-            seconds=m["spotserve_scheduler_iteration_seconds_sum"]
-            + m["spotserve_scheduler_overhead_seconds_sum"],
+            seconds=m["spotserve_scheduler_iteration_seconds_sum"],
             batch=m["spotserve_scheduler_batch_size_sum"],
         )
 

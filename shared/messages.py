@@ -205,6 +205,9 @@ class StepSequence(InternalModel):
     # an executor that holds another number (e.g. it reloaded meanwhile) refuses the step
     # instead of silently starting a new sequence from these tokens alone.
     cached_tokens: int | None = None
+    # Feed the token this executor sampled for it in the step before (``token_ids`` empty): the
+    # scheduler sent this step before that one's reply came back.
+    continues: bool = False
 
 
 class StepCommand(InternalModel):

@@ -238,6 +238,12 @@ async def test_every_service_counts_the_traffic_exactly(metrics_cluster: LocalCl
         iterations = scheduler.value("spotserve_scheduler_iteration_seconds_count")
         assert iterations >= max(MAX_TOKENS)
         assert scheduler.value("spotserve_scheduler_batch_size_count") == iterations
+        # Asynchronous scheduling: most steps went out while the one before them ran.
+        sent = "spotserve_scheduler_steps_sent_total"
+        assert scheduler.value(sent) == iterations
+        assert scheduler.value(sent, sent="while_running") > scheduler.value(
+            sent, sent="after_reply"
+        )
         assert scheduler.value("spotserve_scheduler_batch_size_sum") == total_tokens
         assert scheduler.value("spotserve_scheduler_overhead_seconds_count") == iterations
         assert scheduler.value("spotserve_scheduler_step_failures_total") == 0

@@ -53,13 +53,18 @@ class StepRunner(InstancePart):
         self.link = link
         # Micro-batches this stage has run and is handing on (replies still to come).
         self._handing_on: set[asyncio.Task[None]] = set()
+        # The tokens the last step sampled: the inputs of a step that continues it. Steps run
+        # one after the other in the order they came (one subscription, one handler at a time).
+        self._sampled: dict[str, int] = {}
 
     async def step(self, command: StepCommand) -> StepResult:
-        # The wire model and the engine's step carry the same fields.
-        steps = [
-            SequenceStep(**sequence.model_dump(exclude={"cached_tokens"}))
-            for sequence in command.sequences
-        ]
+        sampled, self._sampled = self._sampled, {}
+        steps = step_inputs(command, sampled)
+        result = await self._step(command, steps)
+        self._sampled = result.tokens
+        return result
+
+    async def _step(self, command: StepCommand, steps: list[SequenceStep]) -> StepResult:
         started = time.perf_counter()
         if not self.host.engine.is_last_stage:
             return await self._run_pipelined(command, steps, started)
@@ -216,6 +221,32 @@ class StepRunner(InstancePart):
     def close(self) -> None:
         for task in self._handing_on:
             task.cancel()
+
+
+def step_inputs(command: StepCommand, sampled: dict[str, int]) -> list[SequenceStep]:
+    """The engine's inputs of a step command; a sequence that continues the step before it
+    is fed the token that step sampled (``sampled``). BadRequest when there is none."""
+    steps = []
+    for sequence in command.sequences:
+        token_ids = sequence.token_ids
+        if sequence.continues:
+            if sequence.request_id not in sampled:
+                raise BadRequest(
+                    f"{sequence.request_id} continues the step before, which sampled no token"
+                    " for it here: send its tokens"
+                )
+            token_ids = [sampled[sequence.request_id]]
+        steps.append(
+            SequenceStep(
+                request_id=sequence.request_id,
+                token_ids=token_ids,
+                temperature=sequence.temperature,
+                top_p=sequence.top_p,
+                seed=sequence.seed,
+                sample_index=sequence.sample_index,
+            )
+        )
+    return steps
 
 
 async def answer(request: Request, reply: BaseModel | RpcError) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -35,11 +35,14 @@ from shared.subjects import (
 )
 from shared.waiting import wait_event
 
-# Messages one fetch asks for. One: a pull for more may stay open on the server after the
-# fetch returned with fewer (nats-py 2.16 sends its no-wait probe with an expiry, which the
+# Waiting for requests, a fetch asks for one: a pull for more may stay open on the server after
+# the fetch returned with fewer (nats-py 2.16 sends its no-wait probe with an expiry, which the
 # server treats as a lingering pull), and a request arriving meanwhile is held there until the
-# pull expires, up to fetch_timeout_s later; a pull for one is done with its message.
-FETCH_BATCH = 1
+# pull expires, up to fetch_timeout_s later. Once one came, one short pull takes what else is
+# there already (a burst joins the same iteration); it holds an arrival this long at most.
+DRAIN_TIMEOUT_S = 0.005
+# Most messages that pull asks for.
+DRAIN_BATCH_MAX = 32
 # While every place is taken, how often the loop looks for room again even when no finished
 # request signalled it (a signal set while it was not waiting is not lost for longer).
 CAPACITY_RECHECK_S = 1.0
@@ -48,6 +51,26 @@ FETCH_RETRY_S = 0.5
 # In-progress acks per ack wait: more than one, so one lost ack does not get a running
 # request redelivered.
 KEEPALIVES_PER_ACK_WAIT = 3
+
+
+async def pull_requests(
+    subscription: JetStreamContext.PullSubscription, room: int, timeout_s: float
+) -> AsyncIterator[Msg]:
+    """The next requests, at most ``room``, as the scheduler takes them: the first as soon as
+    it is there (TimeoutError when none comes within ``timeout_s``), then what else is there
+    already."""
+    for message in await subscription.fetch(batch=1, timeout=timeout_s):
+        yield message
+    if room <= 1:
+        return
+    try:
+        drained = await subscription.fetch(
+            batch=min(room - 1, DRAIN_BATCH_MAX), timeout=DRAIN_TIMEOUT_S
+        )
+    except TimeoutError:
+        return
+    for message in drained:
+        yield message
 
 
 class RequestIntake:
@@ -93,21 +116,20 @@ class RequestIntake:
                 self.capacity.clear()
                 await wait_event(self.capacity, CAPACITY_RECHECK_S)
                 continue
-            for message in await self._fetch(subscription, room):
+            messages = pull_requests(subscription, room, self.settings.fetch_timeout_s)
+            while (message := await self._next(messages)) is not None:
                 await self._take(message)
 
-    async def _fetch(self, subscription: JetStreamContext.PullSubscription, room: int) -> list[Msg]:
-        """The next messages, at most ``room``; none when nothing came in time or on failure."""
+    async def _next(self, messages: AsyncIterator[Msg]) -> Msg | None:
+        """The next message; None when no more came in time or on failure."""
         try:
-            return await subscription.fetch(
-                batch=FETCH_BATCH, timeout=self.settings.fetch_timeout_s
-            )
-        except TimeoutError:
-            return []
+            return await anext(messages)
+        except (StopAsyncIteration, TimeoutError):
+            return None
         except (NatsError, JetStreamError) as exc:
             self.log.warning("consume.fetch_failed", error=repr(exc))
             await asyncio.sleep(FETCH_RETRY_S)
-            return []
+            return None
 
     async def _take(self, message: Msg) -> None:
         try:

@@ -8,6 +8,7 @@ recompute from its committed tokens; a request whose steps keep failing gets an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -32,8 +33,28 @@ STEP_FAILURE_BACKOFF_S = 0.2
 
 
 @dataclass
+class LaunchedStep:
+    """A step sent to an executor whose reply the loop has not applied yet."""
+
+    batch: list[Sequence]
+    memory: MemoryPlan
+    planned: float  # when the loop began planning it (perf_counter)
+    sent: float
+    reply: asyncio.Task[StepResult]
+    pipelined: bool  # sent while the step before it ran
+
+
+@dataclass
 class IterationLoop:
-    """Runs the iterations of each executor of the pool."""
+    """Runs the iterations of each executor of the pool.
+
+    The next step goes out while the current one runs (asynchronous scheduling): the executor
+    finds it waiting when it replies, so the round trip and the scheduler's own work (planning,
+    applying tokens, committing) overlap its compute. A sequence in both feeds the token the
+    executor samples in the first (``StepSequence.continues``). Everything that changes an
+    executor's caches outside a step (a restart, a planned move, a cancel, a KV swap) waits
+    for the step in flight to be applied first, so it still happens at an iteration boundary.
+    """
 
     context: ServiceContext
     policy: SchedulerPolicy
@@ -45,53 +66,126 @@ class IterationLoop:
     eos_token_ids: frozenset[int]
 
     async def run(self, handle: ExecutorHandle) -> None:
-        while not handle.gone.is_set() and not self.context.stop.is_set():
-            planned = time.perf_counter()
-            if handle.restart:
-                self.plans.restart_on(handle)
-            await self.cancellations.apply(handle)
-            await self.plans.apply_moves(handle)
-            batch = self.policy.schedule(handle.view)
-            if batch:
-                await self._iterate(handle, batch, planned)
-                continue
-            if handle.pending_release:
-                await self.pool.release(handle)
-            handle.wake.clear()
-            await wait_event(handle.wake, IDLE_WAKE_S)
+        running: LaunchedStep | None = None
+        # When the reply before came (None: the loop has waited idle since, or a step failed).
+        last_reply: float | None = None
+        try:
+            while not handle.gone.is_set() and not self.context.stop.is_set():
+                planned = time.perf_counter()
+                if running is not None and self._needs_quiet(handle):
+                    last_reply = await self._finish(handle, running, last_reply)
+                    running = None
+                    continue
+                if running is None:
+                    await self._between_steps(handle)
+                batch = self.policy.schedule(handle.view)
+                if running is not None:
+                    batch = [s for s in batch if s.pending == 0 or s.can_continue]
+                launched = self._launch(handle, batch, planned, running) if batch else None
+                if running is not None:
+                    last_reply = await self._finish(handle, running, last_reply)
+                    if last_reply is None and launched is not None:
+                        await self._discard(launched)
+                        launched = None
+                    running = launched
+                    continue
+                if launched is not None:
+                    running = launched
+                    continue
+                if handle.pending_release:
+                    await self.pool.release(handle)
+                handle.wake.clear()
+                await wait_event(handle.wake, IDLE_WAKE_S)
+                last_reply = None
+        finally:
+            if running is not None:
+                running.reply.cancel()
 
-    async def _iterate(self, handle: ExecutorHandle, batch: list[Sequence], planned: float) -> None:
-        """One step of ``batch`` on ``handle``; ``planned``: when the loop began it."""
+    def _needs_quiet(self, handle: ExecutorHandle) -> bool:
+        """Something must change the executor's caches outside a step: apply the step in
+        flight first."""
+        return handle.restart or bool(handle.moves) or bool(self.cancellations.flagged)
+
+    async def _between_steps(self, handle: ExecutorHandle) -> None:
+        """What reconfiguration and clients asked of the executor, with no step in flight."""
+        if handle.restart:
+            self.plans.restart_on(handle)
+        await self.cancellations.apply(handle)
+        await self.plans.apply_moves(handle)
+
+    def _launch(
+        self,
+        handle: ExecutorHandle,
+        batch: list[Sequence],
+        planned: float,
+        running: LaunchedStep | None,
+    ) -> LaunchedStep | None:
+        """Send one step of ``batch`` (its memory plan's fitting part) to ``handle``. None when
+        it would move caches while a step runs: it is planned again once that one is applied."""
         memory = plan_memory(handle.view, batch, self.policy.priority_order(handle.view))
+        if running is not None and (memory.moves_caches or len(memory.batch) < len(batch)):
+            return None
         batch = memory.batch
         command = self._command(handle, batch, memory)
         apply_before_step(memory)
+        for sequence in batch:
+            sequence.pending += 1
         metrics.BATCH_SIZE.observe(len(batch))
+        metrics.STEPS_SENT.labels("after_reply" if running is None else "while_running").inc()
         observe_swaps(memory)
         sent = time.perf_counter()
+        reply = asyncio.create_task(self.pool.step(handle, command))
+        return LaunchedStep(batch, memory, planned, sent, reply, running is not None)
+
+    async def _finish(
+        self, handle: ExecutorHandle, step: LaunchedStep, last_reply: float | None
+    ) -> float | None:
+        """Wait for ``step``'s reply and apply it; when the reply came, None if the step
+        failed. ``last_reply``: when the reply before came (None: the loop waited idle)."""
         try:
-            result = await self.pool.step(handle, command)
+            result = await step.reply
         except StepFailedError as exc:
-            await self._on_step_failed(handle, batch, exc)
-            return
+            for sequence in step.batch:
+                sequence.pending = 0
+            await self._on_step_failed(handle, step.batch, exc)
+            return None
         received = time.perf_counter()
-        metrics.ITERATION.observe(received - sent)
-        apply_after_step(memory)
-        await self._apply(handle, batch, result)
-        # The scheduler's own time for this iteration, outside the executor.
-        overhead_s = sent - planned + time.perf_counter() - received
-        metrics.OVERHEAD.observe(overhead_s)
+        # The time this iteration adds to its executor's busy time line: from the reply before
+        # (the scheduler's applying and planning in between, unless they overlapped this
+        # step's compute), or from when the loop began planning it after an idle wait.
+        metrics.ITERATION.observe(received - (step.planned if last_reply is None else last_reply))
+        for sequence in step.batch:
+            sequence.pending = max(0, sequence.pending - 1)
+        apply_after_step(step.memory)
+        await self._apply(handle, step.batch, result)
+        # The scheduler's own time for this iteration: planning it and applying its reply.
+        scheduler_s = step.sent - step.planned + time.perf_counter() - received
+        metrics.OVERHEAD.observe(scheduler_s)
+        memory = step.memory
         self.context.log.debug(
             "step.done",
             instance_id=handle.view.instance_id,
-            batch=len(batch),
+            batch=len(step.batch),
             offloaded=len(memory.offload),
             uploaded=len(memory.upload) + len(memory.prefetch),
             dropped=len(memory.drop),
             compute_ms=round(result.compute_s * 1000, 2),
-            round_trip_ms=round((received - sent) * 1000, 2),
-            scheduler_ms=round(overhead_s * 1000, 3),
+            round_trip_ms=round((received - step.sent) * 1000, 2),
+            wall_ms=round(
+                (received - (step.planned if last_reply is None else last_reply)) * 1000, 2
+            ),
+            scheduler_ms=round(scheduler_s * 1000, 3),
+            pipelined=step.pipelined,
         )
+        return received
+
+    async def _discard(self, step: LaunchedStep) -> None:
+        """A step sent behind one that failed: its reply, if any, is not applied (the failure
+        frees the executor's caches and its sequences recompute from their committed tokens)."""
+        with contextlib.suppress(StepFailedError):
+            await step.reply
+        for sequence in step.batch:
+            sequence.pending = 0
 
     @staticmethod
     def _command(handle: ExecutorHandle, batch: list[Sequence], memory: MemoryPlan) -> StepCommand:
@@ -135,6 +229,8 @@ class IterationLoop:
     ) -> None:
         chunks: list[tuple[Sequence, TokenChunk]] = []
         for sequence in batch:
+            if sequence.finished:
+                continue  # it ended in the step before, which this one was sent behind
             token_id = result.tokens.get(sequence.request_id)
             if token_id is None:
                 self.context.log.error("step.missing_token", request_id=sequence.request_id)
@@ -144,7 +240,7 @@ class IterationLoop:
                 chunks.append((sequence, chunk))
             else:
                 metrics.REPLAYED_TOKENS.inc()
-            if sequence.finished:
+            if chunk is not None and chunk.finish_reason is not None:
                 handle.pending_release.append(sequence.request_id)
         self.policy.update_from_output(
             StepOutput(instance_id=handle.view.instance_id, batch=batch, compute_s=result.compute_s)

@@ -32,16 +32,21 @@ class MemoryPlan:
     upload: list[Sequence] = field(default_factory=list)  # host -> device, before the step
     prefetch: list[Sequence] = field(default_factory=list)  # host -> device, after the step
 
+    @property
+    def moves_caches(self) -> bool:
+        """Whether the executor must move or free a cache for it."""
+        return bool(self.offload or self.drop or self.upload or self.prefetch)
+
 
 def held_blocks(executor: ExecutorView, sequence: Sequence) -> int:
-    """Blocks its cache takes on the device now (or would, uploaded)."""
-    return blocks_for(sequence.cached_tokens, executor.block_size)
+    """Blocks its cache takes on the device (or would, uploaded) once the steps it is in
+    have run."""
+    return blocks_for(sequence.cached_after_pending, executor.block_size)
 
 
 def blocks_after_step(executor: ExecutorView, sequence: Sequence) -> int:
     """Blocks its cache takes once this iteration has fed its tokens (all of them, cached)."""
-    tokens = len(sequence.request.prompt_token_ids) + len(sequence.generated)
-    return blocks_for(tokens, executor.block_size)
+    return blocks_for(sequence.known_tokens + sequence.pending, executor.block_size)
 
 
 def plan_memory(executor: ExecutorView, batch: list[Sequence], order: list[Sequence]) -> MemoryPlan:

@@ -67,15 +67,28 @@ INTER_TOKEN = Histogram(
 )
 ITERATION = Histogram(
     "spotserve_scheduler_iteration_seconds",
-    "Round trip of one step command to an executor (compute, KV swaps and messaging), on the"
-    " scheduler's monotonic clock.",
+    "Wall time one iteration adds to its executor's busy time line: from the reply of the"
+    " iteration before (or, after an idle wait, from when the scheduler began planning it) to"
+    " its own reply; compute, KV swaps, messaging and the scheduler's time that did not overlap"
+    " the executor's compute (a step is sent while the one before runs). Monotonic clock.",
     buckets=DURATION_BUCKETS,
 )
 OVERHEAD = Histogram(
     "spotserve_scheduler_overhead_seconds",
-    "The scheduler's own time per iteration outside the executor (planning the batch and the"
-    " KV moves, applying the tokens, waiting for room in the commit queue), monotonic clock.",
+    "The scheduler's own time per iteration (planning the batch and the KV moves, applying the"
+    " tokens, waiting for room in the commit queue), much of it overlapping the executor's"
+    " compute of the next step; monotonic clock.",
     buckets=DURATION_BUCKETS,
+)
+STEPS_SENT = with_labels(
+    Counter(
+        "spotserve_scheduler_steps_sent_total",
+        "Step commands sent to executors, by when: while_running (while the executor ran the"
+        " step before, so it finds the next one waiting) or after_reply (the executor was idle,"
+        " or the step before had to be applied first: a KV swap, a move, a cancel).",
+        ["sent"],
+    ),
+    ("while_running", "after_reply"),
 )
 BATCH_SIZE = Histogram(
     "spotserve_scheduler_batch_size",

@@ -44,6 +44,9 @@ class Sequence:
     forwarded_at: float | None = None
     # The client asked to stop it: it ends at its executor's next iteration boundary.
     cancel_requested: bool = False
+    # Steps it is in that its executor has not answered yet (0 or 1): the next step is sent
+    # while the current one runs, and its token then comes from the executor.
+    pending: int = 0
     # Instance whose KV cache holds this sequence (read: ``executor``).
     _executor: str | None = field(default=None, init=False, repr=False)
     # Where that executor keeps the cache: on the device (ready to run) or offloaded to host.
@@ -102,9 +105,43 @@ class Sequence:
         """Its executor holds the cache in host memory (offloaded, or adopted from a peer)."""
         self._kv_location = "host"
 
+    @property
+    def known_tokens(self) -> int:
+        """Prompt and generated tokens the scheduler has."""
+        return len(self.request.prompt_token_ids) + len(self.generated)
+
+    @property
+    def cached_after_pending(self) -> int:
+        """Positions its executor's cache holds once the steps it is in have run."""
+        return self.known_tokens if self.pending else self.cached_tokens
+
+    @property
+    def can_continue(self) -> bool:
+        """Whether it may go into the next step while its current one runs: the executor feeds
+        the token it samples now. Not when that token ends it by length, nor while a restarted
+        sequence regenerates tokens the client has (those are fed as committed, not sampled),
+        nor when its cache is not on the device."""
+        return (
+            self.kv_location == "device"
+            and len(self.generated) + self.pending < self.request.max_tokens
+            and len(self.generated) >= len(self.replay)
+        )
+
     def step_input(self) -> StepSequence:
         """What the executor must feed: everything not yet in its cache (prompt on a prefill,
-        prompt + committed tokens on a recompute, the last sampled token on a decode)."""
+        prompt + committed tokens on a recompute, the last sampled token on a decode; the token
+        the executor samples in the step it runs now, when this one is sent before that ends)."""
+        if self.pending:
+            return StepSequence(
+                request_id=self.request_id,
+                token_ids=[],
+                temperature=self.request.temperature,
+                top_p=self.request.top_p,
+                seed=self.request.seed,
+                sample_index=len(self.generated) + self.pending,
+                cached_tokens=self.known_tokens,
+                continues=True,
+            )
         tokens = self.request.prompt_token_ids + self.generated
         return StepSequence(
             request_id=self.request_id,
@@ -130,6 +167,7 @@ class Sequence:
         """Its executor is gone or failed: the next step recomputes the prefill elsewhere."""
         self._executor = None
         self.cached_tokens = 0
+        self.pending = 0
         self._kv_location = "none"
 
     def restart_from_scratch(self) -> None:
