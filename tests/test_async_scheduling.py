@@ -89,16 +89,13 @@ def command(*sequences: StepSequence) -> StepCommand:
     return StepCommand(sequences=list(sequences))
 
 
+# Greedy, the fifth token, four positions cached.
+SAMPLING = {"temperature": 0.0, "top_p": 1.0, "seed": 0, "sample_index": 4, "cached_tokens": 4}
+
+
 def sequence_step(request_id: str, token_ids: list[int], continues: bool) -> StepSequence:
-    return StepSequence(
-        request_id=request_id,
-        token_ids=token_ids,
-        temperature=0.0,
-        top_p=1.0,
-        seed=0,
-        sample_index=4,
-        cached_tokens=4,
-        continues=continues,
+    return StepSequence.model_validate(
+        {"request_id": request_id, "token_ids": token_ids, "continues": continues, **SAMPLING}
     )
 
 
