@@ -42,7 +42,7 @@ from shared.config import NatsSettings
 from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.engine import Engine, SequenceStep
 from shared.model.tokenizer import TextTokenizer
-from shared.subjects import SERVICE_EXECUTOR
+from shared.subjects import SERVICE_ADMISSION, SERVICE_EXECUTOR, SERVICE_SCHEDULER
 
 PROMPT = "Spot instances are cheap but can be taken away with two minutes of notice, so"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -66,11 +66,16 @@ def in_process_rate(model_dir: Path, batch_size: int, tokens: int, prompt_ids: l
     return batch_size * (tokens - 1) / elapsed
 
 
+# The services on the token path besides the executor; the others only keep timers.
+TOKEN_PATH_SERVICES = (SERVICE_SCHEDULER, SERVICE_ADMISSION)
+
+
 @dataclass
 class SystemRun:
     rate: float  # decode tokens per second
     tokens: int  # generated, every one of them (the first included)
-    service_cpu_s: float  # CPU seconds of every process but the executor's, over the run
+    service_cpu_s: float  # CPU seconds of the token path's processes but the executor's
+    other_cpu_s: float  # CPU seconds of the other services
 
 
 def process_cpu_s(pid: int) -> float:
@@ -84,16 +89,17 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def service_pids(cluster: LocalCluster) -> list[int]:
-    """Every process of the cluster but the executors: the services and nats-server."""
-    pids = [
-        service.process.pid
-        for service in cluster.services
-        if service.name != SERVICE_EXECUTOR and service.process is not None
-    ]
+def service_pids(cluster: LocalCluster) -> tuple[list[int], list[int]]:
+    """The token path's processes but the executors (scheduler, admission, nats-server), and
+    the other services'."""
+    path, others = [], []
+    for service in cluster.services:
+        if service.name == SERVICE_EXECUTOR or service.process is None:
+            continue
+        (path if service.name in TOKEN_PATH_SERVICES else others).append(service.process.pid)
     if cluster.nats is not None and cluster.nats.process is not None:
-        pids.append(cluster.nats.process.pid)
-    return pids
+        path.append(cluster.nats.process.pid)
+    return path, others
 
 
 async def generate_batch(nats_url: str, batch_size: int, tokens: int) -> tuple[float, int]:
@@ -125,11 +131,13 @@ def full_batch_rate(chunk_times: list[list[float]]) -> float:
 
 
 def system_run(cluster: LocalCluster, batch_size: int, tokens: int) -> SystemRun:
-    pids = service_pids(cluster)
-    before = sum(process_cpu_s(pid) for pid in pids) + own_cpu_s()
+    path, others = service_pids(cluster)
+    before = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
+    before_others = sum(process_cpu_s(pid) for pid in others)
     rate, generated = asyncio.run(generate_batch(cluster.nats_url, batch_size, tokens))
-    after = sum(process_cpu_s(pid) for pid in pids) + own_cpu_s()
-    return SystemRun(rate, generated, after - before)
+    after = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
+    after_others = sum(process_cpu_s(pid) for pid in others)
+    return SystemRun(rate, generated, after - before, after_others - before_others)
 
 
 def main() -> None:
@@ -171,19 +179,21 @@ def main() -> None:
         f" and executor) | median of {args.repeats} | {os.cpu_count()} cores"
     )
     header = ("batch", "in-process tok/s", "system tok/s", "ratio", "ms/iter in-proc",
-              "ms/iter system", "added ms/iter", "service CPU us/token")  # fmt: skip
+              "ms/iter system", "added ms/iter", "service CPU us/token",
+              "other services us/token")  # fmt: skip
     print("  ".join(f"{h:>{max(len(h), 5)}}" for h in header))
     summaries = []
     for b in batch_sizes:
         runs = system[b]
         rate = statistics.median(run.rate for run in runs)
         cpu_us = statistics.median(run.service_cpu_s / run.tokens for run in runs) * 1e6
+        other_us = statistics.median(run.other_cpu_s / run.tokens for run in runs) * 1e6
         ratio = rate / in_process[b]
         iteration_ms, in_process_ms = b / rate * 1e3, b / in_process[b] * 1e3
         added_ms = iteration_ms - in_process_ms
         cells = (f"{b}", f"{in_process[b]:.1f}", f"{rate:.1f}", f"{ratio:.2f}",
                  f"{in_process_ms:.2f}", f"{iteration_ms:.2f}", f"{added_ms:.2f}",
-                 f"{cpu_us:.0f}")  # fmt: skip
+                 f"{cpu_us:.0f}", f"{other_us:.0f}")  # fmt: skip
         print("  ".join(f"{c:>{max(len(h), 5)}}" for c, h in zip(cells, header, strict=True)))
         summaries.append(
             f"summary: batch={b} ratio={ratio:.2f} overhead_ms_per_iteration={added_ms:.2f}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from shared.codec import decode, encode
@@ -108,14 +109,22 @@ class SpotserveClient:
         body = _body(prompt, options, stream=True)
         request_id: str | None = body.get("request_id")
         inbox = self.nc.new_inbox()
-        subscription = await self.nc.subscribe(inbox)
+        # A callback into a queue, read with asyncio.timeout: next_msg makes two tasks per
+        # message. Bounded by the request's own chunks.
+        arrived: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_chunk(message: Msg) -> None:
+            arrived.put_nowait(message)
+
+        subscription = await self.nc.subscribe(inbox, cb=on_chunk)
         try:
             await self.nc.publish(GENERATE_ENDPOINT.subject_for(), encode(body), reply=inbox)
             timeout = self.first_chunk_timeout_s
             seen = _Seen()
             while True:
                 try:
-                    message = await subscription.next_msg(timeout=timeout)
+                    async with asyncio.timeout(timeout):
+                        message = await arrived.get()
                 except TimeoutError:
                     chunk = await self._catch_up(request_id, seen)
                     if chunk is None:

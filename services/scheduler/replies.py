@@ -11,15 +11,17 @@ from shared.messages import AcceptedRequest
 from shared.rpc import RpcError, error_reply
 
 
-async def send_to_client(nc: Client, request: AcceptedRequest, body: BaseModel) -> None:
-    """Publish ``body`` to the request's reply subject (none: the client reads the stream)."""
+async def send_to_client(
+    nc: Client, request: AcceptedRequest, body: BaseModel, msgpack_body: bytes | None = None
+) -> None:
+    """Publish ``body`` to the request's reply subject (none: the client reads the stream);
+    ``msgpack_body``: the body already encoded in msgpack, sent as is to a msgpack client."""
     if not request.reply_subject:
         return
-    await nc.publish(
-        request.reply_subject,
-        encode(body, request.encoding),
-        headers=content_type_header(request.encoding),
-    )
+    encoded = msgpack_body
+    if encoded is None or request.encoding != "msgpack":
+        encoded = encode(body, request.encoding)
+    await nc.publish(request.reply_subject, encoded, headers=content_type_header(request.encoding))
 
 
 async def send_error_to_client(nc: Client, request: AcceptedRequest, error: RpcError) -> None:

@@ -54,37 +54,51 @@ class TokenPublisher:
         """Commit each iteration's chunks, then forward them; in iteration order."""
         while True:
             output = await self.outbox.get()
-            await self._commit(output)
-            for sequence, chunk in output.chunks:
-                await self._forward(sequence, chunk)
+            bodies = await self._commit(output)
+            for (sequence, chunk), body in zip(output.chunks, bodies, strict=True):
+                await self._forward(sequence, chunk, body)
             self.outbox.task_done()
 
-    async def _commit(self, output: IterationOutput) -> None:
+    async def _commit(self, output: IterationOutput) -> list[bytes]:
+        """Store the iteration's chunks in JetStream; their msgpack bodies."""
+        bodies = [encode(chunk) for _, chunk in output.chunks]
         for delay in backoff_delays(COMMIT_RETRY_FIRST_S, COMMIT_RETRY_MAX_S):
             try:
-                await asyncio.gather(*(self._commit_chunk(chunk) for _, chunk in output.chunks))
-                return
+                await self._commit_all(output, bodies)
+                return bodies
             except (TimeoutError, NatsError, JetStreamError) as exc:
                 # Never forward a token that is not durable: wait for JetStream to come back.
                 self.log.warning("commit.retry", error=repr(exc), delay_s=delay)
                 await asyncio.sleep(delay)
+        raise AssertionError("backoff_delays never ends")
 
-    async def _commit_chunk(self, chunk: TokenChunk) -> None:
-        await self.context.js.publish(
-            tokens_subject(chunk.request_id),
-            encode(chunk),
-            # Idempotent on retry: JetStream drops the duplicate.
-            headers={"Nats-Msg-Id": f"{chunk.request_id}.{chunk.index}"},
-            timeout=self.context.settings.nats.request_timeout_s,
-        )
+    async def _commit_all(self, output: IterationOutput, bodies: list[bytes]) -> None:
+        """Publish every chunk, then wait for all their acks at once (one timeout)."""
+        acks = []
+        try:
+            for (_, chunk), body in zip(output.chunks, bodies, strict=True):
+                acks.append(
+                    await self.context.js.publish_async(
+                        tokens_subject(chunk.request_id),
+                        body,
+                        # Idempotent on retry: JetStream drops the duplicate.
+                        headers={"Nats-Msg-Id": f"{chunk.request_id}.{chunk.index}"},
+                    )
+                )
+            timeout_s = self.context.settings.nats.request_timeout_s
+            await asyncio.wait_for(asyncio.gather(*acks), timeout_s)
+        finally:
+            for ack in acks:
+                ack.cancel()  # those still open on a failure (done ones are unaffected)
 
-    async def _forward(self, sequence: Sequence, chunk: TokenChunk) -> None:
+    async def _forward(self, sequence: Sequence, chunk: TokenChunk, body: bytes) -> None:
+        """``body``: the chunk in msgpack, as committed."""
         request = sequence.request
         observe_forward(sequence, chunk)
         nc = self.context.nc
         try:
             if request.stream:
-                await send_to_client(nc, request, chunk)
+                await send_to_client(nc, request, chunk, body)
             if chunk.finish_reason is not None:
                 if not request.stream:
                     await send_to_client(nc, request, sequence.result())
