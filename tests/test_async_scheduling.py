@@ -1,7 +1,7 @@
 """Asynchronous scheduling, piece by piece: a sequence in the step that runs goes into the next
 one as "continue with the token you sample now" (its expected cache and sample index one
 ahead), never when that token ends it by length, while it regenerates tokens the client has,
-or when its cache is not on the device; the memory plan counts the token in flight; the
+or when its cache went to host memory; the memory plan counts the token in flight; the
 executor feeds a continuing sequence the token its previous step sampled and refuses one it
 sampled nothing for. The whole system's tokens through this path are checked against
 transformers by tests/test_end_to_end.py and counted by tests/test_metrics.py."""
@@ -66,6 +66,14 @@ def test_no_continuation_past_the_length_limit_or_while_replaying_or_off_the_dev
     lost.lose_cache()
     assert lost.pending == 0 and not lost.can_continue
 
+    # Its prefill is the step running now: the cache is on the device once that step is done.
+    prefilling = make_sequence(tokenizer, make_request(PROMPT))
+    prefilling.bind_to("instance-0")
+    prefilling.pending = 1
+    assert prefilling.kv_location == "none" and prefilling.can_continue
+    step = prefilling.step_input()
+    assert step.continues and step.cached_tokens == len(PROMPT) and step.sample_index == 1
+
 
 def test_the_memory_plan_counts_the_token_in_flight(tokenizer: TextTokenizer) -> None:
     # Blocks of 4. Prompt 3 + 2 generated: the running step feeds the second generated token
@@ -110,3 +118,16 @@ def test_the_executor_feeds_a_continuing_sequence_its_last_sampled_token() -> No
     ]
     with pytest.raises(BadRequest, match="sampled no token for it"):
         step_inputs(command(sequence_step("c", [], True)), sampled={})
+
+
+def test_a_prefill_in_flight_holds_its_blocks_in_the_next_plan(tokenizer: TextTokenizer) -> None:
+    view = ExecutorView("instance-0", max_batch_size=4, kv_blocks=2, block_size=4)
+    prefilling = make_sequence(tokenizer, make_request([5] * 7))  # 2 blocks once prefilled
+    prefilling.bind_to("instance-0")
+    prefilling.pending = 1
+    newcomer = make_sequence(tokenizer, make_request(PROMPT))  # 1 block
+    newcomer.bind_to("instance-0")
+    plan = plan_memory(view, [newcomer], [newcomer, prefilling])
+    # Both do not fit: the plan frees the prefill's blocks, which a step sent ahead may not do
+    # (the loop then waits for the running step).
+    assert plan.drop == [prefilling] and plan.moves_caches

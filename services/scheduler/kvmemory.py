@@ -52,7 +52,8 @@ def blocks_after_step(executor: ExecutorView, sequence: Sequence) -> int:
 def plan_memory(executor: ExecutorView, batch: list[Sequence], order: list[Sequence]) -> MemoryPlan:
     """What must move so that ``batch`` fits; ``order`` is the policy's priority order."""
     mine = [s for s in order if s.executor == executor.instance_id]
-    on_device = [s for s in mine if s.kv_location == "device"]
+    # A sequence in the step running now is on the device once it is done (a prefill too).
+    on_device = [s for s in mine if s.kv_location == "device" or s.pending > 0]
     on_host = [s for s in mine if s.kv_location == "host"]
     runs, used = [], 0
     for sequence in batch:

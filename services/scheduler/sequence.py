@@ -120,9 +120,11 @@ class Sequence:
         """Whether it may go into the next step while its current one runs: the executor feeds
         the token it samples now. Not when that token ends it by length, nor while a restarted
         sequence regenerates tokens the client has (those are fed as committed, not sampled),
-        nor when its cache is not on the device."""
+        nor when its cache went to host memory. (A cache the running step builds, a prefill,
+        is on the device once that step is done.)"""
         return (
-            self.kv_location == "device"
+            self.pending > 0
+            and self.kv_location != "host"
             and len(self.generated) + self.pending < self.request.max_tokens
             and len(self.generated) >= len(self.replay)
         )
