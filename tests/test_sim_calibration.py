@@ -30,9 +30,11 @@ BOUND = 0.5
 # P99 of ~90 requests is one or two of them, and on a 2-core machine the slowest are those
 # decoding while executors added by the trace start up (importing torch, loading, warming up
 # take the cores the serving executor needs), which the simulation does not model: simulated
-# over live P99 came out 0.41-0.77 across runs of one commit. A factor of 3 still catches a
-# request the simulation misses entirely (8.5 s live against 0.7 s simulated once).
-P99_FACTOR = 3.0
+# over live P99 came out 0.41-0.77 across runs of one commit, and 0.32 in a CI run (three
+# requests that started 1.5 s after an added executor did took 2.9 s live). A factor of 4
+# still catches a request the simulation misses entirely (8.5 s live against 0.7 s simulated
+# once).
+P99_FACTOR = 4.0
 
 
 @pytest.mark.skipif(not A_S.is_file(), reason=f"the kit's traces are not at {KIT_TRACES}")
