@@ -153,7 +153,8 @@ class IterationLoop:
         # The time this iteration adds to its executor's busy time line: from the reply before
         # (the scheduler's applying and planning in between, unless they overlapped this
         # step's compute), or from when the loop began planning it after an idle wait.
-        metrics.ITERATION.observe(received - (step.planned if last_reply is None else last_reply))
+        wall_s = received - (step.planned if last_reply is None else last_reply)
+        metrics.ITERATION.observe(wall_s)
         for sequence in step.batch:
             sequence.pending = max(0, sequence.pending - 1)
         apply_after_step(step.memory)
@@ -171,9 +172,7 @@ class IterationLoop:
             dropped=len(memory.drop),
             compute_ms=round(result.compute_s * 1000, 2),
             round_trip_ms=round((received - step.sent) * 1000, 2),
-            wall_ms=round(
-                (received - (step.planned if last_reply is None else last_reply)) * 1000, 2
-            ),
+            wall_ms=round(wall_s * 1000, 2),
             scheduler_ms=round(scheduler_s * 1000, 3),
             pipelined=step.pipelined,
         )

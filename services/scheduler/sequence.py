@@ -133,26 +133,16 @@ class Sequence:
         """What the executor must feed: everything not yet in its cache (prompt on a prefill,
         prompt + committed tokens on a recompute, the last sampled token on a decode; the token
         the executor samples in the step it runs now, when this one is sent before that ends)."""
-        if self.pending:
-            return StepSequence(
-                request_id=self.request_id,
-                token_ids=[],
-                temperature=self.request.temperature,
-                top_p=self.request.top_p,
-                seed=self.request.seed,
-                sample_index=len(self.generated) + self.pending,
-                cached_tokens=self.known_tokens,
-                continues=True,
-            )
         tokens = self.request.prompt_token_ids + self.generated
         return StepSequence(
             request_id=self.request_id,
-            token_ids=tokens[self.cached_tokens :],
+            token_ids=[] if self.pending else tokens[self.cached_tokens :],
             temperature=self.request.temperature,
             top_p=self.request.top_p,
             seed=self.request.seed,
-            sample_index=len(self.generated),
-            cached_tokens=self.cached_tokens,
+            sample_index=len(self.generated) + self.pending,
+            cached_tokens=self.cached_after_pending,
+            continues=self.pending > 0,
         )
 
     def inflight(self) -> InflightSequence:
