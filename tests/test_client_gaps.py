@@ -42,10 +42,14 @@ class ScriptedService:
     """Streams CHUNKS without chunk 1; answers ``result`` with an error ``failures`` times,
     then with everything committed (all of CHUNKS)."""
 
-    def __init__(self, nc: Client, failures: int) -> None:
+    def __init__(self, nc: Client) -> None:
         self.nc = nc
-        self.failures = failures
+        self.failures = 0
         self.result_calls = 0
+
+    def expect(self, failures: int) -> None:
+        """The next stream's result lookups fail this many times."""
+        self.failures, self.result_calls = failures, 0
 
     async def start(self) -> None:
         await self.nc.subscribe(GENERATE_ENDPOINT.subject_for(), cb=self.on_generate)
@@ -84,10 +88,13 @@ def gap_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNat
         yield server
 
 
-@pytest.fixture
-async def service_nc(gap_server: EmbeddedNatsServer) -> AsyncIterator[Client]:
+@pytest.fixture(scope="module")
+async def service(gap_server: EmbeddedNatsServer) -> AsyncIterator[ScriptedService]:
+    # One for the module: its subscriptions are in place before any test publishes.
     nc = await connect(gap_server.url, NatsSettings(), "scripted-service", 10)
-    yield nc
+    scripted = ScriptedService(nc)
+    await scripted.start()
+    yield scripted
     await nc.close()
 
 
@@ -104,10 +111,9 @@ async def collect(client: SpotserveClient, received: list[TokenChunk]) -> None:
 
 
 async def test_a_lost_chunk_is_read_back_while_the_result_is_unreadable_for_a_while(
-    service_nc: Client, client_nc: Client
+    service: ScriptedService, client_nc: Client
 ) -> None:
-    service = ScriptedService(service_nc, failures=3)
-    await service.start()
+    service.expect(failures=3)
     received: list[TokenChunk] = []
     await collect(
         SpotserveClient(client_nc, first_chunk_timeout_s=10, chunk_timeout_s=10), received
@@ -120,10 +126,9 @@ async def test_a_lost_chunk_is_read_back_while_the_result_is_unreadable_for_a_wh
 
 
 async def test_a_lost_chunk_that_cannot_be_read_back_ends_the_stream_with_an_error(
-    service_nc: Client, client_nc: Client
+    service: ScriptedService, client_nc: Client
 ) -> None:
-    service = ScriptedService(service_nc, failures=1_000_000)
-    await service.start()
+    service.expect(failures=1_000_000)
     received: list[TokenChunk] = []
     client = SpotserveClient(client_nc, first_chunk_timeout_s=10, chunk_timeout_s=0.5)
     with pytest.raises(Unavailable, match=r"chunks 1\.\.1 of request 'gap-1' were lost"):
