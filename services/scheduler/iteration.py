@@ -121,7 +121,9 @@ class IterationLoop:
         running: LaunchedStep | None,
     ) -> LaunchedStep | None:
         """Send one step of ``batch`` (its memory plan's fitting part) to ``handle``. None when
-        it would move caches while a step runs: it is planned again once that one is applied."""
+        it or the step running moves caches: it is planned again once that one is applied."""
+        if running is not None and running.memory.moves_caches:
+            return None  # its prefetch takes blocks after it that this plan would not see
         memory = plan_memory(handle.view, batch, self.policy.priority_order(handle.view))
         if running is not None and (memory.moves_caches or len(memory.batch) < len(batch)):
             return None
