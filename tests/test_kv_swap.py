@@ -29,6 +29,7 @@ from shared.model.engine import (
     UnknownSequenceError,
 )
 from shared.model.tokenizer import IncrementalDetokenizer, TextTokenizer
+from shared.rpc import BadRequest
 from tests.helpers import isolated_cluster
 
 # ---- engine ----------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_plan_prefetches_next_in_line_into_free_blocks(tokenizer: TextTokenizer)
 # ---- the system under memory pressure --------------------------------------------------
 
 PROMPTS = [f"Request number {i} " + "with more words " * (i % 4) for i in range(8)]
-LENGTHS = [6, 30, 10, 24, 4, 18, 12, 28]
+LENGTHS = [6, 30, 10, 24, 4, 18, 12, 26]  # the longest takes 64 positions
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +232,11 @@ def pressure_cluster(
         # Tiny quanta: jobs get demoted and preempted after a few iterations.
         "SPOTSERVE_SCHEDULER__MLFQ__BASE_QUANTUM_S": "0.002",
         "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": "2",
-        # Far less KV memory than the load: 16 blocks of 8 positions (a request takes 3-9),
-        # room for 2 offloaded caches.
-        "SPOTSERVE_EXECUTOR__MAX_SEQ_LEN": "128",
+        # Far less KV memory than the load: 8 blocks of 8 positions, one context (a request
+        # takes 2-8; their prompts alone take 28), room for 2 offloaded caches.
+        "SPOTSERVE_EXECUTOR__MAX_SEQ_LEN": "64",
         "SPOTSERVE_EXECUTOR__KV_BLOCK_SIZE": "8",
-        "SPOTSERVE_EXECUTOR__KV_BLOCKS": "16",
+        "SPOTSERVE_EXECUTOR__KV_BLOCKS": "8",
         "SPOTSERVE_EXECUTOR__HOST_KV_SLOTS": "2",
         "SPOTSERVE_LOG__LEVEL": "debug",
     }
@@ -309,3 +310,19 @@ def test_plan_counts_host_room_before_the_uploads_leave(tokenizer: TextTokenizer
     plan = plan_memory(view, [back, new], [back, new, old1, old2])
     assert names(plan.upload) == ["back"]
     assert plan.offload == [] and names(plan.drop) == ["old2", "old1"]
+
+
+async def test_a_request_over_the_executors_context_gets_a_clear_error(
+    pressure_cluster: LocalCluster,
+) -> None:
+    # Admission checks the model's context; this executor caps it at 64 positions.
+    nc = await connect(pressure_cluster.nats_url, NatsSettings(), name="too-long", deadline_s=10)
+    client = SpotserveClient(nc, first_chunk_timeout_s=120, chunk_timeout_s=60)
+    try:
+        with pytest.raises(BadRequest, match="is 65 tokens, over the context length 64"):
+            await client.generate(PROMPTS[7], max_tokens=27, temperature=0.0, ignore_eos=True)
+        # The scheduler goes on serving.
+        completion = await client.generate(PROMPTS[7], max_tokens=26, temperature=0.0)
+        assert len(completion.token_ids) > 0
+    finally:
+        await nc.close()

@@ -187,6 +187,10 @@ class ShardedEngine:
     def block_size(self) -> int:
         return self.local.block_size
 
+    @property
+    def context_length(self) -> int:
+        return self.local.context_length
+
     def fitting_uploads(self, request_ids: list[str]) -> list[str]:
         return self.local.fitting_uploads(request_ids)
 

@@ -169,6 +169,7 @@ def service_metadata(
         "instance_id": instance_id,
         "kv_blocks": str(engine.kv_blocks),
         "kv_block_size": str(engine.block_size),
+        "max_seq_len": str(engine.context_length),
         "host_kv_slots": str(settings.host_kv_slots),
         "device": str(engine.device),
         "tensor_parallel": str(settings.tensor_parallel),

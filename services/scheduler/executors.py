@@ -147,6 +147,7 @@ class ExecutorPool:
             kv_blocks=kv_blocks,
             block_size=max(1, int(metadata.get("kv_block_size", 16))),
             host_slots=max(0, int(metadata.get("host_kv_slots", 0))),
+            max_seq_len=max(1, int(metadata.get("max_seq_len", 1 << 30))),
             accepts_new=serves(self.plan, instance_id),
         )
         handle = ExecutorHandle(view=view)

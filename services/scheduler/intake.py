@@ -25,7 +25,7 @@ from shared.codec import DecodeError, decode
 from shared.messages import AcceptedRequest, TokenChunk
 from shared.model.tokenizer import TextTokenizer
 from shared.readers import read_committed_chunks
-from shared.rpc import Internal
+from shared.rpc import Internal, RpcError
 from shared.runtime import ServiceContext
 from shared.subjects import (
     REQUESTS_STREAM,
@@ -195,11 +195,13 @@ class RequestIntake:
             completion_tokens=len(sequence.generated),
         )
 
-    async def fail(self, sequence: Sequence, message: str) -> None:
+    async def fail(
+        self, sequence: Sequence, message: str, error_type: type[RpcError] = Internal
+    ) -> None:
         """Give up on it: an error answer to the client, and no redelivery either."""
         request = sequence.request
         self.log.error("request.failed", request_id=request.request_id, reason=message)
-        error = Internal(message, request_id=request.request_id)
+        error = error_type(message, request_id=request.request_id)
         await send_error_to_client(self.context.nc, request, error)
         # Terminal: the request will not be retried by JetStream either.
         await sequence.message.term()

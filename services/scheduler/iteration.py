@@ -22,6 +22,7 @@ from services.scheduler.policy_base import SchedulerPolicy, StepOutput
 from services.scheduler.sequence import Sequence
 from services.scheduler.tokens import IterationOutput, TokenPublisher
 from shared.messages import StepCommand, StepResult, TokenChunk
+from shared.rpc import BadRequest
 from shared.runtime import ServiceContext
 from shared.waiting import wait_event
 
@@ -78,7 +79,7 @@ class IterationLoop:
                     continue
                 if running is None:
                     await self._between_steps(handle)
-                batch = self.policy.schedule(handle.view)
+                batch = await self._refuse_too_long(handle, self.policy.schedule(handle.view))
                 if running is not None:
                     batch = [s for s in batch if s.pending == 0 or s.can_continue]
                 launched = self._launch(handle, batch, planned, running) if batch else None
@@ -113,6 +114,27 @@ class IterationLoop:
         await self.cancellations.apply(handle)
         await self.plans.apply_moves(handle)
 
+    async def _refuse_too_long(
+        self, handle: ExecutorHandle, batch: list[Sequence]
+    ) -> list[Sequence]:
+        """``batch`` without the sequences that would outgrow the executor's context: those get
+        an error now (admission checks the model's context, which an executor may cap lower)."""
+        fitting = []
+        limit = handle.view.max_seq_len
+        for sequence in batch:
+            if sequence.pending or sequence.most_positions <= limit:
+                fitting.append(sequence)
+                continue
+            self.policy.remove(sequence)
+            message = (
+                f"prompt ({len(sequence.request.prompt_token_ids)} tokens) plus max_tokens"
+                f" ({sequence.request.max_tokens}) is {sequence.most_positions} tokens, over the"
+                f" context length {limit} of the executors serving this model"
+                f" (SPOTSERVE_EXECUTOR__MAX_SEQ_LEN); lower max_tokens"
+            )
+            await self.intake.fail(sequence, message, BadRequest)
+        return fitting
+
     def _launch(
         self,
         handle: ExecutorHandle,
@@ -126,6 +148,10 @@ class IterationLoop:
             return None  # its prefetch takes blocks after it that this plan would not see
         memory = plan_memory(handle.view, batch, self.policy.priority_order(handle.view))
         if running is not None and (memory.moves_caches or len(memory.batch) < len(batch)):
+            return None
+        if not memory.batch:
+            # Unreachable while sequences fit the context (whose blocks every cache holds).
+            self.context.log.error("step.nothing_fits", instance_id=handle.view.instance_id)
             return None
         batch = memory.batch
         command = self._command(handle, batch, memory)

@@ -16,7 +16,7 @@ REQUESTS = with_labels(
     Counter(
         "spotserve_scheduler_requests_total",
         "Requests the scheduler ended, by outcome: the finish reason (stop, length, cancelled)"
-        " or error (failed after repeated step errors).",
+        " or error (failed after repeated step errors, or longer than an executor's context).",
         ["outcome"],
     ),
     ("stop", "length", "cancelled", "error"),

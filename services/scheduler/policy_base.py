@@ -22,6 +22,8 @@ class ExecutorView:
     # The executor's paged device KV cache: blocks of block_size positions.
     kv_blocks: int = 1 << 30
     block_size: int = 16
+    # Most positions (prompt plus generated tokens) one sequence may take there.
+    max_seq_len: int = 1 << 30
     # Offloaded KV caches it keeps in host memory (sequences).
     host_slots: int = 0
     # False while the current plan gives the instance no role (e.g. it is being preempted):

@@ -111,6 +111,11 @@ class Sequence:
         return len(self.request.prompt_token_ids) + len(self.generated)
 
     @property
+    def most_positions(self) -> int:
+        """Positions its cache reaches if it runs to max_tokens."""
+        return len(self.request.prompt_token_ids) + self.request.max_tokens
+
+    @property
     def cached_after_pending(self) -> int:
         """Positions its executor's cache holds once the steps it is in have run."""
         return self.known_tokens if self.pending else self.cached_tokens

@@ -63,6 +63,11 @@ class InferenceEngine(Protocol):
         """Positions per KV cache block."""
         ...
 
+    @property
+    def context_length(self) -> int:
+        """Most positions one sequence may use."""
+        ...
+
     def fitting_uploads(self, request_ids: list[str]) -> list[str]:
         """The longest prefix of these offloaded sequences whose caches fit the free blocks."""
         ...
