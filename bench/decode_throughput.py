@@ -10,7 +10,9 @@ token to the first request's last token) / that time, so prefill, queueing and r
 or leaving are left out of both sides alike. Per batch size it reports the wall time
 the system adds to each iteration (its time per iteration less the in-process one) and the CPU
 time the processes other than the executor (scheduler, admission, the other services,
-nats-server, and this client) spend per generated token, from ``/proc`` and ``getrusage``.
+nats-server, and this client) spend per generated token, from ``/proc`` and ``getrusage``;
+"of it idle" is what the token path's services spend in as long a time with no request
+(timers, heartbeats: a cost per second, not per token), watched just before each run.
 ``--torch-threads 1`` leaves one of two cores to the services, so the ratio shows the system's
 own overhead rather than the services competing with torch for the cores.
 
@@ -46,6 +48,8 @@ from shared.subjects import SERVICE_ADMISSION, SERVICE_EXECUTOR, SERVICE_SCHEDUL
 
 PROMPT = "Spot instances are cheap but can be taken away with two minutes of notice, so"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Before each run: how long the token path's processes are watched with no request.
+IDLE_WINDOW_S = 3.0
 
 
 def in_process_rate(model_dir: Path, batch_size: int, tokens: int, prompt_ids: list[int]) -> float:
@@ -76,6 +80,7 @@ class SystemRun:
     tokens: int  # generated, every one of them (the first included)
     service_cpu_s: float  # CPU seconds of the token path's processes but the executor's
     other_cpu_s: float  # CPU seconds of the other services
+    idle_cpu_s: float  # of service_cpu_s, what those processes spend idle in as long a time
 
 
 def process_cpu_s(pid: int) -> float:
@@ -130,14 +135,24 @@ def full_batch_rate(chunk_times: list[list[float]]) -> float:
     return decoded / (end - start)
 
 
+def idle_cpu_rate(pids: list[int]) -> float:
+    """CPU seconds per second the processes spend with no request (timers, heartbeats)."""
+    before, started = sum(process_cpu_s(pid) for pid in pids), time.monotonic()
+    time.sleep(IDLE_WINDOW_S)
+    return (sum(process_cpu_s(pid) for pid in pids) - before) / (time.monotonic() - started)
+
+
 def system_run(cluster: LocalCluster, batch_size: int, tokens: int) -> SystemRun:
     path, others = service_pids(cluster)
+    idle_rate = idle_cpu_rate(path)
     before = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
     before_others = sum(process_cpu_s(pid) for pid in others)
+    started = time.monotonic()
     rate, generated = asyncio.run(generate_batch(cluster.nats_url, batch_size, tokens))
+    idle_cpu_s = idle_rate * (time.monotonic() - started)
     after = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
     after_others = sum(process_cpu_s(pid) for pid in others)
-    return SystemRun(rate, generated, after - before, after_others - before_others)
+    return SystemRun(rate, generated, after - before, after_others - before_others, idle_cpu_s)
 
 
 def main() -> None:
@@ -179,7 +194,7 @@ def main() -> None:
         f" and executor) | median of {args.repeats} | {os.cpu_count()} cores"
     )
     header = ("batch", "in-process tok/s", "system tok/s", "ratio", "ms/iter in-proc",
-              "ms/iter system", "added ms/iter", "service CPU us/token",
+              "ms/iter system", "added ms/iter", "service CPU us/token", "of it idle",
               "other services us/token")  # fmt: skip
     print("  ".join(f"{h:>{max(len(h), 5)}}" for h in header))
     summaries = []
@@ -188,12 +203,13 @@ def main() -> None:
         rate = statistics.median(run.rate for run in runs)
         cpu_us = statistics.median(run.service_cpu_s / run.tokens for run in runs) * 1e6
         other_us = statistics.median(run.other_cpu_s / run.tokens for run in runs) * 1e6
+        idle_us = statistics.median(run.idle_cpu_s / run.tokens for run in runs) * 1e6
         ratio = rate / in_process[b]
         iteration_ms, in_process_ms = b / rate * 1e3, b / in_process[b] * 1e3
         added_ms = iteration_ms - in_process_ms
         cells = (f"{b}", f"{in_process[b]:.1f}", f"{rate:.1f}", f"{ratio:.2f}",
                  f"{in_process_ms:.2f}", f"{iteration_ms:.2f}", f"{added_ms:.2f}",
-                 f"{cpu_us:.0f}", f"{other_us:.0f}")  # fmt: skip
+                 f"{cpu_us:.0f}", f"{idle_us:.0f}", f"{other_us:.0f}")  # fmt: skip
         print("  ".join(f"{c:>{max(len(h), 5)}}" for c, h in zip(cells, header, strict=True)))
         summaries.append(
             f"summary: batch={b} ratio={ratio:.2f} overhead_ms_per_iteration={added_ms:.2f}"
