@@ -8,13 +8,17 @@ Same model, same batch sizes, same torch threads, side by side in one run:
 Decode rate = the tokens decoded while the whole batch decodes (from the last request's first
 token to the first request's last token) / that time, so prefill, queueing and requests joining
 or leaving are left out of both sides alike. Per batch size it reports the wall time
-the system adds to each iteration (its time per iteration less the in-process one) and the CPU
+the system adds to each iteration (its time per iteration less the in-process one; "of it
+beyond the step" is the part the executor's compute does not explain: the scheduler's mean
+iteration time less the executor's mean step time, from their metrics) and the CPU
 time the processes other than the executor (scheduler, admission, the other services,
 nats-server, and this client) spend per generated token, from ``/proc`` and ``getrusage``;
 "of it idle" is what the token path's services spend in as long a time with no request
 (timers, heartbeats: a cost per second, not per token), watched just before each run.
 ``--torch-threads 1`` leaves one of two cores to the services, so the ratio shows the system's
-own overhead rather than the services competing with torch for the cores.
+own overhead rather than the services competing with torch for the cores. Each repeat runs the
+in-process side right before the system side of the same batch size; the ratio and the added
+time are the medians of those pairs (the tok/s and ms columns the medians of each side).
 
     python -m bench.decode_throughput [--size small] [--batch-sizes 1,8,32] [--tokens 64] \\
         [--torch-threads 1]
@@ -32,10 +36,12 @@ import resource
 import statistics
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.bus import connect
 from shared.client import SpotserveClient
@@ -81,6 +87,8 @@ class SystemRun:
     service_cpu_s: float  # CPU seconds of the token path's processes but the executor's
     other_cpu_s: float  # CPU seconds of the other services
     idle_cpu_s: float  # of service_cpu_s, what those processes spend idle in as long a time
+    # Mean iteration wall time on the scheduler's side less the executor's mean step time.
+    added_by_system_s: float
 
 
 def process_cpu_s(pid: int) -> float:
@@ -135,6 +143,48 @@ def full_batch_rate(chunk_times: list[list[float]]) -> float:
     return decoded / (end - start)
 
 
+@dataclass(frozen=True)
+class StepTimes:
+    """Sums and counts of the scheduler's iteration histogram (the wall time an iteration
+    adds to its executor's time line) and of the executor's step histogram (its compute)."""
+
+    iteration_sum_s: float
+    iterations: float
+    step_sum_s: float
+    steps: float
+
+    @classmethod
+    def scrape(cls, scheduler_url: str, executor_url: str) -> StepTimes:
+        values: dict[str, float] = {}
+        for url in (scheduler_url, executor_url):
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    values[sample.name] = sample.value
+        return cls(
+            values["spotserve_scheduler_iteration_seconds_sum"],
+            values["spotserve_scheduler_iteration_seconds_count"],
+            values["spotserve_executor_step_seconds_sum"],
+            values["spotserve_executor_step_seconds_count"],
+        )
+
+    def added_since(self, before: StepTimes) -> float:
+        """Mean seconds an iteration took on the scheduler's side beyond the executor's step."""
+        iterations = max(1.0, self.iterations - before.iterations)
+        steps = max(1.0, self.steps - before.steps)
+        wall = (self.iteration_sum_s - before.iteration_sum_s) / iterations
+        return wall - (self.step_sum_s - before.step_sum_s) / steps
+
+
+def metrics_urls(cluster: LocalCluster) -> tuple[str, str]:
+    urls = asyncio.run(cluster.urls()).metrics
+    # Keyed by the service name without its "spotserve-" prefix.
+    scheduler = SERVICE_SCHEDULER.removeprefix("spotserve-")
+    executor = SERVICE_EXECUTOR.removeprefix("spotserve-")
+    return urls[scheduler][0], urls[executor][0]
+
+
 def idle_cpu_rate(pids: list[int]) -> float:
     """CPU seconds per second the processes spend with no request (timers, heartbeats)."""
     before, started = sum(process_cpu_s(pid) for pid in pids), time.monotonic()
@@ -142,9 +192,12 @@ def idle_cpu_rate(pids: list[int]) -> float:
     return (sum(process_cpu_s(pid) for pid in pids) - before) / (time.monotonic() - started)
 
 
-def system_run(cluster: LocalCluster, batch_size: int, tokens: int) -> SystemRun:
+def system_run(
+    cluster: LocalCluster, urls: tuple[str, str], batch_size: int, tokens: int
+) -> SystemRun:
     path, others = service_pids(cluster)
     idle_rate = idle_cpu_rate(path)
+    times_before = StepTimes.scrape(*urls)
     before = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
     before_others = sum(process_cpu_s(pid) for pid in others)
     started = time.monotonic()
@@ -152,7 +205,10 @@ def system_run(cluster: LocalCluster, batch_size: int, tokens: int) -> SystemRun
     idle_cpu_s = idle_rate * (time.monotonic() - started)
     after = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
     after_others = sum(process_cpu_s(pid) for pid in others)
-    return SystemRun(rate, generated, after - before, after_others - before_others, idle_cpu_s)
+    added_s = StepTimes.scrape(*urls).added_since(times_before)
+    return SystemRun(
+        rate, generated, after - before, after_others - before_others, idle_cpu_s, added_s
+    )
 
 
 def main() -> None:
@@ -172,13 +228,10 @@ def main() -> None:
     threads = args.torch_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 
-    in_process = {
-        b: statistics.median(
-            in_process_rate(model_dir, b, args.tokens, prompt_ids) for _ in range(args.repeats)
-        )
-        for b in batch_sizes
-    }
-    system: dict[int, list[SystemRun]] = {}
+    # Each system run right after its in-process run: a machine whose speed drifts (shared,
+    # noisy) moves both sides of a ratio alike.
+    in_process: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    system: dict[int, list[SystemRun]] = {b: [] for b in batch_sizes}
     with tempfile.TemporaryDirectory(prefix="spotserve-bench-") as state:
         env = {
             "SPOTSERVE_SCHEDULER__MAX_BATCH_SIZE": str(max(batch_sizes)),
@@ -186,30 +239,41 @@ def main() -> None:
             "SPOTSERVE_EXECUTOR__TORCH_THREADS": str(threads),
         }
         with LocalCluster(Path(state), instances=1, model_dir=model_dir, env=env) as cluster:
-            system_run(cluster, 1, 8)  # warm-up
-            for b in batch_sizes:
-                system[b] = [system_run(cluster, b, args.tokens) for _ in range(args.repeats)]
+            urls = metrics_urls(cluster)
+            system_run(cluster, urls, 1, 8)  # warm-up
+            for _ in range(args.repeats):
+                for b in batch_sizes:
+                    in_process[b].append(in_process_rate(model_dir, b, args.tokens, prompt_ids))
+                    system[b].append(system_run(cluster, urls, b, args.tokens))
     print(
         f"model {model_dir} | {args.tokens} tokens/request | torch threads {threads} (in-process"
         f" and executor) | median of {args.repeats} | {os.cpu_count()} cores"
     )
     header = ("batch", "in-process tok/s", "system tok/s", "ratio", "ms/iter in-proc",
-              "ms/iter system", "added ms/iter", "service CPU us/token", "of it idle",
+              "ms/iter system", "added ms/iter", "of it beyond the step", "service CPU us/token",
+              "of it idle",
               "other services us/token")  # fmt: skip
     print("  ".join(f"{h:>{max(len(h), 5)}}" for h in header))
     summaries = []
     for b in batch_sizes:
         runs = system[b]
-        rate = statistics.median(run.rate for run in runs)
+        ratio = statistics.median(
+            run.rate / alone for run, alone in zip(runs, in_process[b], strict=True)
+        )
+        rate, alone = statistics.median(run.rate for run in runs), statistics.median(in_process[b])
         cpu_us = statistics.median(run.service_cpu_s / run.tokens for run in runs) * 1e6
         other_us = statistics.median(run.other_cpu_s / run.tokens for run in runs) * 1e6
         idle_us = statistics.median(run.idle_cpu_s / run.tokens for run in runs) * 1e6
-        ratio = rate / in_process[b]
-        iteration_ms, in_process_ms = b / rate * 1e3, b / in_process[b] * 1e3
-        added_ms = iteration_ms - in_process_ms
-        cells = (f"{b}", f"{in_process[b]:.1f}", f"{rate:.1f}", f"{ratio:.2f}",
+        beyond_ms = statistics.median(run.added_by_system_s for run in runs) * 1e3
+        iteration_ms, in_process_ms = b / rate * 1e3, b / alone * 1e3
+        added_ms = statistics.median(
+            b / run.rate * 1e3 - b / alone_rate * 1e3
+            for run, alone_rate in zip(runs, in_process[b], strict=True)
+        )
+        cells = (f"{b}", f"{alone:.1f}", f"{rate:.1f}", f"{ratio:.2f}",
                  f"{in_process_ms:.2f}", f"{iteration_ms:.2f}", f"{added_ms:.2f}",
-                 f"{cpu_us:.0f}", f"{idle_us:.0f}", f"{other_us:.0f}")  # fmt: skip
+                 f"{beyond_ms:.2f}", f"{cpu_us:.0f}", f"{idle_us:.0f}",
+                 f"{other_us:.0f}")  # fmt: skip
         print("  ".join(f"{c:>{max(len(h), 5)}}" for c, h in zip(cells, header, strict=True)))
         summaries.append(
             f"summary: batch={b} ratio={ratio:.2f} overhead_ms_per_iteration={added_ms:.2f}"
