@@ -2,10 +2,14 @@
 
 Side by side in one run, on one nats-server (JetStream on disk) started for it, for batches of
 1, 8 and 32 chunks of the size of a token chunk:
-- ``publish_async``: what the scheduler does (services/scheduler/tokens.py): one publish per
-  chunk with its own ``Nats-Msg-Id``, then one wait for all their acks;
+- ``publish_async``: one JetStream publish per chunk with its own ``Nats-Msg-Id``, then one
+  wait for all their acks (what the scheduler does);
 - ``atomic batch``: JetStream's atomic batch publish (ADR-50, nats-server 2.12+): core
-  publishes with ``Nats-Batch-Id``/``Nats-Batch-Sequence`` and one request for the commit's ack.
+  publishes with ``Nats-Batch-Id``/``Nats-Batch-Sequence`` and one request for the commit's ack;
+- ``fast batch``: JetStream's fast ingest (nats-server 2.14+): each chunk stored as it
+  arrives, one ack for the batch's last chunk (``FastBatchPublisher`` below).
+
+The scheduler (services/scheduler/tokens.py) commits the ``publish_async`` way.
 
 It prints per chunk the CPU of this (the publishing) process and of nats-server, and the wall
 time per iteration's commit.
@@ -23,8 +27,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import StreamConfig
 
 from bench.decode_throughput import process_cpu_s
@@ -41,6 +48,89 @@ TIMEOUT_S = 10.0
 def own_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+# Messages between two flow acks the server sends during a fast batch (it may send more).
+FAST_BATCH_FLOW = 1000
+
+
+class BatchRefusedError(RuntimeError):
+    """JetStream answered a batch with an error: the batch ended there."""
+
+
+class FastBatchPublisher:
+    """Stores lists of messages in a stream that allows batched publishes (JetStream's fast
+    ingest, nats-server 2.14+): core publishes whose reply subjects carry the batch protocol
+    (``<inbox>.<flow>.<gap>.<sequence>.<operation>.$FI``), and one ack, for the batch's last
+    message, instead of one per message. Each message is stored as it arrives, not atomically;
+    a batch whose messages did not all arrive ends in an error (gaps fail the batch): a retry
+    would send the same messages as a new batch, and their ``Nats-Msg-Id`` drops those the
+    failed try stored."""
+
+    START, ADD, COMMIT = 0, 1, 2
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.inbox = nc.new_inbox()
+        self.batches = 0
+        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.subscription: Subscription | None = None
+
+    async def publish(self, messages: list[tuple[str, bytes, str]], timeout_s: float) -> None:
+        """Store ``messages`` (subject, body, Nats-Msg-Id); returns once JetStream has acked
+        the last of them."""
+        if self.subscription is None:
+            self.subscription = await self.nc.subscribe(f"{self.inbox}.>", cb=self._on_ack)
+        self.batches += 1
+        batch = f"{self.batches}"
+        acked = asyncio.get_running_loop().create_future()
+        self.waiting[batch] = acked
+        try:
+            for number, (subject, body, message_id) in enumerate(messages, start=1):
+                operation = self._operation(number, len(messages))
+                reply = f"{self.inbox}.{batch}.{FAST_BATCH_FLOW}.fail.{number}.{operation}.$FI"
+                await self.nc.publish(
+                    subject, body, reply=reply, headers={"Nats-Msg-Id": message_id}
+                )
+            answer = await asyncio.wait_for(acked, timeout_s)
+        finally:
+            self.waiting.pop(batch, None)
+        if answer.get("count") != len(messages):
+            raise BatchRefusedError(f"a batch of {len(messages)} messages was acked as {answer}")
+
+    def _operation(self, number: int, count: int) -> int:
+        if number == count:
+            return self.COMMIT
+        return self.START if number == 1 else self.ADD
+
+    async def _on_ack(self, message: Msg) -> None:
+        batch = message.subject[len(self.inbox) + 1 :].split(".", 1)[0]
+        acked = self.waiting.get(batch)
+        if acked is None or acked.done():
+            return  # a batch given up on, or a flow ack
+        status = (message.headers or {}).get("Status")
+        if status is not None:
+            # No stream takes the subject (503), or another status instead of an ack.
+            acked.set_exception(BatchRefusedError(f"batch answered with status {status}"))
+            return
+        try:
+            answer = json.loads(message.data)
+        except ValueError:
+            acked.set_exception(BatchRefusedError(f"unreadable batch ack {message.data[:200]!r}"))
+            return
+        error = answer.get("error")
+        if answer.get("type") == "gap":
+            # A message of the batch never arrived: JetStream ends the batch before it.
+            acked.set_exception(BatchRefusedError(f"a batch lost messages on the way: {answer}"))
+        elif error is not None:
+            acked.set_exception(
+                BatchRefusedError(
+                    f"JetStream refused a batch: {error.get('description')}"
+                    f" (error {error.get('err_code')})"
+                )
+            )
+        elif "batch" in answer:
+            acked.set_result(answer)
 
 
 async def commit_publish_async(nc: Client, messages: list[tuple[str, bytes, str]]) -> None:
@@ -70,20 +160,32 @@ async def commit_atomic_batch(nc: Client, messages: list[tuple[str, bytes, str]]
             raise RuntimeError(f"atomic batch refused: {answer['error']}")
 
 
-STRATEGIES = {"publish_async": commit_publish_async, "atomic batch": commit_atomic_batch}
-
-
 async def measure(server: EmbeddedNatsServer, chunks_total: int) -> list[str]:
     nc = await connect(server.url, NatsSettings(), name="bench-commit", deadline_s=10)
     await nc.jetstream().add_stream(
-        StreamConfig(name="BENCH_COMMIT", subjects=["bench.commit.*"], allow_atomic=True)
+        StreamConfig(
+            name="BENCH_COMMIT",
+            subjects=["bench.commit.*"],
+            allow_atomic=True,
+            allow_batched=True,
+        )
     )
+    fast = FastBatchPublisher(nc)
+
+    async def commit_fast_batch(nc: Client, messages: list[tuple[str, bytes, str]]) -> None:
+        await fast.publish(messages, TIMEOUT_S)
+
+    strategies = {
+        "publish_async": commit_publish_async,
+        "atomic batch": commit_atomic_batch,
+        "fast batch": commit_fast_batch,
+    }
     assert server.process is not None
     pid, body, lines = server.process.pid, b"x" * CHUNK_BYTES, []
     try:
         for batch in BATCH_SIZES:
             iterations = max(1, chunks_total // batch)
-            for name, commit in STRATEGIES.items():
+            for name, commit in strategies.items():
                 server_before, own_before = process_cpu_s(pid), own_cpu_s()
                 started = time.perf_counter()
                 for iteration in range(iterations):
