@@ -14,7 +14,8 @@ iteration time less the executor's mean step time, from their metrics) and the C
 time the processes other than the executor (scheduler, admission, the other services,
 nats-server, and this client) spend per generated token, from ``/proc`` and ``getrusage``;
 "of it idle" is what the token path's services spend in as long a time with no request
-(timers, heartbeats: a cost per second, not per token), watched just before each run.
+(timers, heartbeats: a cost per second, not per token), watched just before each run; a line
+per batch size splits the service CPU by process.
 ``--torch-threads 1`` leaves one of two cores to the services, so the ratio shows the system's
 own overhead rather than the services competing with torch for the cores. Each repeat runs the
 in-process side right before the system side of the same batch size; the ratio and the added
@@ -89,6 +90,7 @@ class SystemRun:
     idle_cpu_s: float  # of service_cpu_s, what those processes spend idle in as long a time
     # Mean iteration wall time on the scheduler's side less the executor's mean step time.
     added_by_system_s: float
+    per_process: dict[str, float]  # service_cpu_s by process
 
 
 def process_cpu_s(pid: int) -> float:
@@ -102,17 +104,25 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def service_pids(cluster: LocalCluster) -> tuple[list[int], list[int]]:
-    """The token path's processes but the executors (scheduler, admission, nats-server), and
-    the other services'."""
-    path, others = [], []
+def service_pids(cluster: LocalCluster) -> tuple[dict[str, int], list[int]]:
+    """The token path's processes but the executors (scheduler, admission, nats-server) by
+    name, and the other services'."""
+    path, others = {}, []
     for service in cluster.services:
         if service.name == SERVICE_EXECUTOR or service.process is None:
             continue
-        (path if service.name in TOKEN_PATH_SERVICES else others).append(service.process.pid)
+        if service.name in TOKEN_PATH_SERVICES:
+            path[service.name.removeprefix("spotserve-")] = service.process.pid
+        else:
+            others.append(service.process.pid)
     if cluster.nats is not None and cluster.nats.process is not None:
-        path.append(cluster.nats.process.pid)
+        path["nats-server"] = cluster.nats.process.pid
     return path, others
+
+
+def path_cpu_s(path: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each token-path process, this client included."""
+    return {name: process_cpu_s(pid) for name, pid in path.items()} | {"client": own_cpu_s()}
 
 
 async def generate_batch(nats_url: str, batch_size: int, tokens: int) -> tuple[float, int]:
@@ -196,18 +206,25 @@ def system_run(
     cluster: LocalCluster, urls: tuple[str, str], batch_size: int, tokens: int
 ) -> SystemRun:
     path, others = service_pids(cluster)
-    idle_rate = idle_cpu_rate(path)
+    idle_rate = idle_cpu_rate(list(path.values()))
     times_before = StepTimes.scrape(*urls)
-    before = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
+    before = path_cpu_s(path)
     before_others = sum(process_cpu_s(pid) for pid in others)
     started = time.monotonic()
     rate, generated = asyncio.run(generate_batch(cluster.nats_url, batch_size, tokens))
     idle_cpu_s = idle_rate * (time.monotonic() - started)
-    after = sum(process_cpu_s(pid) for pid in path) + own_cpu_s()
+    after = path_cpu_s(path)
     after_others = sum(process_cpu_s(pid) for pid in others)
     added_s = StepTimes.scrape(*urls).added_since(times_before)
+    per_process = {name: after[name] - before[name] for name in after}
     return SystemRun(
-        rate, generated, after - before, after_others - before_others, idle_cpu_s, added_s
+        rate,
+        generated,
+        sum(per_process.values()),
+        after_others - before_others,
+        idle_cpu_s,
+        added_s,
+        per_process,
     )
 
 
@@ -279,6 +296,14 @@ def main() -> None:
             f"summary: batch={b} ratio={ratio:.2f} overhead_ms_per_iteration={added_ms:.2f}"
             f" service_cpu_us_per_token={cpu_us:.0f}"
         )
+    print()
+    for b in batch_sizes:
+        runs = system[b]
+        split = ", ".join(
+            f"{name} {statistics.median(r.per_process[name] / r.tokens for r in runs) * 1e6:.0f}"
+            for name in runs[0].per_process
+        )
+        print(f"batch {b}: service CPU us/token by process: {split}")
     print()
     for line in summaries:
         print(line)
