@@ -152,8 +152,9 @@ class Cancellations:
             await self._end(sequence, None)
 
     async def apply(self, handle: ExecutorHandle) -> None:
-        """Between two iterations of ``handle``: end the cancelled requests it holds (and any
-        no executor holds)."""
+        """At an iteration boundary of ``handle`` (a step may be in flight: what it computes
+        for them is thrown away): end the cancelled requests it holds (and any no executor
+        holds)."""
         if not self.flagged:
             return  # the per-iteration path
         here = handle.view.instance_id

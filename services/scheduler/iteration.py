@@ -53,8 +53,10 @@ class IterationLoop:
     finds it waiting when it replies, so the round trip and the scheduler's own work (planning,
     applying tokens, committing) overlap its compute. A sequence in both feeds the token the
     executor samples in the first (``StepSequence.continues``). Everything that changes an
-    executor's caches outside a step (a restart, a planned move, a cancel, a KV swap) waits
-    for the step in flight to be applied first, so it still happens at an iteration boundary.
+    executor's caches outside a step (a restart, a planned move, a KV swap) waits for the step
+    in flight to be applied first, so it still happens at an iteration boundary. A cancel does
+    not wait: its request ends at once (the token the step in flight computes for it is thrown
+    away) and its release goes to the executor with the next step.
     """
 
     context: ServiceContext
@@ -79,6 +81,10 @@ class IterationLoop:
                     continue
                 if running is None:
                     await self._between_steps(handle)
+                else:
+                    # A cancelled request in the step in flight ends now: that step's token
+                    # for it is thrown away, its release goes out with the next step.
+                    await self.cancellations.apply(handle)
                 batch = await self._refuse_too_long(handle, self.policy.schedule(handle.view))
                 if running is not None:
                     batch = [s for s in batch if s.pending == 0 or s.can_continue]
@@ -105,7 +111,7 @@ class IterationLoop:
     def _needs_quiet(self, handle: ExecutorHandle) -> bool:
         """Something must change the executor's caches outside a step: apply the step in
         flight first."""
-        return handle.restart or bool(handle.moves) or bool(self.cancellations.flagged)
+        return handle.restart or bool(handle.moves)
 
     async def _between_steps(self, handle: ExecutorHandle) -> None:
         """What reconfiguration and clients asked of the executor, with no step in flight."""
