@@ -14,7 +14,7 @@ The scheduler (services/scheduler/tokens.py) commits the ``publish_async`` way.
 It prints per chunk the CPU of this (the publishing) process and of nats-server, and the wall
 time per iteration's commit.
 
-    python -m bench.commit [--iterations-of-32 100]
+    python -m bench.commit [--chunks 3000]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import tempfile
 import time
 import uuid
@@ -34,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import StreamConfig
 
-from bench.decode_throughput import process_cpu_s
+from bench.decode_throughput import own_cpu_s, process_cpu_s
 from shared.bus import connect
 from shared.config import NatsSettings
 from shared.natsserver import EmbeddedNatsServer
@@ -43,11 +42,6 @@ from shared.natsserver import EmbeddedNatsServer
 CHUNK_BYTES = 90
 BATCH_SIZES = (1, 8, 32)
 TIMEOUT_S = 10.0
-
-
-def own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 # Messages between two flow acks the server sends during a fast batch (it may send more).

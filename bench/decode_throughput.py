@@ -37,17 +37,16 @@ import resource
 import statistics
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.bus import connect
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
 from shared.config import NatsSettings
+from shared.metrics import read_samples
 from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.engine import Engine, SequenceStep
 from shared.model.tokenizer import TextTokenizer
@@ -165,13 +164,7 @@ class StepTimes:
 
     @classmethod
     def scrape(cls, scheduler_url: str, executor_url: str) -> StepTimes:
-        values: dict[str, float] = {}
-        for url in (scheduler_url, executor_url):
-            with urllib.request.urlopen(url, timeout=10) as response:
-                text = response.read().decode()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    values[sample.name] = sample.value
+        values = read_samples(scheduler_url) | read_samples(executor_url)
         return cls(
             values["spotserve_scheduler_iteration_seconds_sum"],
             values["spotserve_scheduler_iteration_seconds_count"],

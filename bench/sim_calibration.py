@@ -63,7 +63,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -76,7 +75,6 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from loadgen.replay import PROMPT_TOKEN_RANGE, Replayer, ReplayOptions, stderr_progress
@@ -93,6 +91,7 @@ from shared.codec import decode
 from shared.config import LogSettings, Settings
 from shared.logging import configure_logging
 from shared.messages import ArrivalRate, FleetEvent, Plan
+from shared.metrics import read_samples
 from shared.model.profile import ParallelProfile, measure_parallel_profile, save_parallel_profile
 from shared.model.tokenizer import TextTokenizer
 from shared.security import init_credentials
@@ -415,18 +414,7 @@ async def _scheduler_metrics_url(cluster: LocalCluster) -> str:
 
 async def _scheduler_metrics(url: str) -> dict[str, float]:
     """The scheduler's Prometheus samples (name{labels} -> value)."""
-    text = await asyncio.to_thread(_get, url)
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
+    return await asyncio.to_thread(read_samples, url)
 
 
 async def _read_stream(nc: Client, stream: str, model: type[ModelT]) -> list[ModelT]:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import itertools
 import socket
+import urllib.request
 from collections.abc import Iterable
 from typing import TypeVar
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import MetricsSettings
 
@@ -73,3 +75,16 @@ def start_metrics_server(settings: MetricsSettings, service: str) -> str | None:
     url = f"http://{url_host(settings.host)}:{server.server_port}/metrics"
     log.info("metrics.serving", url=url)
     return url
+
+
+def read_samples(url: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """A metrics page's samples, ``name{label="value",...}`` (or ``name`` without labels) ->
+    value (blocking: call it from a thread in async code)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
