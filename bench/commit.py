@@ -7,9 +7,11 @@ Side by side in one run, on one nats-server (JetStream on disk) started for it, 
 - ``atomic batch``: JetStream's atomic batch publish (ADR-50, nats-server 2.12+): core
   publishes with ``Nats-Batch-Id``/``Nats-Batch-Sequence`` and one request for the commit's ack;
 - ``fast batch``: JetStream's fast ingest (nats-server 2.14+): each chunk stored as it
-  arrives, one ack for the batch's last chunk (``FastBatchPublisher`` below).
-
-The scheduler (services/scheduler/tokens.py) commits the ``publish_async`` way.
+  arrives, one ack for the batch's last chunk (``FastBatchPublisher`` below);
+- ``iteration record``: one message holding every chunk of the iteration, plus the runs on
+  the requests' own subjects that are due (``services.scheduler.tokens.run_due``, requests of
+  RUN_CHUNKS tokens: a run at their first and last chunk), all with ``publish_async`` and one
+  wait for the acks (what the scheduler does).
 
 It prints per chunk the CPU of this (the publishing) process and of nats-server, and the wall
 time per iteration's commit.
@@ -34,8 +36,11 @@ from nats.aio.subscription import Subscription
 from nats.js.api import StreamConfig
 
 from bench.decode_throughput import own_cpu_s, process_cpu_s
+from services.scheduler.tokens import RUN_CHUNKS, run_due
 from shared.bus import connect
+from shared.codec import encode
 from shared.config import NatsSettings
+from shared.messages import ChunkRecord, TokenChunk
 from shared.natsserver import EmbeddedNatsServer
 
 # A token chunk as the scheduler commits it, in msgpack: about this many bytes.
@@ -154,12 +159,36 @@ async def commit_atomic_batch(nc: Client, messages: list[tuple[str, bytes, str]]
             raise RuntimeError(f"atomic batch refused: {answer['error']}")
 
 
+def iteration_records(
+    iteration: int, messages: list[tuple[str, bytes, str]]
+) -> list[tuple[str, bytes, str]]:
+    """The messages the scheduler commits for ``messages`` as one iteration: one record of all
+    of them, and a run for each whose request (of RUN_CHUNKS chunks, all in step) is due one."""
+    index = iteration % RUN_CHUNKS
+    bodies = [body for _, body, _ in messages]
+    records = [("bench.iterations", encode(ChunkRecord(chunks=bodies)), f"i{iteration}")]
+    for subject, body, message_id in messages:
+        last = index == RUN_CHUNKS - 1
+        chunk = TokenChunk(
+            request_id=subject,
+            index=index,
+            token_ids=[],
+            text="",
+            finish_reason="length" if last else None,
+        )
+        unrun = RUN_CHUNKS - 1 if last else index + 1
+        if run_due(chunk, unrun):
+            run = encode(ChunkRecord(chunks=[body] * unrun))
+            records.append((subject, run, f"{message_id}.run"))
+    return records
+
+
 async def measure(server: EmbeddedNatsServer, chunks_total: int) -> list[str]:
     nc = await connect(server.url, NatsSettings(), name="bench-commit", deadline_s=10)
     await nc.jetstream().add_stream(
         StreamConfig(
             name="BENCH_COMMIT",
-            subjects=["bench.commit.*"],
+            subjects=["bench.commit.*", "bench.iterations"],
             allow_atomic=True,
             allow_batched=True,
         )
@@ -173,6 +202,7 @@ async def measure(server: EmbeddedNatsServer, chunks_total: int) -> list[str]:
         "publish_async": commit_publish_async,
         "atomic batch": commit_atomic_batch,
         "fast batch": commit_fast_batch,
+        "iteration record": commit_publish_async,
     }
     assert server.process is not None
     pid, body, lines = server.process.pid, b"x" * CHUNK_BYTES, []
@@ -183,17 +213,17 @@ async def measure(server: EmbeddedNatsServer, chunks_total: int) -> list[str]:
                 server_before, own_before = process_cpu_s(pid), own_cpu_s()
                 started = time.perf_counter()
                 for iteration in range(iterations):
-                    await commit(
-                        nc,
-                        [
-                            (f"bench.commit.r{j}", body, f"{name}.{batch}.{iteration}.{j}")
-                            for j in range(batch)
-                        ],
-                    )
+                    messages = [
+                        (f"bench.commit.r{j}", body, f"{name}.{batch}.{iteration}.{j}")
+                        for j in range(batch)
+                    ]
+                    if name == "iteration record":
+                        messages = iteration_records(iteration, messages)
+                    await commit(nc, messages)
                 wall = time.perf_counter() - started
                 chunks = iterations * batch
                 lines.append(
-                    f"{batch:>5}  {name:>13}  {(own_cpu_s() - own_before) / chunks * 1e6:>19.1f}"
+                    f"{batch:>5}  {name:>16}  {(own_cpu_s() - own_before) / chunks * 1e6:>19.1f}"
                     f"  {(process_cpu_s(pid) - server_before) / chunks * 1e6:>19.1f}"
                     f"  {wall / iterations * 1e3:>16.2f}"
                 )
@@ -210,7 +240,7 @@ def main() -> None:
         with EmbeddedNatsServer(Path(store)) as server:
             lines = asyncio.run(measure(server, args.chunks))
     print(f"{args.chunks} chunks of {CHUNK_BYTES} bytes per cell, one nats-server, file store")
-    print("batch       strategy  publisher CPU us/chunk  server CPU us/chunk  wall ms/commit")
+    print("batch          strategy  publisher CPU us/chunk  server CPU us/chunk  wall ms/commit")
     for line in lines:
         print(line)
 

@@ -43,10 +43,11 @@ from shared.client import GenerateError, SpotserveClient
 from shared.cluster import LocalCluster
 from shared.codec import decode
 from shared.config import NatsSettings
-from shared.messages import TokenChunk
+from shared.messages import ChunkRecord, TokenChunk
 from shared.natsserver import NatsCluster
 from shared.subjects import (
     ADMIN_BUCKET,
+    COMMITS_SUBJECT,
     FLEET_STREAM,
     INSTANCES_BUCKET,
     LOAD_BUCKET,
@@ -58,7 +59,6 @@ from shared.subjects import (
     TOKENS_STREAM,
     ensure_streams,
     fleet_event_subject,
-    tokens_subject,
     transfer_inbox_subject,
 )
 
@@ -316,32 +316,32 @@ class Committed:
         return len(self.indices) - len(set(self.indices))
 
 
-async def read_committed(
-    js: JetStreamContext, request_id: str, timeout_s: float = 60.0
-) -> Committed:
-    """Every message of a request's TOKENS subject, duplicates included, in stream order.
+async def read_commits(js: JetStreamContext, timeout_s: float = 60.0) -> dict[str, Committed]:
+    """Every request's chunks in the iteration records, duplicates included, in stream order.
 
-    Read with direct gets (next message on the subject after a sequence) from the stream's
+    Read with direct gets (next record on the subject after a sequence) from the stream's
     leader: no consumer is created, so no meta leader is needed; a get refused while the
     stream elects a leader is tried again until ``timeout_s``."""
-    subject = tokens_subject(request_id)
     deadline = time.monotonic() + timeout_s
-    committed = Committed([], [], [])
+    by_request: dict[str, Committed] = {}
     seq = 1
     while True:
         try:
-            message = await js.get_msg(TOKENS_STREAM, seq=seq, subject=subject, next=True)
+            message = await js.get_msg(TOKENS_STREAM, seq=seq, subject=COMMITS_SUBJECT, next=True)
         except NotFoundError:
-            return committed  # nothing more on the subject
+            return by_request  # nothing more on the subject
         except (NatsError, JetStreamError, TimeoutError):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
             continue
-        chunk = TokenChunk.model_validate(decode(message.data or b""))
-        committed.indices.append(chunk.index)
-        committed.tokens.extend(chunk.token_ids)
-        committed.stored_at.append(message.time.timestamp() if message.time else 0.0)
+        stored_at = message.time.timestamp() if message.time else 0.0
+        for body in ChunkRecord.model_validate(decode(message.data or b"")).chunks:
+            chunk = TokenChunk.model_validate(decode(body))
+            committed = by_request.setdefault(chunk.request_id, Committed([], [], []))
+            committed.indices.append(chunk.index)
+            committed.tokens.extend(chunk.token_ids)
+            committed.stored_at.append(stored_at)
         seq = (message.seq or seq) + 1
 
 
@@ -467,7 +467,8 @@ async def account(
     commits_after: list[float] = []
     ends: list[float] = []
     problems = []
-    for run, want in zip(runs, expected, strict=True):
+    outputs: list[list[int] | None] = []
+    for run in runs:
         caught_up += run.caught_up
         tokens: list[int] | None = run.tokens if run.finished else None
         if run.finished_at is not None:
@@ -482,7 +483,10 @@ async def account(
             if result is not None:
                 tokens = result.token_ids
                 ends.append(time.monotonic())
-        committed = await read_committed(js, run.request_id)
+        outputs.append(tokens)
+    commits = await read_commits(js)
+    for run, want, tokens in zip(runs, expected, outputs, strict=True):
+        committed = commits.get(run.request_id, Committed([], [], []))
         duplicates += committed.duplicates
         commits_after += [t - killed_wall for t in committed.stored_at if t > killed_wall]
         if tokens is None:

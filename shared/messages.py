@@ -105,7 +105,7 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class TokenChunk(InternalModel):
-    """One piece of a token stream; also the record committed to the TOKENS stream.
+    """One piece of a token stream; also what the TOKENS stream's records hold.
 
     ``index`` counts chunks from 0 so a client can see a gap. ``token_ids`` are the new tokens;
     the EOS that ends a "stop" is left out, as it is from ``text``.
@@ -117,6 +117,14 @@ class TokenChunk(InternalModel):
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+class ChunkRecord(InternalModel):
+    """A record of the TOKENS stream: committed chunks, each a TokenChunk in msgpack as it was
+    forwarded. On ``commits``: one iteration's chunks, one per request. On a request's own
+    subject: a run of its chunks, in index order."""
+
+    chunks: list[bytes]
 
 
 class GenerateResult(InternalModel):

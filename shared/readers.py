@@ -3,7 +3,8 @@ request's committed tokens and its cancel marker."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 
 from shared.codec import DecodeError, decode
 from shared.messages import (
+    ChunkRecord,
     ModeReply,
     Plan,
     ServingMode,
@@ -21,6 +23,7 @@ from shared.messages import (
 )
 from shared.runtime import ServiceContext
 from shared.subjects import (
+    COMMITS_SUBJECT,
     MODE_KEY,
     PLANS_STREAM,
     PLANS_SUBJECT,
@@ -86,29 +89,94 @@ async def read_serving_mode(context: ServiceContext) -> ServingMode | None:
         return None
 
 
+@dataclass
+class CommittedChunks:
+    """A request's committed chunks, in index order; ``in_runs``: how many of the first of them
+    the runs on its own subject hold (the others only the iteration records do)."""
+
+    chunks: list[TokenChunk]
+    in_runs: int
+
+
 async def read_committed_chunks(
     js: JetStreamContext, request_id: str, timeout_s: float = CHUNK_READ_TIMEOUT_S
 ) -> list[TokenChunk]:
     """A request's committed chunks (the TOKENS stream), in index order; [] when none."""
+    return (await read_committed(js, request_id, timeout_s)).chunks
+
+
+async def read_committed(
+    js: JetStreamContext, request_id: str, timeout_s: float = CHUNK_READ_TIMEOUT_S
+) -> CommittedChunks:
+    """A request's committed chunks: the runs on its own subject, then, unless the last of
+    them ends it, its chunks in the iteration records committed after that run."""
     subject = tokens_subject(request_id)
     try:
-        last = await js.get_last_msg(TOKENS_STREAM, subject)
+        last_run = await js.get_last_msg(TOKENS_STREAM, subject)
     except NotFoundError:
-        return []
-    count = TokenChunk.model_validate(decode(last.data or b"")).index + 1
-    subscription = await js.subscribe(
-        subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    )
-    chunks: list[TokenChunk] = []
+        return CommittedChunks([], 0)
+    by_index: dict[int, TokenChunk] = {}
+    runs: list[tuple[int, int]] = []  # (stream sequence, last chunk index) of each run
+    async for sequence, record in _records(js, subject, 1, last_run.seq or 0, timeout_s):
+        chunks = [TokenChunk.model_validate(decode(body)) for body in record.chunks]
+        for chunk in chunks:
+            by_index.setdefault(chunk.index, chunk)
+        if chunks:
+            runs.append((sequence, max(chunk.index for chunk in chunks)))
+    in_runs = _prefix_length(by_index)
+    if in_runs == 0 or by_index[in_runs - 1].finish_reason is not None:
+        return CommittedChunks(_prefix(by_index), in_runs)
+    # A later chunk was committed in an iteration after the run that ends the prefix.
+    after = max(sequence for sequence, last in runs if last < in_runs)
     try:
-        while len(chunks) < count:
+        last_commit = await js.get_last_msg(TOKENS_STREAM, COMMITS_SUBJECT)
+    except NotFoundError:
+        return CommittedChunks(_prefix(by_index), in_runs)
+    if (last_commit.seq or 0) > after:
+        records = _records(js, COMMITS_SUBJECT, after + 1, last_commit.seq or 0, timeout_s)
+        async for _, record in records:
+            for body in record.chunks:
+                plain = decode(body)
+                if plain.get("request_id") == request_id:
+                    chunk = TokenChunk.model_validate(plain)
+                    by_index.setdefault(chunk.index, chunk)
+    return CommittedChunks(_prefix(by_index), in_runs)
+
+
+async def _records(
+    js: JetStreamContext, subject: str, first: int, last: int, timeout_s: float
+) -> AsyncIterator[tuple[int, ChunkRecord]]:
+    """The TOKENS records on ``subject`` from stream sequence ``first`` through ``last``,
+    with their sequences."""
+    subscription = await js.subscribe(
+        subject,
+        stream=TOKENS_STREAM,
+        ordered_consumer=True,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, first)
+        ),
+    )
+    try:
+        while True:
             message = await subscription.next_msg(timeout=timeout_s)
-            chunk = TokenChunk.model_validate(decode(message.data))
-            if chunk.index == len(chunks):
-                chunks.append(chunk)
+            sequence = message.metadata.sequence.stream
+            yield sequence, ChunkRecord.model_validate(decode(message.data))
+            if sequence >= last:
+                return
     finally:
         await subscription.unsubscribe()
-    return chunks
+
+
+def _prefix_length(by_index: dict[int, TokenChunk]) -> int:
+    """How many chunks from index 0 on there are without a gap."""
+    length = 0
+    while length in by_index:
+        length += 1
+    return length
+
+
+def _prefix(by_index: dict[int, TokenChunk]) -> list[TokenChunk]:
+    return [by_index[index] for index in range(_prefix_length(by_index))]
 
 
 async def cancel_requested(js: JetStreamContext, request_id: str) -> bool:

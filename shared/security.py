@@ -32,6 +32,7 @@ from shared.subjects import (
     ADMIN_MODE,
     API_PREFIX,
     CANCEL,
+    COMMITS_SUBJECT,
     EXECUTOR_RECONNECTED_SUBJECTS,
     FLEET_ADD,
     FLEET_NOTICE,
@@ -93,7 +94,7 @@ _OWN: dict[str, Permissions] = {
     ),
     "scheduler": Permissions(
         # Commits tokens, drives executors; the token stream itself goes to client inboxes.
-        publish=[f"{TOKENS_SUBJECT_PREFIX}.*", EXECUTOR_SUBJECTS],
+        publish=[f"{TOKENS_SUBJECT_PREFIX}.*", COMMITS_SUBJECT, EXECUTOR_SUBJECTS],
         subscribe=[SCHEDULER_SUBJECTS, EXECUTOR_RECONNECTED_SUBJECTS],
     ),
     "planner": Permissions(

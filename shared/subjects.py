@@ -55,12 +55,17 @@ REQUESTS_STREAM = "SPOTSERVE_REQUESTS"
 REQUESTS_SUBJECT = f"{API_PREFIX}.requests.accepted"
 SCHEDULER_CONSUMER = "scheduler"
 
-# Committed tokens: one subject per request, written before a token reaches the client.
+# Committed tokens, written before a token reaches the client. Each iteration's chunks, of all
+# its requests, in one record on COMMITS_SUBJECT (one message per iteration); each request's
+# chunks also in runs on its own subject (its first chunk, its last, and a run every so many):
+# a reader of one request takes its runs, then the iteration records after the last of them.
 TOKENS_STREAM = "SPOTSERVE_TOKENS"
 TOKENS_SUBJECT_PREFIX = f"{API_PREFIX}.tokens"
+COMMITS_SUBJECT = f"{API_PREFIX}.commits"
 
 
 def tokens_subject(request_id: str) -> str:
+    """A request's runs of committed chunks."""
     return f"{TOKENS_SUBJECT_PREFIX}.{request_id}"
 
 
@@ -236,7 +241,7 @@ def tokens_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         num_replicas=replicas,
         name=TOKENS_STREAM,
-        subjects=[f"{TOKENS_SUBJECT_PREFIX}.*"],
+        subjects=[f"{TOKENS_SUBJECT_PREFIX}.*", COMMITS_SUBJECT],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         # Results stay retrievable for a day; a client that lost its stream can re-read them.

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import torch
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
+from services.scheduler.tokens import RUN_CHUNKS
 from shared.client import SpotserveClient
 from shared.codec import decode, encode
-from shared.messages import GenerateResult, TokenChunk
+from shared.messages import ChunkRecord, GenerateResult, TokenChunk
 from shared.model.tokenizer import TextTokenizer
-from shared.subjects import GENERATE, TOKENS_STREAM, tokens_subject
+from shared.readers import read_committed_chunks
+from shared.subjects import COMMITS_SUBJECT, GENERATE, TOKENS_STREAM, tokens_subject
 
 PROMPTS = (
     "Hi",
@@ -21,6 +24,22 @@ PROMPTS = (
     "One two three four five six seven eight nine ten eleven twelve thirteen fourteen",
     "Serving large language models on cheap preemptible GPUs needs care: " * 4,
 )
+
+
+async def read_records(js: JetStreamContext, subject: str) -> list[list[TokenChunk]]:
+    """Every TOKENS record on ``subject`` so far, as its chunks."""
+    stream_end = (await js.get_last_msg(TOKENS_STREAM, subject)).seq
+    subscription = await js.subscribe(subject, stream=TOKENS_STREAM, ordered_consumer=True)
+    records = []
+    try:
+        while True:
+            message = await subscription.next_msg(timeout=10)
+            bodies = ChunkRecord.model_validate(decode(message.data)).chunks
+            records.append([TokenChunk.model_validate(decode(body)) for body in bodies])
+            if message.metadata.sequence.stream >= stream_end:
+                return records
+    finally:
+        await subscription.unsubscribe()
 
 
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -144,10 +163,26 @@ async def test_stop_string_ends_generation_and_is_left_out(
 
 async def test_tokens_are_committed_to_jetstream(cluster: object, nc: Client) -> None:
     client = SpotserveClient(nc)
-    completion = await client.generate("commit me", max_tokens=6, temperature=0.0, ignore_eos=True)
+    tokens = RUN_CHUNKS + 6
+    completion = await client.generate(
+        "commit me", max_tokens=tokens, temperature=0.0, ignore_eos=True
+    )
     js = nc.jetstream()
-    last = await js.get_last_msg(TOKENS_STREAM, tokens_subject(completion.request_id))
-    chunk = TokenChunk.model_validate(decode(last.data))
-    assert chunk.finish_reason == "length"
-    assert chunk.index == 5
-    assert encode(chunk)  # round-trips through the codec
+    # The request's runs on its own subject: its first chunk, then RUN_CHUNKS at most each.
+    runs = await read_records(js, tokens_subject(completion.request_id))
+    assert [[c.index for c in record] for record in runs] == [
+        [0],
+        list(range(1, RUN_CHUNKS + 1)),
+        list(range(RUN_CHUNKS + 1, tokens)),
+    ]
+    assert runs[-1][-1].finish_reason == "length"
+    # Every chunk is in an iteration record too, once, and no record has two of a request.
+    iterations = await read_records(js, COMMITS_SUBJECT)
+    indices = [
+        [c.index for c in record if c.request_id == completion.request_id] for record in iterations
+    ]
+    assert [index for record in indices for index in record] == list(range(tokens))
+    assert all(len(record) <= 1 for record in indices)
+    committed = await read_committed_chunks(js, completion.request_id)
+    assert [token for chunk in committed for token in chunk.token_ids] == completion.token_ids
+    assert encode(committed[-1])  # round-trips through the codec

@@ -36,7 +36,7 @@ from bench.nats_failover import (
     failover_env,
     lead_stream_on,
     prepare_streams,
-    read_committed,
+    read_commits,
     reference,
     replica_problems,
     run_batch_with_kill,
@@ -146,10 +146,12 @@ def assert_exact(runs: list[Received], expected: list[list[int]]) -> None:
 
 
 async def assert_committed_once(probe: Client, runs: list[Received]) -> None:
-    """The TOKENS stream holds each chunk exactly once, in order, with the client's tokens."""
+    """The TOKENS stream's iteration records hold each chunk exactly once, in order, with the
+    client's tokens."""
     js = probe.jetstream(timeout=10)
+    commits = await read_commits(js)
     for run in runs:
-        committed = await read_committed(js, run.request_id)
+        committed = commits[run.request_id]
         assert committed.indices == list(range(len(committed.indices))), committed.indices
         assert committed.tokens == run.tokens
 

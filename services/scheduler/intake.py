@@ -24,7 +24,7 @@ from services.scheduler.sequence import Sequence
 from shared.codec import DecodeError, decode
 from shared.messages import AcceptedRequest, TokenChunk
 from shared.model.tokenizer import TextTokenizer
-from shared.readers import read_committed_chunks
+from shared.readers import CommittedChunks, read_committed
 from shared.rpc import Internal, RpcError
 from shared.runtime import ServiceContext
 from shared.subjects import (
@@ -143,13 +143,15 @@ class RequestIntake:
             return  # a redelivery of a request we are already running
         redelivered = message.metadata.num_delivered > 1
         metrics.RECEIVED.labels("redelivered" if redelivered else "first").inc()
-        committed = []
+        committed = CommittedChunks([], 0)
         if redelivered:
             committed = await self._read_committed(request.request_id)
-        sequence = Sequence.create(request, message, self.tokenizer, committed)
+        sequence = Sequence.create(
+            request, message, self.tokenizer, committed.chunks, committed.in_runs
+        )
         log = self.log.bind(request_id=request.request_id)
-        if committed:
-            await self._resend_committed(sequence, committed)
+        if committed.chunks:
+            await self._resend_committed(sequence, committed.chunks)
         if sequence.finished:
             log.info("request.already_finished")
             await message.ack()
@@ -172,9 +174,9 @@ class RequestIntake:
         except NatsError as exc:
             self.log.warning("resend.failed", request_id=request.request_id, error=repr(exc))
 
-    async def _read_committed(self, request_id: str) -> list[TokenChunk]:
+    async def _read_committed(self, request_id: str) -> CommittedChunks:
         """The chunks an earlier scheduler committed for this request, in order."""
-        return await read_committed_chunks(
+        return await read_committed(
             self.context.js, request_id, timeout_s=self.settings.step_timeout_s
         )
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 from nats.aio.msg import Msg
 
+from shared.codec import encode
 from shared.messages import (
     AcceptedRequest,
     FinishReason,
@@ -44,6 +45,8 @@ class Sequence:
     forwarded_at: float | None = None
     # The client asked to stop it: it ends at its executor's next iteration boundary.
     cancel_requested: bool = False
+    # Its committed chunks (msgpack) that no run on its own subject holds yet (tokens.py).
+    unrun: list[bytes] = field(default_factory=list)
     # Steps it is in that its executor has not answered yet (0 or 1): the next step is sent
     # while the current one runs, and its token then comes from the executor.
     pending: int = 0
@@ -59,9 +62,12 @@ class Sequence:
         message: Msg,
         tokenizer: TextTokenizer,
         committed: list[TokenChunk],
+        in_runs: int = 0,
     ) -> Sequence:
-        """A new sequence, or one resumed from the chunks an earlier scheduler committed."""
+        """A new sequence, or one resumed from the chunks an earlier scheduler committed (the
+        first ``in_runs`` of them in runs on its own subject: the next run holds the others)."""
         sequence = cls(request, message, IncrementalDetokenizer(tokenizer, request.stop))
+        sequence.unrun = [encode(chunk) for chunk in committed[in_runs:]]
         for chunk in committed:
             sequence.generated.extend(chunk.token_ids)
             # Re-feeding the committed tokens rebuilds the same held-back text state.

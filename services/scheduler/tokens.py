@@ -1,12 +1,18 @@
 """Token commit and forwarding: each iteration's chunks are committed to the TOKENS stream
 (JetStream) before any client sees them, then forwarded to the clients' reply subjects, in
 iteration order. Committing runs overlapped with the executors' next iterations; the bounded
-outbox makes the executor loops wait when it falls behind."""
+outbox makes the executor loops wait when it falls behind.
+
+An iteration is committed as one record of all its chunks (one message, one ack, whatever the
+batch size), plus a run on a request's own subject for the requests whose chunks call for one
+(their first, their last, every RUN_CHUNKS): what a reader of one request needs to find its
+chunks without reading more than the last RUN_CHUNKS iterations (shared.readers)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 
 from nats.errors import Error as NatsError
@@ -17,9 +23,9 @@ from services.scheduler.intake import RequestIntake
 from services.scheduler.replies import send_to_client
 from services.scheduler.sequence import Sequence
 from shared.codec import encode
-from shared.messages import TokenChunk
+from shared.messages import ChunkRecord, TokenChunk
 from shared.runtime import ServiceContext
-from shared.subjects import tokens_subject
+from shared.subjects import COMMITS_SUBJECT, tokens_subject
 from shared.waiting import backoff_delays
 
 # Iterations computed but not yet committed, at most: enough to overlap committing with the
@@ -30,11 +36,24 @@ OUTBOX_ITERATIONS = 4
 # and every token of the batch waits for that commit).
 COMMIT_RETRY_FIRST_S = 0.1
 COMMIT_RETRY_MAX_S = 1.0
+# A request's chunks go to its own subject at least every this many chunks: a reader of it
+# reads at most about this many iterations' records besides its runs.
+RUN_CHUNKS = 64
 
 
 @dataclass
 class IterationOutput:
     chunks: list[tuple[Sequence, TokenChunk]]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One message of a commit: its subject, body and JetStream message id (a retry of the
+    same commit is dropped as a duplicate)."""
+
+    subject: str
+    body: bytes
+    message_id: str
 
 
 class TokenPublisher:
@@ -45,6 +64,9 @@ class TokenPublisher:
         self.log = context.log
         self.intake = intake
         self.outbox: asyncio.Queue[IterationOutput] = asyncio.Queue(maxsize=OUTBOX_ITERATIONS)
+        # Message ids of the iteration records: this publisher's, counted.
+        self.run_id = uuid.uuid4().hex
+        self.commits = 0
 
     async def put(self, output: IterationOutput) -> None:
         """Queue one iteration's chunks (waits while the outbox is full)."""
@@ -62,9 +84,10 @@ class TokenPublisher:
     async def _commit(self, output: IterationOutput) -> list[bytes]:
         """Store the iteration's chunks in JetStream; their msgpack bodies."""
         bodies = [encode(chunk) for _, chunk in output.chunks]
+        records = self._records(output, bodies)
         for delay in backoff_delays(COMMIT_RETRY_FIRST_S, COMMIT_RETRY_MAX_S):
             try:
-                await self._commit_all(output, bodies)
+                await self._commit_all(records)
                 return bodies
             except (TimeoutError, NatsError, JetStreamError) as exc:
                 # Never forward a token that is not durable: wait for JetStream to come back.
@@ -72,17 +95,33 @@ class TokenPublisher:
                 await asyncio.sleep(delay)
         raise AssertionError("backoff_delays never ends")
 
-    async def _commit_all(self, output: IterationOutput, bodies: list[bytes]) -> None:
-        """Publish every chunk, then wait for all their acks at once (one timeout)."""
+    def _records(self, output: IterationOutput, bodies: list[bytes]) -> list[Record]:
+        """The iteration's record of all its chunks, then the runs that are due."""
+        if not bodies:
+            return []
+        self.commits += 1
+        iteration = Record(
+            COMMITS_SUBJECT, encode(ChunkRecord(chunks=bodies)), f"{self.run_id}.{self.commits}"
+        )
+        records = [iteration]
+        for (sequence, chunk), body in zip(output.chunks, bodies, strict=True):
+            sequence.unrun.append(body)
+            if run_due(chunk, len(sequence.unrun)):
+                first = chunk.index + 1 - len(sequence.unrun)
+                run = encode(ChunkRecord(chunks=sequence.unrun))
+                message_id = f"{chunk.request_id}.{first}-{chunk.index}"
+                records.append(Record(tokens_subject(chunk.request_id), run, message_id))
+                sequence.unrun = []
+        return records
+
+    async def _commit_all(self, records: list[Record]) -> None:
+        """Publish every record, then wait for all their acks at once (one timeout)."""
         acks = []
         try:
-            for (_, chunk), body in zip(output.chunks, bodies, strict=True):
+            for record in records:
                 acks.append(
                     await self.context.js.publish_async(
-                        tokens_subject(chunk.request_id),
-                        body,
-                        # Idempotent on retry: JetStream drops the duplicate.
-                        headers={"Nats-Msg-Id": f"{chunk.request_id}.{chunk.index}"},
+                        record.subject, record.body, headers={"Nats-Msg-Id": record.message_id}
                     )
                 )
             timeout_s = self.context.settings.nats.request_timeout_s
@@ -106,6 +145,13 @@ class TokenPublisher:
         except NatsError as exc:
             # The token is committed; a client that missed it can read the TOKENS stream.
             self.log.warning("forward.failed", request_id=request.request_id, error=repr(exc))
+
+
+def run_due(chunk: TokenChunk, unrun: int) -> bool:
+    """Whether a committed chunk closes a run on its request's subject (``unrun``: its
+    request's chunks not in a run, this one included): its first chunk (where a reader starts
+    looking in the iteration records), its last, and every RUN_CHUNKS."""
+    return chunk.index == 0 or chunk.finish_reason is not None or unrun >= RUN_CHUNKS
 
 
 def observe_forward(sequence: Sequence, chunk: TokenChunk) -> None:
