@@ -88,7 +88,7 @@ class AdmissionSettings(BaseModel):
     # new request is refused at once ("overloaded, retry later") instead of queueing unbounded.
     max_queued_requests: int = Field(default=1000, ge=1)
     # How often the queue length is read from JetStream (between reads it is counted here).
-    queue_poll_s: float = Field(default=0.5, gt=0)
+    queue_poll_s: float = Field(default=2.0, gt=0)
 
 
 class MlfqSettings(BaseModel):
@@ -131,7 +131,9 @@ class SchedulerSettings(BaseModel):
     step_timeout_s: float = Field(default=120.0, gt=0)
     # JetStream ack wait for accepted requests; running ones are kept alive with in-progress acks.
     ack_wait_s: float = Field(default=60.0, gt=0)
-    fetch_timeout_s: float = Field(default=0.5, gt=0)
+    # A pull waiting for requests expires after this: the consumer then looks at the stop signal,
+    # and sends again a pull that a NATS server took with it when it went away.
+    fetch_timeout_s: float = Field(default=2.0, gt=0)
     # How often the scheduler re-discovers executors through $SRV.
     discovery_interval_s: float = Field(default=2.0, gt=0)
     # A step fails over this many times before the request gets an error reply.

@@ -33,9 +33,8 @@ from shared.subjects import (
     requests_bucket,
     tokens_subject,
 )
+from shared.waiting import until_stopped
 
-# How often a plan follower looks at the stop signal while no plan arrives.
-PLAN_POLL_S = 1.0
 # Idle heartbeat of a long-lived ordered consumer (plans, fleet events, cancel markers): one
 # whose server died (a clustered JetStream losing a node) is recreated after two missed
 # heartbeats, 2-3 s here instead of 10-15 s with nats-py's default of 5 s.
@@ -56,11 +55,10 @@ async def follow_plans(context: ServiceContext, on_plan: Callable[[Plan], Awaita
     )
     epoch = 0
     try:
-        while not context.stop.is_set():
-            try:
-                message = await subscription.next_msg(timeout=PLAN_POLL_S)
-            except TimeoutError:
-                continue
+        while True:
+            message = await until_stopped(subscription.next_msg(timeout=None), context.stop)
+            if message is None:
+                return
             try:
                 plan = Plan.model_validate(decode(message.data))
             except (DecodeError, ValidationError) as exc:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
+
+T = TypeVar("T")
 
 # Retries of a change that must not be lost start quickly and settle at a few seconds apart.
 DEFAULT_FIRST_DELAY_S = 0.5
@@ -59,6 +61,23 @@ async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
     return stop.is_set()
+
+
+async def until_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """What ``awaitable`` gives, or None as soon as ``stop`` is set (``awaitable`` is then
+    cancelled): a wait that needs no polling timeout to notice a stop."""
+    work = asyncio.ensure_future(awaitable)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})  # let it take back what it was doing
+    if work.cancelled():
+        return None
+    return work.result()
 
 
 def supervised(

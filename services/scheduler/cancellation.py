@@ -31,7 +31,7 @@ from services.scheduler.tokens import IterationOutput, TokenPublisher
 from shared.readers import FOLLOW_HEARTBEAT_S, cancel_requested
 from shared.runtime import ServiceContext
 from shared.subjects import CANCEL_MARKERS_SUBJECT, REQUESTS_BUCKET
-from shared.waiting import sleep_unless_stopped
+from shared.waiting import sleep_unless_stopped, until_stopped
 
 # Cancels waiting to be looked at; beyond it one is dropped (and found by the next sweep).
 PENDING_MAX = 10_000
@@ -40,7 +40,8 @@ PENDING_MAX = 10_000
 UNMATCHED_MAX = 10_000
 # How often the held requests are checked for a marker the consumer missed.
 SWEEP_INTERVAL_S = 10.0
-# How often the worker looks at the stop signal (and at cancelled requests left unbound).
+# How often the worker looks for cancelled requests left unbound (their executor went away),
+# while there are cancelled requests not ended yet.
 WORKER_TICK_S = 1.0
 
 
@@ -121,12 +122,17 @@ class Cancellations:
 
     async def work(self) -> None:
         """Flag each cancelled request; end those no executor holds."""
-        while not self.context.stop.is_set():
+        while True:
+            tick = WORKER_TICK_S if self.flagged else None
             try:
-                request_id = await asyncio.wait_for(self.pending.get(), WORKER_TICK_S)
+                request_id = await asyncio.wait_for(
+                    until_stopped(self.pending.get(), self.context.stop), tick
+                )
             except TimeoutError:
                 await self._end_unbound()
                 continue
+            if request_id is None:
+                return
             await self._flag(request_id)
 
     async def _flag(self, request_id: str) -> None:

@@ -26,9 +26,11 @@ from shared.rpc import BadRequest
 from shared.runtime import ServiceContext
 from shared.waiting import wait_event
 
-# How long an idle loop sleeps unless woken: it still looks for due moves (a plan's move_by
-# passes without any event) and for a stop.
+# How long an idle loop with planned moves sleeps unless woken: a plan's move_by passes
+# without any event. Everything else that gives it work (a request, a plan, a cancel, a stop,
+# the executor's loss) wakes it; without moves it still looks every IDLE_CHECK_S.
 IDLE_WAKE_S = 1.0
+IDLE_CHECK_S = 30.0
 # Pause after a step failed on an executor that is still there, before it is tried again.
 STEP_FAILURE_BACKOFF_S = 0.2
 
@@ -102,7 +104,7 @@ class IterationLoop:
                 if handle.pending_release:
                     await self.pool.release(handle)
                 handle.wake.clear()
-                await wait_event(handle.wake, IDLE_WAKE_S)
+                await wait_event(handle.wake, IDLE_WAKE_S if handle.moves else IDLE_CHECK_S)
                 last_reply = None
         finally:
             if running is not None:
