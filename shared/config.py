@@ -88,7 +88,7 @@ class AdmissionSettings(BaseModel):
     # new request is refused at once ("overloaded, retry later") instead of queueing unbounded.
     max_queued_requests: int = Field(default=1000, ge=1)
     # How often the queue length is read from JetStream (between reads it is counted here).
-    queue_poll_s: float = Field(default=2.0, gt=0)
+    queue_poll_s: float = Field(default=0.5, gt=0)
 
 
 class MlfqSettings(BaseModel):

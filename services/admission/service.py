@@ -74,11 +74,20 @@ from shared.subjects import (
     load_bucket,
     requests_bucket,
 )
-from shared.waiting import cancel_and_wait, sleep_unless_stopped, supervised
+from shared.waiting import (
+    cancel_and_wait,
+    sleep_unless_stopped,
+    supervised,
+    until_stopped,
+    wait_event,
+)
 
 # Prompts longer than this many characters are tokenized in a worker thread.
 INLINE_TOKENIZE_CHARS = 2_000
 MAX_CONCURRENT_REQUESTS = 256
+# With nothing queued, the queue length is read again this long after the last read at the
+# latest (another admission replica may have accepted requests meanwhile).
+QUEUE_IDLE_POLL_S = 10.0
 # Tries of the durable write of one request (JetStream de-duplicates a repeated one).
 PERSIST_ATTEMPTS = 2
 # How long a stopping admission waits for the requests it is still accepting.
@@ -154,6 +163,8 @@ class Admission:
         # Accepted requests not finished yet: read from JetStream every
         # queue_poll_s, counted up here in between (so a burst cannot overshoot the bound).
         self.queued = 0
+        # Set by every request accepted here: wakes the queue watch from its idle wait.
+        self.accepted = asyncio.Event()
 
     async def on_generate(self, request: Msg) -> None:
         """Subscription handler: hand the request to its own task (bounded) and return."""
@@ -175,6 +186,7 @@ class Admission:
             self._check_capacity()
             # Counted at once, so that concurrent requests see it; given back if refused.
             self.queued += 1
+            self.accepted.set()
             try:
                 accepted = await self._accept(request, request_id, encoding)
                 request_id = accepted.request_id
@@ -286,15 +298,21 @@ class Admission:
 
     async def watch_queue(self) -> None:
         """Read the backlog (the scheduler's consumer: not yet delivered + delivered and not
-        finished) from JetStream every queue_poll_s, until the service stops."""
+        finished) from JetStream every queue_poll_s, until the service stops; while it is
+        empty, again when a request is accepted here or after QUEUE_IDLE_POLL_S (the accepts
+        of other admission replicas)."""
         while not self.context.stop.is_set():
+            self.accepted.clear()  # before the read: an accept during it is not missed
             try:
                 info = await self.context.js.consumer_info(REQUESTS_STREAM, SCHEDULER_CONSUMER)
                 self.queued = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
             except (TimeoutError, NatsError, JetStreamError) as exc:
                 # No scheduler consumer yet (nothing queued), or JetStream away: keep counting.
                 self.log.debug("queue.unreadable", error=repr(exc))
-            await sleep_unless_stopped(self.context.stop, self.settings.queue_poll_s)
+            if self.queued == 0:
+                await until_stopped(wait_event(self.accepted, QUEUE_IDLE_POLL_S), self.context.stop)
+            else:
+                await sleep_unless_stopped(self.context.stop, self.settings.queue_poll_s)
 
     async def _claim(self, request_id: str) -> None:
         """Record the id as accepted; a used one (a client's own id given twice) is refused."""

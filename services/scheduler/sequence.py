@@ -144,10 +144,9 @@ class Sequence:
         """What the executor must feed: everything not yet in its cache (prompt on a prefill,
         prompt + committed tokens on a recompute, the last sampled token on a decode; the token
         the executor samples in the step it runs now, when this one is sent before that ends)."""
-        tokens = self.request.prompt_token_ids + self.generated
         return StepSequence(
             request_id=self.request_id,
-            token_ids=[] if self.pending else tokens[self.cached_tokens :],
+            token_ids=[] if self.pending else self._uncached_tokens(),
             temperature=self.request.temperature,
             top_p=self.request.top_p,
             seed=self.request.seed,
@@ -155,6 +154,14 @@ class Sequence:
             cached_tokens=self.cached_after_pending,
             continues=self.pending > 0,
         )
+
+    def _uncached_tokens(self) -> list[int]:
+        """Prompt and generated tokens from ``cached_tokens`` on (without copying the whole
+        sequence on every decode step)."""
+        prompt = self.request.prompt_token_ids
+        if self.cached_tokens >= len(prompt):
+            return self.generated[self.cached_tokens - len(prompt) :]
+        return prompt[self.cached_tokens :] + self.generated
 
     def inflight(self) -> InflightSequence:
         """Where it runs, for the planner's just-in-time arrangement."""
