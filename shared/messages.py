@@ -122,9 +122,11 @@ class TokenChunk(InternalModel):
 class ChunkRecord(InternalModel):
     """A record of the TOKENS stream: committed chunks, each a TokenChunk in msgpack as it was
     forwarded. On ``commits``: one iteration's chunks, one per request. On a request's own
-    subject: a run of its chunks, in index order."""
+    subject: a run of its chunks, in index order; ``closed``: the request has ended (finished,
+    or failed), no chunk of it follows."""
 
     chunks: list[bytes]
+    closed: bool = False
 
 
 class GenerateResult(InternalModel):

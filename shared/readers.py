@@ -3,7 +3,8 @@ request's committed tokens and its cancel marker."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.errors import Error as NatsError
@@ -106,8 +107,9 @@ async def read_committed_chunks(
 async def read_committed(
     js: JetStreamContext, request_id: str, timeout_s: float = CHUNK_READ_TIMEOUT_S
 ) -> CommittedChunks:
-    """A request's committed chunks: the runs on its own subject, then, unless the last of
-    them ends it, its chunks in the iteration records committed after that run."""
+    """A request's committed chunks: the runs on its own subject, then, unless they hold all
+    of them (the last run is closed and they leave no gap), its chunks in the iteration records
+    committed after the run that ends their first gap (a scheduler that died left it)."""
     subject = tokens_subject(request_id)
     try:
         last_run = await js.get_last_msg(TOKENS_STREAM, subject)
@@ -115,35 +117,46 @@ async def read_committed(
         return CommittedChunks([], 0)
     by_index: dict[int, TokenChunk] = {}
     runs: list[tuple[int, int]] = []  # (stream sequence, last chunk index) of each run
+    closed = False
     async for sequence, record in _records(js, subject, 1, last_run.seq or 0, timeout_s):
         chunks = [TokenChunk.model_validate(decode(body)) for body in record.chunks]
         for chunk in chunks:
             by_index.setdefault(chunk.index, chunk)
         if chunks:
             runs.append((sequence, max(chunk.index for chunk in chunks)))
+        closed = record.closed
     in_runs = _prefix_length(by_index)
-    if in_runs == 0 or by_index[in_runs - 1].finish_reason is not None:
+    if in_runs == 0 or (closed and in_runs == len(by_index)):
         return CommittedChunks(_prefix(by_index), in_runs)
-    # A later chunk was committed in an iteration after the run that ends the prefix.
+    # The chunks after the prefix were committed in iterations after the run that ends it.
     after = max(sequence for sequence, last in runs if last < in_runs)
     try:
         last_commit = await js.get_last_msg(TOKENS_STREAM, COMMITS_SUBJECT)
     except NotFoundError:
         return CommittedChunks(_prefix(by_index), in_runs)
     if (last_commit.seq or 0) > after:
+        known = max(by_index) + 1  # a closed request has no chunk beyond its runs'
         records = _records(js, COMMITS_SUBJECT, after + 1, last_commit.seq or 0, timeout_s)
-        async for _, record in records:
-            for body in record.chunks:
-                plain = decode(body)
-                if plain.get("request_id") == request_id:
-                    chunk = TokenChunk.model_validate(plain)
-                    by_index.setdefault(chunk.index, chunk)
+        async with contextlib.aclosing(records):
+            async for _, record in records:
+                _take_chunks(record, request_id, by_index)
+                if closed and _prefix_length(by_index) >= known:
+                    break  # the gap is filled
     return CommittedChunks(_prefix(by_index), in_runs)
+
+
+def _take_chunks(record: ChunkRecord, request_id: str, by_index: dict[int, TokenChunk]) -> None:
+    """Add the request's chunks in an iteration record to ``by_index``."""
+    for body in record.chunks:
+        plain = decode(body)
+        if plain.get("request_id") == request_id:
+            chunk = TokenChunk.model_validate(plain)
+            by_index.setdefault(chunk.index, chunk)
 
 
 async def _records(
     js: JetStreamContext, subject: str, first: int, last: int, timeout_s: float
-) -> AsyncIterator[tuple[int, ChunkRecord]]:
+) -> AsyncGenerator[tuple[int, ChunkRecord], None]:
     """The TOKENS records on ``subject`` from stream sequence ``first`` through ``last``,
     with their sequences."""
     subscription = await js.subscribe(

@@ -1,6 +1,7 @@
 """How a request's committed chunks are read back from the TOKENS stream's records (its runs on
 its own subject, then the iteration records after the last run), against a real nats-server:
-finished, still running, and resumed by a second scheduler that left a gap in its runs."""
+finished, failed, still running, and resumed by a second scheduler that left a gap in its
+runs."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ async def commit(js: JetStreamContext, *chunks: TokenChunk) -> None:
     await js.publish(COMMITS_SUBJECT, encode(record))
 
 
-async def run(js: JetStreamContext, *chunks: TokenChunk) -> None:
-    """A run of one request's chunks on its own subject."""
-    record = ChunkRecord(chunks=[encode(c) for c in chunks])
+async def run(js: JetStreamContext, *chunks: TokenChunk, closed: bool | None = None) -> None:
+    """A run of one request's chunks on its own subject (closed: by default when its last
+    chunk ends the request, as the scheduler writes it)."""
+    if closed is None:
+        closed = chunks[-1].finish_reason is not None
+    record = ChunkRecord(chunks=[encode(c) for c in chunks], closed=closed)
     await js.publish(tokens_subject(chunks[0].request_id), encode(record))
 
 
@@ -94,3 +98,31 @@ async def test_a_gap_in_the_runs_is_filled_from_the_iterations(nc: Client) -> No
     assert [c.index for c in committed.chunks] == [0, 1, 2, 3, 4]
     assert committed.chunks[-1].finish_reason == "length"
     assert committed.in_runs == 1
+
+
+async def test_a_failed_request_reads_up_to_its_closed_run(nc: Client) -> None:
+    """A closed run without a finishing chunk (the request failed): no chunk of it follows, so
+    nothing after it is read (a stray record after it is not taken)."""
+    js = await streams(nc)
+    rid = uuid.uuid4().hex
+    await commit(js, chunk(rid, 0))
+    await run(js, chunk(rid, 0))
+    await commit(js, chunk(rid, 1))
+    await run(js, chunk(rid, 1), closed=True)
+    await commit(js, chunk(rid, 2))  # not a real commit: a reader must not go this far
+    committed = await read_committed(js, rid)
+    assert [c.index for c in committed.chunks] == [0, 1]
+    assert committed.in_runs == 2
+
+
+async def test_a_gap_before_a_closed_run_is_read_no_further_than_it_needs(nc: Client) -> None:
+    js = await streams(nc)
+    rid = uuid.uuid4().hex
+    await commit(js, chunk(rid, 0))
+    await run(js, chunk(rid, 0))
+    await commit(js, chunk(rid, 1))
+    await commit(js, chunk(rid, 2))
+    await run(js, chunk(rid, 2), closed=True)
+    await commit(js, chunk(rid, 3))  # beyond the closed run: not read
+    committed = await read_committed(js, rid)
+    assert [c.index for c in committed.chunks] == [0, 1, 2]

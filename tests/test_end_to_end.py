@@ -176,6 +176,8 @@ async def test_tokens_are_committed_to_jetstream(cluster: object, nc: Client) ->
         list(range(RUN_CHUNKS + 1, tokens)),
     ]
     assert runs[-1][-1].finish_reason == "length"
+    last_run = await js.get_last_msg(TOKENS_STREAM, tokens_subject(completion.request_id))
+    assert ChunkRecord.model_validate(decode(last_run.data)).closed  # nothing follows it
     # Every chunk is in an iteration record too, once, and no record has two of a request.
     iterations = await read_records(js, COMMITS_SUBJECT)
     indices = [

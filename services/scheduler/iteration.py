@@ -22,7 +22,7 @@ from services.scheduler.policy_base import SchedulerPolicy, StepOutput
 from services.scheduler.sequence import Sequence
 from services.scheduler.tokens import IterationOutput, TokenPublisher
 from shared.messages import StepCommand, StepResult, TokenChunk
-from shared.rpc import BadRequest
+from shared.rpc import BadRequest, Internal, RpcError
 from shared.runtime import ServiceContext
 from shared.waiting import wait_event
 
@@ -140,8 +140,15 @@ class IterationLoop:
                 f" context length {limit} of the executors serving this model"
                 f" (SPOTSERVE_EXECUTOR__MAX_SEQ_LEN); lower max_tokens"
             )
-            await self.intake.fail(sequence, message, BadRequest)
+            await self._fail(sequence, message, BadRequest)
         return fitting
+
+    async def _fail(
+        self, sequence: Sequence, message: str, error_type: type[RpcError] = Internal
+    ) -> None:
+        """End ``sequence`` with an error answer; its committed chunks' runs are closed."""
+        await self.intake.fail(sequence, message, error_type)
+        await self.tokens.put(IterationOutput(chunks=[], failed=[sequence]))
 
     def _launch(
         self,
@@ -251,7 +258,7 @@ class IterationLoop:
             sequence.failed_steps += 1
             if sequence.failed_steps > self.context.settings.scheduler.max_step_retries:
                 self.policy.remove(sequence)
-                await self.intake.fail(sequence, f"generation failed after repeated errors: {exc}")
+                await self._fail(sequence, f"generation failed after repeated errors: {exc}")
         if exc.executor_lost:
             self.pool.drop(instance_id, str(exc))
             return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
@@ -44,6 +44,8 @@ RUN_CHUNKS = 64
 @dataclass
 class IterationOutput:
     chunks: list[tuple[Sequence, TokenChunk]]
+    # Requests that ended by an error: their runs are closed (a reader of one looks no further).
+    failed: list[Sequence] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -96,22 +98,29 @@ class TokenPublisher:
         raise AssertionError("backoff_delays never ends")
 
     def _records(self, output: IterationOutput, bodies: list[bytes]) -> list[Record]:
-        """The iteration's record of all its chunks, then the runs that are due."""
-        if not bodies:
-            return []
-        self.commits += 1
-        iteration = Record(
-            COMMITS_SUBJECT, encode(ChunkRecord(chunks=bodies)), f"{self.run_id}.{self.commits}"
-        )
-        records = [iteration]
+        """The iteration's record of all its chunks, then the runs that are due, then the closing
+        runs of the failed requests that have committed chunks."""
+        records = []
+        if bodies:
+            self.commits += 1
+            body = encode(ChunkRecord(chunks=bodies))
+            records.append(Record(COMMITS_SUBJECT, body, f"{self.run_id}.{self.commits}"))
         for (sequence, chunk), body in zip(output.chunks, bodies, strict=True):
             sequence.unrun.append(body)
             if run_due(chunk, len(sequence.unrun)):
                 first = chunk.index + 1 - len(sequence.unrun)
-                run = encode(ChunkRecord(chunks=sequence.unrun))
+                closed = chunk.finish_reason is not None
+                run = encode(ChunkRecord(chunks=sequence.unrun, closed=closed))
                 message_id = f"{chunk.request_id}.{first}-{chunk.index}"
                 records.append(Record(tokens_subject(chunk.request_id), run, message_id))
                 sequence.unrun = []
+        for sequence in output.failed:
+            if sequence.next_chunk_index == 0:
+                continue  # nothing committed: there is nothing to read back
+            run = encode(ChunkRecord(chunks=sequence.unrun, closed=True))
+            message_id = f"{sequence.request_id}.closed"
+            records.append(Record(tokens_subject(sequence.request_id), run, message_id))
+            sequence.unrun = []
         return records
 
     async def _commit_all(self, records: list[Record]) -> None:
