@@ -47,6 +47,15 @@ async def streams(nc: Client) -> JetStreamContext:
     return js
 
 
+async def started(nc: Client) -> tuple[JetStreamContext, str]:
+    """A new request whose first chunk is committed (its iteration record and its run)."""
+    js = await streams(nc)
+    rid = uuid.uuid4().hex
+    await commit(js, chunk(rid, 0))
+    await run(js, chunk(rid, 0))
+    return js, rid
+
+
 async def test_nothing_committed_reads_as_nothing(nc: Client) -> None:
     js = await streams(nc)
     committed = await read_committed(js, uuid.uuid4().hex)
@@ -85,10 +94,7 @@ async def test_a_running_request_reads_the_iterations_after_its_last_run(nc: Cli
 async def test_a_gap_in_the_runs_is_filled_from_the_iterations(nc: Client) -> None:
     """A scheduler died after committing chunks 1-2 in iteration records only; the next one
     ran the request on (its first run holding 3-4): the reader takes 1-2 from the iterations."""
-    js = await streams(nc)
-    rid = uuid.uuid4().hex
-    await commit(js, chunk(rid, 0))
-    await run(js, chunk(rid, 0))
+    js, rid = await started(nc)
     await commit(js, chunk(rid, 1))
     await commit(js, chunk(rid, 2))
     await commit(js, chunk(rid, 3))
@@ -103,10 +109,7 @@ async def test_a_gap_in_the_runs_is_filled_from_the_iterations(nc: Client) -> No
 async def test_a_failed_request_reads_up_to_its_closed_run(nc: Client) -> None:
     """A closed run without a finishing chunk (the request failed): no chunk of it follows, so
     nothing after it is read (a stray record after it is not taken)."""
-    js = await streams(nc)
-    rid = uuid.uuid4().hex
-    await commit(js, chunk(rid, 0))
-    await run(js, chunk(rid, 0))
+    js, rid = await started(nc)
     await commit(js, chunk(rid, 1))
     await run(js, chunk(rid, 1), closed=True)
     await commit(js, chunk(rid, 2))  # not a real commit: a reader must not go this far
@@ -116,10 +119,7 @@ async def test_a_failed_request_reads_up_to_its_closed_run(nc: Client) -> None:
 
 
 async def test_a_gap_before_a_closed_run_is_read_no_further_than_it_needs(nc: Client) -> None:
-    js = await streams(nc)
-    rid = uuid.uuid4().hex
-    await commit(js, chunk(rid, 0))
-    await run(js, chunk(rid, 0))
+    js, rid = await started(nc)
     await commit(js, chunk(rid, 1))
     await commit(js, chunk(rid, 2))
     await run(js, chunk(rid, 2), closed=True)
