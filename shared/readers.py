@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from shared.codec import DecodeError, decode
 from shared.messages import (
     ChunkRecord,
+    FinishReason,
     ModeReply,
     Plan,
     ServingMode,
@@ -152,6 +153,21 @@ def _take_chunks(record: ChunkRecord, request_id: str, by_index: dict[int, Token
         if plain.get("request_id") == request_id:
             chunk = TokenChunk.model_validate(plain)
             by_index.setdefault(chunk.index, chunk)
+
+
+async def read_finish_reason(
+    js: JetStreamContext, request_id: str
+) -> tuple[bool, FinishReason | None]:
+    """Whether anything of a request is committed, and how it finished (None: it has not), from
+    its last run alone: the run that ends a finished request holds its last chunk."""
+    try:
+        last_run = await js.get_last_msg(TOKENS_STREAM, tokens_subject(request_id))
+    except NotFoundError:
+        return False, None
+    record = ChunkRecord.model_validate(decode(last_run.data or b""))
+    if not record.chunks:
+        return True, None  # closed empty: it failed
+    return True, TokenChunk.model_validate(decode(record.chunks[-1])).finish_reason
 
 
 async def _records(

@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 
 from shared.codec import encode
 from shared.messages import ChunkRecord, TokenChunk
-from shared.readers import read_committed
+from shared.readers import read_committed, read_finish_reason
 from shared.subjects import COMMITS_SUBJECT, ensure_streams, tokens_subject
 
 
@@ -58,9 +58,11 @@ async def started(nc: Client) -> tuple[JetStreamContext, str]:
 
 async def test_nothing_committed_reads_as_nothing(nc: Client) -> None:
     js = await streams(nc)
-    committed = await read_committed(js, uuid.uuid4().hex)
+    rid = uuid.uuid4().hex
+    committed = await read_committed(js, rid)
     assert committed.chunks == []
     assert committed.in_runs == 0
+    assert await read_finish_reason(js, rid) == (False, None)
 
 
 async def test_a_finished_request_reads_from_its_runs(nc: Client) -> None:
@@ -76,6 +78,7 @@ async def test_a_finished_request_reads_from_its_runs(nc: Client) -> None:
     assert [c.index for c in committed.chunks] == [0, 1, 2]
     assert committed.chunks[-1].finish_reason == "length"
     assert committed.in_runs == 3
+    assert await read_finish_reason(js, rid) == (True, "length")
 
 
 async def test_a_running_request_reads_the_iterations_after_its_last_run(nc: Client) -> None:
@@ -89,6 +92,7 @@ async def test_a_running_request_reads_the_iterations_after_its_last_run(nc: Cli
     assert [c.index for c in committed.chunks] == [0, 1, 2, 3, 4]
     assert [c.text for c in committed.chunks] == [f"<{i}>" for i in range(5)]
     assert committed.in_runs == 1
+    assert await read_finish_reason(js, rid) == (True, None)
 
 
 async def test_a_gap_in_the_runs_is_filled_from_the_iterations(nc: Client) -> None:
@@ -116,6 +120,7 @@ async def test_a_failed_request_reads_up_to_its_closed_run(nc: Client) -> None:
     committed = await read_committed(js, rid)
     assert [c.index for c in committed.chunks] == [0, 1]
     assert committed.in_runs == 2
+    assert await read_finish_reason(js, rid) == (True, None)  # failed: not finished
 
 
 async def test_a_gap_before_a_closed_run_is_read_no_further_than_it_needs(nc: Client) -> None:

@@ -45,7 +45,7 @@ from shared.messages import (
 )
 from shared.model.tokenizer import TextTokenizer
 from shared.modelsource import resolve_model
-from shared.readers import read_committed_chunks, read_serving_mode
+from shared.readers import read_committed_chunks, read_finish_reason, read_serving_mode
 from shared.rpc import (
     CANCEL_ENDPOINT,
     GENERATE_ENDPOINT,
@@ -355,13 +355,12 @@ class Admission:
         schedulers watch the markers and stop the request at its next iteration."""
         request_id = command.request_id
         try:
-            chunks = await read_committed_chunks(self.context.js, request_id)
-            if not chunks and not await self._accepted(request_id):
+            committed, finish_reason = await read_finish_reason(self.context.js, request_id)
+            if not committed and not await self._accepted(request_id):
                 raise NotFound(
                     f"no request {request_id!r} (never accepted, or older than its results"
                     " are kept)"
                 )
-            finish_reason = chunks[-1].finish_reason if chunks else None
             if finish_reason is not None:
                 return CancelReply(
                     request_id=request_id, state="finished", finish_reason=finish_reason
