@@ -45,6 +45,7 @@ from shared.codec import decode
 from shared.config import NatsSettings
 from shared.messages import ChunkRecord, TokenChunk
 from shared.natsserver import NatsCluster
+from shared.readers import chunks_of
 from shared.subjects import (
     ADMIN_BUCKET,
     COMMITS_SUBJECT,
@@ -336,8 +337,7 @@ async def read_commits(js: JetStreamContext, timeout_s: float = 60.0) -> dict[st
             await asyncio.sleep(0.2)
             continue
         stored_at = message.time.timestamp() if message.time else 0.0
-        for body in ChunkRecord.model_validate(decode(message.data or b"")).chunks:
-            chunk = TokenChunk.model_validate(decode(body))
+        for chunk in chunks_of(ChunkRecord.model_validate(decode(message.data or b""))):
             committed = by_request.setdefault(chunk.request_id, Committed([], [], []))
             committed.indices.append(chunk.index)
             committed.tokens.extend(chunk.token_ids)

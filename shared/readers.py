@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
@@ -111,16 +111,15 @@ async def read_committed(
     """A request's committed chunks: the runs on its own subject, then, unless they hold all
     of them (the last run is closed and they leave no gap), its chunks in the iteration records
     committed after the run that ends their first gap (a scheduler that died left it)."""
-    subject = tokens_subject(request_id)
-    try:
-        last_run = await js.get_last_msg(TOKENS_STREAM, subject)
-    except NotFoundError:
+    last_run = await _last_run(js, request_id)
+    if last_run is None:
         return CommittedChunks([], 0)
     by_index: dict[int, TokenChunk] = {}
     runs: list[tuple[int, int]] = []  # (stream sequence, last chunk index) of each run
     closed = False
+    subject = tokens_subject(request_id)
     async for sequence, record in _records(js, subject, 1, last_run.seq or 0, timeout_s):
-        chunks = [TokenChunk.model_validate(decode(body)) for body in record.chunks]
+        chunks = chunks_of(record)
         for chunk in chunks:
             by_index.setdefault(chunk.index, chunk)
         if chunks:
@@ -160,14 +159,26 @@ async def read_finish_reason(
 ) -> tuple[bool, FinishReason | None]:
     """Whether anything of a request is committed, and how it finished (None: it has not), from
     its last run alone: the run that ends a finished request holds its last chunk."""
-    try:
-        last_run = await js.get_last_msg(TOKENS_STREAM, tokens_subject(request_id))
-    except NotFoundError:
+    last_run = await _last_run(js, request_id)
+    if last_run is None:
         return False, None
-    record = ChunkRecord.model_validate(decode(last_run.data or b""))
-    if not record.chunks:
+    chunks = chunks_of(ChunkRecord.model_validate(decode(last_run.data or b"")))
+    if not chunks:
         return True, None  # closed empty: it failed
-    return True, TokenChunk.model_validate(decode(record.chunks[-1])).finish_reason
+    return True, chunks[-1].finish_reason
+
+
+async def _last_run(js: JetStreamContext, request_id: str) -> RawStreamMsg | None:
+    """The last run on a request's own subject; None: nothing of it is committed."""
+    try:
+        return await js.get_last_msg(TOKENS_STREAM, tokens_subject(request_id))
+    except NotFoundError:
+        return None
+
+
+def chunks_of(record: ChunkRecord) -> list[TokenChunk]:
+    """The chunks a TOKENS record holds, in its order."""
+    return [TokenChunk.model_validate(decode(body)) for body in record.chunks]
 
 
 async def _records(

@@ -15,7 +15,7 @@ from shared.client import SpotserveClient
 from shared.codec import decode, encode
 from shared.messages import ChunkRecord, GenerateResult, TokenChunk
 from shared.model.tokenizer import TextTokenizer
-from shared.readers import read_committed_chunks
+from shared.readers import chunks_of, read_committed_chunks
 from shared.subjects import COMMITS_SUBJECT, GENERATE, TOKENS_STREAM, tokens_subject
 
 PROMPTS = (
@@ -34,8 +34,7 @@ async def read_records(js: JetStreamContext, subject: str) -> list[list[TokenChu
     try:
         while True:
             message = await subscription.next_msg(timeout=10)
-            bodies = ChunkRecord.model_validate(decode(message.data)).chunks
-            records.append([TokenChunk.model_validate(decode(body)) for body in bodies])
+            records.append(chunks_of(ChunkRecord.model_validate(decode(message.data))))
             if message.metadata.sequence.stream >= stream_end:
                 return records
     finally:
