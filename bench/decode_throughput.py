@@ -32,20 +32,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import resource
 import statistics
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
+from nats.aio.msg import Msg
 
 from shared.bus import connect
 from shared.client import SpotserveClient
 from shared.cluster import LocalCluster
+from shared.codec import encode
 from shared.config import NatsSettings
+from shared.messages import TokenChunk
 from shared.metrics import read_samples
 from shared.model.checkpoint import default_model_dir, ensure_model
 from shared.model.engine import Engine, SequenceStep
@@ -195,6 +201,92 @@ def idle_cpu_rate(pids: list[int]) -> float:
     return (sum(process_cpu_s(pid) for pid in pids) - before) / (time.monotonic() - started)
 
 
+@dataclass(frozen=True)
+class Floor:
+    """CPU seconds per message of the bare NATS path alone, by process."""
+
+    publisher_s: float
+    server_s: float
+    subscriber_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.publisher_s + self.server_s + self.subscriber_s
+
+
+def nats_floor(
+    nats_url: str, server_pid: int, batch_size: int, tokens: int, pace_s: float
+) -> Floor:
+    """The physical limit of the service CPU: one core-NATS message per token, as the
+    scheduler forwards a chunk, and nothing else (no commit, no step, no scheduling).
+
+    A publisher process sends ``batch_size`` chunk-sized messages every ``pace_s`` (the system
+    run's time per iteration) to as many subjects, ``tokens`` times; this process receives
+    them; both count their own CPU, nats-server's from ``/proc`` over the same time."""
+    return asyncio.run(_floor(nats_url, server_pid, batch_size, tokens, pace_s))
+
+
+async def _floor(
+    nats_url: str, server_pid: int, batch_size: int, tokens: int, pace_s: float
+) -> Floor:
+    prefix = f"_INBOX.floor.{uuid.uuid4().hex}"
+    subjects = [f"{prefix}.{i}" for i in range(batch_size)]
+    nc = await connect(nats_url, NatsSettings(), name="bench-floor-client")
+    received, first, done = 0, asyncio.Event(), asyncio.Event()
+
+    async def on_message(_message: Msg) -> None:
+        nonlocal received
+        received += 1
+        first.set()
+        if received == batch_size * tokens:
+            done.set()
+
+    try:
+        for subject in subjects:
+            await nc.subscribe(subject, cb=on_message)
+        await nc.flush()
+        context = multiprocessing.get_context("spawn")
+        results, sender = context.Pipe(duplex=False)
+        publisher = context.Process(
+            target=floor_publisher, args=(nats_url, subjects, tokens, pace_s, sender)
+        )
+        publisher.start()
+        # The publisher's clock starts at its first message, this side's at its first receipt.
+        await asyncio.wait_for(first.wait(), timeout=60)
+        client_before, server_before = own_cpu_s(), process_cpu_s(server_pid)
+        await asyncio.wait_for(done.wait(), timeout=tokens * pace_s * 10 + 60)
+        client_s, server_s = own_cpu_s() - client_before, process_cpu_s(server_pid) - server_before
+        publisher_s = await asyncio.to_thread(results.recv)
+        publisher.join()
+    finally:
+        await nc.close()
+    messages = batch_size * tokens
+    return Floor(publisher_s / messages, server_s / messages, client_s / messages)
+
+
+def floor_publisher(
+    nats_url: str, subjects: list[str], tokens: int, pace_s: float, results: Connection
+) -> None:
+    """The floor's publisher, in its own process as the scheduler is: sends its CPU seconds."""
+    results.send(asyncio.run(_publish_floor(nats_url, subjects, tokens, pace_s)))
+
+
+async def _publish_floor(nats_url: str, subjects: list[str], tokens: int, pace_s: float) -> float:
+    chunk = TokenChunk(request_id=uuid.uuid4().hex, index=10, token_ids=[1234], text=" spot")
+    body = encode(chunk)
+    nc = await connect(nats_url, NatsSettings(), name="bench-floor-publisher")
+    try:
+        started = own_cpu_s()
+        for _ in range(tokens):
+            for subject in subjects:
+                await nc.publish(subject, body)
+            await asyncio.sleep(pace_s)
+        await nc.flush()
+        return own_cpu_s() - started
+    finally:
+        await nc.close()
+
+
 def system_run(
     cluster: LocalCluster, urls: tuple[str, str], batch_size: int, tokens: int
 ) -> SystemRun:
@@ -255,6 +347,17 @@ def main() -> None:
                 for b in batch_sizes:
                     in_process[b].append(in_process_rate(model_dir, b, args.tokens, prompt_ids))
                     system[b].append(system_run(cluster, urls, b, args.tokens))
+            assert cluster.nats is not None and cluster.nats.process is not None
+            floors = {
+                b: nats_floor(
+                    cluster.nats_url,
+                    cluster.nats.process.pid,
+                    b,
+                    args.tokens,
+                    b / statistics.median(run.rate for run in system[b]),
+                )
+                for b in batch_sizes
+            }
     print(
         f"model {model_dir} | {args.tokens} tokens/request | torch threads {threads} (in-process"
         f" and executor) | median of {args.repeats} | {os.cpu_count()} cores"
@@ -297,6 +400,15 @@ def main() -> None:
             for name in runs[0].per_process
         )
         print(f"batch {b}: service CPU us/token by process: {split}")
+        floor = floors[b]
+        service_us = statistics.median(run.service_cpu_s / run.tokens for run in runs) * 1e6
+        times_floor = service_us / (floor.total_s * 1e6)
+        print(
+            f"batch {b}: bare NATS floor us/token (one message per token at the same pace,"
+            f" nothing else): publisher {floor.publisher_s * 1e6:.0f}, nats-server"
+            f" {floor.server_s * 1e6:.0f}, client {floor.subscriber_s * 1e6:.0f}, total"
+            f" {floor.total_s * 1e6:.0f}; the service CPU is {times_floor:.1f}x it"
+        )
     print()
     for line in summaries:
         print(line)

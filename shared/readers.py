@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from shared.codec import DecodeError, decode
@@ -32,7 +33,6 @@ from shared.subjects import (
     TOKENS_STREAM,
     admin_bucket,
     cancel_key,
-    requests_bucket,
     tokens_subject,
 )
 from shared.waiting import until_stopped
@@ -217,9 +217,10 @@ def _prefix(by_index: dict[int, TokenChunk]) -> list[TokenChunk]:
     return [by_index[index] for index in range(_prefix_length(by_index))]
 
 
-async def cancel_requested(js: JetStreamContext, request_id: str) -> bool:
-    """Whether a cancel marker (``spotserve.v1.cancel``) stands for the request."""
-    bucket = await requests_bucket(js)
+async def cancel_requested(bucket: KeyValue, request_id: str) -> bool:
+    """Whether a cancel marker (``spotserve.v1.cancel``) stands for the request, in the
+    requests bucket (:func:`shared.subjects.requests_bucket`, bound once by a caller that asks
+    about many)."""
     try:
         await bucket.get(cancel_key(request_id))
     except NotFoundError:

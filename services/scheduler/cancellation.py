@@ -30,7 +30,7 @@ from services.scheduler.sequence import Sequence
 from services.scheduler.tokens import IterationOutput, TokenPublisher
 from shared.readers import FOLLOW_HEARTBEAT_S, cancel_requested
 from shared.runtime import ServiceContext
-from shared.subjects import CANCEL_MARKERS_SUBJECT, REQUESTS_BUCKET
+from shared.subjects import CANCEL_MARKERS_SUBJECT, REQUESTS_BUCKET, requests_bucket
 from shared.waiting import sleep_unless_stopped, until_stopped
 
 # Cancels waiting to be looked at; beyond it one is dropped (and found by the next sweep).
@@ -108,15 +108,16 @@ class Cancellations:
         """Every SWEEP_INTERVAL_S: the held requests whose marker the consumer missed."""
         while not self.context.stop.is_set():
             await sleep_unless_stopped(self.context.stop, SWEEP_INTERVAL_S)
-            for sequence in list(self.held.values()):
-                if sequence.cancel_requested or sequence.finished:
-                    continue
-                try:
-                    if await cancel_requested(self.context.js, sequence.request_id):
+            unflagged = [s for s in self.held.values() if not (s.cancel_requested or s.finished)]
+            if not unflagged:
+                continue
+            try:
+                bucket = await requests_bucket(self.context.js)
+                for sequence in unflagged:
+                    if await cancel_requested(bucket, sequence.request_id):
                         self.request(sequence.request_id)
-                except (TimeoutError, NatsError, JetStreamError) as exc:
-                    self.log.debug("cancel.sweep_failed", error=repr(exc))
-                    break
+            except (TimeoutError, NatsError, JetStreamError) as exc:
+                self.log.debug("cancel.sweep_failed", error=repr(exc))
 
     # ---- acting on them ----
 
