@@ -15,7 +15,8 @@ time the processes other than the executor (scheduler, admission, the other serv
 nats-server, and this client) spend per generated token, from ``/proc`` and ``getrusage``;
 "of it idle" is what the token path's services spend in as long a time with no request
 (timers, heartbeats: a cost per second, not per token), watched just before each run; a line
-per batch size splits the service CPU by process.
+per batch size splits the service CPU by process, and another gives the bare NATS floor of it
+(:func:`nats_floor`: one core-NATS message per token at the same pace, and nothing else).
 ``--torch-threads 1`` leaves one of two cores to the services, so the ratio shows the system's
 own overhead rather than the services competing with torch for the cores. Each repeat runs the
 in-process side right before the system side of the same batch size; the ratio and the added
