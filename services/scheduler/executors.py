@@ -158,8 +158,12 @@ class ExecutorPool:
             "executor.joined", instance_id=instance_id, max_batch=view.max_batch_size
         )
 
-    def drop(self, instance_id: str, reason: str) -> None:
-        """The executor is gone: its sequences wait again for any other."""
+    def drop(self, instance_id: str, reason: str, handle: ExecutorHandle | None = None) -> None:
+        """The executor is gone: its sequences wait again for any other. With ``handle``: only
+        if that is still the one serving ``instance_id`` (a loop whose handle was dropped, and
+        the executor found again since, must not drop the new one)."""
+        if handle is not None and self.executors.get(instance_id) is not handle:
+            return
         handle = self.executors.pop(instance_id, None)
         if handle is None:
             return

@@ -101,6 +101,8 @@ class IterationLoop:
                 if launched is not None:
                     running = launched
                     continue
+                if handle.gone.is_set():
+                    break
                 if handle.pending_release:
                     await self.pool.release(handle)
                 handle.wake.clear()
@@ -159,6 +161,10 @@ class IterationLoop:
     ) -> LaunchedStep | None:
         """Send one step of ``batch`` (its memory plan's fitting part) to ``handle``. None when
         it or the step running moves caches: it is planned again once that one is applied."""
+        if handle.gone.is_set():
+            # Dropped while this loop awaited something: the executor may be serving a newer
+            # handle's loop already, whose steps this one's would interleave with.
+            return None
         if running is not None and running.memory.moves_caches:
             return None  # its prefetch takes blocks after it that this plan would not see
         memory = plan_memory(handle.view, batch, self.policy.priority_order(handle.view))
@@ -190,7 +196,12 @@ class IterationLoop:
         except StepFailedError as exc:
             for sequence in step.batch:
                 sequence.pending = 0
-            await self._on_step_failed(handle, step.batch, exc)
+            if not handle.gone.is_set():
+                await self._on_step_failed(handle, step.batch, exc)
+            return None
+        if handle.gone.is_set():
+            # Dropped while the step ran: its sequences were requeued (and may run elsewhere
+            # already), so its tokens are not theirs to take; they recompute.
             return None
         received = time.perf_counter()
         # The time this iteration adds to its executor's busy time line: from the reply before
@@ -260,7 +271,7 @@ class IterationLoop:
                 self.policy.remove(sequence)
                 await self._fail(sequence, f"generation failed after repeated errors: {exc}")
         if exc.executor_lost:
-            self.pool.drop(instance_id, str(exc))
+            self.pool.drop(instance_id, str(exc), handle)
             return
         for sequence in self.policy.requeue_executor(instance_id):
             sequence.lose_cache()
