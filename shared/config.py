@@ -136,7 +136,8 @@ class SchedulerSettings(BaseModel):
     fetch_timeout_s: float = Field(default=2.0, gt=0)
     # How often the scheduler re-discovers executors through $SRV.
     discovery_interval_s: float = Field(default=2.0, gt=0)
-    # A step fails over this many times before the request gets an error reply.
+    # A request's steps fail over this many times in a row (no token between) before it gets
+    # an error reply.
     max_step_retries: int = Field(default=3, ge=0)
 
 

@@ -37,6 +37,8 @@ class Sequence:
     cached_tokens: int = 0
     next_chunk_index: int = 0
     finish_reason: FinishReason | None = None
+    # Steps of it that failed since its last token: a request that progresses between
+    # failures (each reconfiguration of the restart baseline costs one) is not stuck.
     failed_steps: int = 0
     # Tokens the client already has that a restart from scratch generates again (baselines).
     replay: list[int] = field(default_factory=list)
@@ -195,6 +197,7 @@ class Sequence:
         restarted sequence regenerates what the client has)."""
         self.cached_tokens = len(self.request.prompt_token_ids) + len(self.generated)
         self.cache_on_device()
+        self.failed_steps = 0
         if len(self.generated) < len(self.replay):
             # The committed token stands (greedy and seeded sampling draw it again; the cache
             # is built on it either way).
