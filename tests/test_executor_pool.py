@@ -100,7 +100,9 @@ async def test_a_dropped_handles_loop_sends_no_step_and_takes_no_token(
 
     running = LaunchedStep(batch, MemoryPlan(batch), 0.0, 0.0, asyncio.create_task(reply()), False)
     handle.gone.set()  # dropped (and its sequences requeued) while the step ran
-    sequence.lose_cache()
+    policy.requeue_executor("exec-x")
+    sequence.pending = 1  # taken into another executor's step since
     assert loop._launch(handle, batch, 0.0, None) is None
     assert await loop._finish(handle, running, None) is None
     assert sequence.generated == [] and sequence.cached_tokens == 0
+    assert sequence.pending == 1  # the other loop's bookkeeping is left alone

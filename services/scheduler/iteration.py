@@ -94,7 +94,7 @@ class IterationLoop:
                 if running is not None:
                     last_reply = await self._finish(handle, running, last_reply)
                     if last_reply is None and launched is not None:
-                        await self._discard(launched)
+                        await self._discard(handle, launched)
                         launched = None
                     running = launched
                     continue
@@ -194,14 +194,16 @@ class IterationLoop:
         try:
             result = await step.reply
         except StepFailedError as exc:
+            if handle.gone.is_set():
+                return None  # see below
             for sequence in step.batch:
                 sequence.pending = 0
-            if not handle.gone.is_set():
-                await self._on_step_failed(handle, step.batch, exc)
+            await self._on_step_failed(handle, step.batch, exc)
             return None
         if handle.gone.is_set():
-            # Dropped while the step ran: its sequences were requeued (and may run elsewhere
-            # already), so its tokens are not theirs to take; they recompute.
+            # Dropped while the step ran: drop() requeued its sequences, which may be in
+            # another executor's step already. Neither its tokens nor its bookkeeping are
+            # theirs any more; they recompute.
             return None
         received = time.perf_counter()
         # The time this iteration adds to its executor's busy time line: from the reply before
@@ -232,11 +234,13 @@ class IterationLoop:
         )
         return received
 
-    async def _discard(self, step: LaunchedStep) -> None:
+    async def _discard(self, handle: ExecutorHandle, step: LaunchedStep) -> None:
         """A step sent behind one that failed: its reply, if any, is not applied (the failure
         frees the executor's caches and its sequences recompute from their committed tokens)."""
         with contextlib.suppress(StepFailedError):
             await step.reply
+        if handle.gone.is_set():
+            return  # drop() requeued them (see _finish)
         for sequence in step.batch:
             sequence.pending = 0
 
