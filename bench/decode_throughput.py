@@ -63,6 +63,8 @@ PROMPT = "Spot instances are cheap but can be taken away with two minutes of not
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Before each run: how long the token path's processes are watched with no request.
 IDLE_WINDOW_S = 3.0
+# How long the floor's publisher may take to report once its last message arrived.
+FLOOR_RESULT_TIMEOUT_S = 30.0
 
 
 def in_process_rate(model_dir: Path, batch_size: int, tokens: int, prompt_ids: list[int]) -> float:
@@ -257,8 +259,11 @@ async def _floor(
         client_before, server_before = own_cpu_s(), process_cpu_s(server_pid)
         await asyncio.wait_for(done.wait(), timeout=tokens * pace_s * 10 + 60)
         client_s, server_s = own_cpu_s() - client_before, process_cpu_s(server_pid) - server_before
-        publisher_s = await asyncio.to_thread(results.recv)
-        publisher.join()
+        if not await asyncio.to_thread(results.poll, FLOOR_RESULT_TIMEOUT_S):
+            code = publisher.exitcode
+            raise SystemExit(f"the floor's publisher sent no result (exit code {code})")
+        publisher_s = results.recv()
+        publisher.join(FLOOR_RESULT_TIMEOUT_S)
     finally:
         await nc.close()
     messages = batch_size * tokens
