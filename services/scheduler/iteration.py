@@ -87,6 +87,9 @@ class IterationLoop:
                     # A cancelled request in the step in flight ends now: that step's token
                     # for it is thrown away, its release goes out with the next step.
                     await self.cancellations.apply(handle)
+                # A wake from here on (a request added while this loop plans, fails one or
+                # releases) is kept for the idle wait below, not cleared after the fact.
+                handle.wake.clear()
                 batch = await self._refuse_too_long(handle, self.policy.schedule(handle.view))
                 if running is not None:
                     batch = [s for s in batch if s.pending == 0 or s.can_continue]
@@ -105,7 +108,6 @@ class IterationLoop:
                     break
                 if handle.pending_release:
                     await self.pool.release(handle)
-                handle.wake.clear()
                 await wait_event(handle.wake, IDLE_WAKE_S if handle.moves else IDLE_CHECK_S)
                 last_reply = None
         finally:
