@@ -24,7 +24,8 @@ What the simulation is given, and where each figure comes from:
     the replay's, five times each; per iteration, the probe's time less the profile's compute
     of its work (medians of the repeats); the difference per extra sequence in the batch (its
     token's sampling, commit and forward, and the longer context its decode attends to: the
-    profile decodes after 16 tokens);
+    profile decodes after 16 tokens), at most what the replay's iterations took beyond their
+    compute, per sequence in them;
   - ``request_overhead_s``: the lone probe request's end to end less its iterations
     (admission, JetStream, the scheduler's intake, the last token's commit and forward);
   - ``step_overhead_s``: the replay's mean iteration less the profile's compute of the same
@@ -473,6 +474,11 @@ def measure(
     if run.count == 0:
         raise RuntimeError("the live run made no iterations")
     compute = _compute_s(profile, shape, [a.input_tokens for a in played], run)
+    # The probe's per-sequence part is at most what the replay's iterations took beyond their
+    # compute: a noisy probe would otherwise make the simulated iterations outlast the live
+    # ones (with the per-iteration part clipped at 0).
+    if run.batch:
+        token = min(token, max(0.0, run.seconds - compute) / run.batch)
     step = (run.seconds - compute - token * run.batch) / run.count
     sends = live.sends
     return Measured(
