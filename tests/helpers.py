@@ -1,4 +1,4 @@
-"""Helpers for tests that need a cluster of their own."""
+"""Helpers for tests that need a cluster of their own, or the scheduler's iteration loop alone."""
 
 from __future__ import annotations
 
@@ -7,14 +7,25 @@ import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+import structlog
 from nats.aio.client import Client
 
+from services.scheduler.cancellation import Cancellations
+from services.scheduler.executors import ExecutorPool
+from services.scheduler.intake import RequestIntake
+from services.scheduler.iteration import IterationLoop
+from services.scheduler.plans import PlanApplier
+from services.scheduler.policy_base import SchedulerPolicy
+from services.scheduler.tokens import TokenPublisher
 from shared.bus import connect
 from shared.cluster import LocalCluster
+from shared.config import Settings
 from shared.natsserver import EmbeddedNatsServer
+from shared.runtime import ServiceContext
 
 
 @contextlib.contextmanager
@@ -81,3 +92,27 @@ async def connected(cluster: LocalCluster) -> AsyncIterator[Client]:
         yield nc
     finally:
         await nc.close()
+
+
+def bare_iteration_loop(
+    policy: SchedulerPolicy,
+    *,
+    pool: object = None,
+    plans: object = None,
+    intake: object = None,
+    tokens: object = None,
+    cancellations: object = None,
+) -> IterationLoop:
+    """The scheduler's iteration loop with stand-ins (None: never reached) for what it talks to,
+    default settings, a logger and a stop event."""
+    context = SimpleNamespace(settings=Settings(), log=structlog.get_logger(), stop=asyncio.Event())
+    return IterationLoop(
+        context=cast(ServiceContext, context),
+        policy=policy,
+        pool=cast(ExecutorPool, pool),
+        plans=cast(PlanApplier, plans),
+        intake=cast(RequestIntake, intake),
+        tokens=cast(TokenPublisher, tokens),
+        cancellations=cast(Cancellations, cancellations),
+        eos_token_ids=frozenset(),
+    )

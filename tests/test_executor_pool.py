@@ -11,19 +11,16 @@ from typing import Any, cast
 
 import structlog
 
-from services.scheduler.cancellation import Cancellations
 from services.scheduler.executors import ExecutorHandle, ExecutorPool
-from services.scheduler.intake import RequestIntake
-from services.scheduler.iteration import IterationLoop, LaunchedStep
+from services.scheduler.iteration import LaunchedStep
 from services.scheduler.kvmemory import MemoryPlan
-from services.scheduler.plans import PlanApplier
 from services.scheduler.policy import FcfsPolicy
 from services.scheduler.policy_base import ExecutorView
-from services.scheduler.tokens import TokenPublisher
 from shared.config import Settings
 from shared.messages import StepResult
 from shared.model.tokenizer import TextTokenizer
 from shared.runtime import ServiceContext
+from tests.helpers import bare_iteration_loop
 from tests.test_units_scheduler import make_request, make_sequence
 
 DISCOVERED = [{"metadata": {"instance_id": "exec-x", "kv_blocks": "64"}}]
@@ -69,26 +66,11 @@ def pool_tasks(*handles: ExecutorHandle) -> list[asyncio.Task[None]]:
     return [handle.task for handle in handles if handle.task is not None]
 
 
-def bare_loop(policy: FcfsPolicy) -> IterationLoop:
-    """An iteration loop with nothing behind it but its policy (what a dropped handle's loop
-    must not reach)."""
-    return IterationLoop(
-        context=cast(ServiceContext, SimpleNamespace(log=structlog.get_logger())),
-        policy=policy,
-        pool=cast(ExecutorPool, None),
-        plans=cast(PlanApplier, None),
-        intake=cast(RequestIntake, None),
-        tokens=cast(TokenPublisher, None),
-        cancellations=cast(Cancellations, None),
-        eos_token_ids=frozenset(),
-    )
-
-
 async def test_a_dropped_handles_loop_sends_no_step_and_takes_no_token(
     tokenizer: TextTokenizer,
 ) -> None:
     policy = FcfsPolicy()
-    loop = bare_loop(policy)
+    loop = bare_iteration_loop(policy)
     handle = ExecutorHandle(view=ExecutorView(instance_id="exec-x", max_batch_size=4))
     sequence = make_sequence(tokenizer, make_request([5, 6], max_tokens=8))
     policy.add_request(sequence)

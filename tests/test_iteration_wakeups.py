@@ -7,24 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import SimpleNamespace
-from typing import cast
 
 import pytest
-import structlog
 
 from services.scheduler import iteration
-from services.scheduler.cancellation import Cancellations
-from services.scheduler.executors import ExecutorHandle, ExecutorPool
-from services.scheduler.intake import RequestIntake
-from services.scheduler.iteration import IterationLoop
-from services.scheduler.plans import PlanApplier
+from services.scheduler.executors import ExecutorHandle
 from services.scheduler.policy import FcfsPolicy
 from services.scheduler.policy_base import ExecutorView
-from services.scheduler.tokens import TokenPublisher
-from shared.config import Settings
 from shared.messages import StepCommand, StepResult
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext
+from tests.helpers import bare_iteration_loop
 from tests.test_units_scheduler import make_request, make_sequence
 
 
@@ -54,16 +46,11 @@ async def test_a_request_added_while_the_loop_releases_is_stepped(
         await asyncio.Event().wait()  # no answer: the test ends with the first step
         raise AssertionError("unreachable")
 
-    context = SimpleNamespace(settings=Settings(), log=structlog.get_logger(), stop=asyncio.Event())
-    loop = IterationLoop(
-        context=cast(ServiceContext, context),
-        policy=policy,
-        pool=cast(ExecutorPool, SimpleNamespace(release=release, step=step)),
-        plans=cast(PlanApplier, SimpleNamespace(apply_moves=nothing)),
-        intake=cast(RequestIntake, None),
-        tokens=cast(TokenPublisher, None),
-        cancellations=cast(Cancellations, SimpleNamespace(apply=nothing)),
-        eos_token_ids=frozenset(),
+    loop = bare_iteration_loop(
+        policy,
+        pool=SimpleNamespace(release=release, step=step),
+        plans=SimpleNamespace(apply_moves=nothing),
+        cancellations=SimpleNamespace(apply=nothing),
     )
     running = asyncio.create_task(loop.run(handle))
     try:

@@ -5,26 +5,20 @@ rebuilds the executors' engines and costs the steps in flight one failure)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import cast
+from dataclasses import dataclass
 
 import pytest
-import structlog
 
 from services.scheduler import iteration
-from services.scheduler.cancellation import Cancellations
-from services.scheduler.executors import ExecutorHandle, ExecutorPool, StepFailedError
-from services.scheduler.intake import RequestIntake
+from services.scheduler.executors import ExecutorHandle, StepFailedError
 from services.scheduler.iteration import IterationLoop, IterationOutput
-from services.scheduler.plans import PlanApplier
 from services.scheduler.policy import FcfsPolicy
 from services.scheduler.policy_base import ExecutorView
 from services.scheduler.sequence import Sequence
-from services.scheduler.tokens import TokenPublisher
 from shared.config import Settings
 from shared.messages import StepResult
 from shared.model.tokenizer import TextTokenizer
-from shared.runtime import ServiceContext
+from tests.helpers import bare_iteration_loop
 from tests.test_units_scheduler import make_request, make_sequence
 
 FAILURE = StepFailedError("executor error [400] the KV cache of r holds 0 positions here, the"
@@ -45,18 +39,25 @@ class Recorder:
         self.outputs.append(output)
 
 
-def make_loop(policy: FcfsPolicy, recorder: Recorder) -> IterationLoop:
-    context = SimpleNamespace(settings=Settings(), log=structlog.get_logger())
-    return IterationLoop(
-        context=cast(ServiceContext, context),
-        policy=policy,
-        pool=cast(ExecutorPool, None),
-        plans=cast(PlanApplier, None),
-        intake=cast(RequestIntake, recorder),
-        tokens=cast(TokenPublisher, recorder),
-        cancellations=cast(Cancellations, None),
-        eos_token_ids=frozenset(),
-    )
+@dataclass
+class Failing:
+    """One request on one executor, and a loop whose failures and outputs are recorded."""
+
+    policy: FcfsPolicy
+    recorder: Recorder
+    loop: IterationLoop
+    handle: ExecutorHandle
+    sequence: Sequence
+
+
+@pytest.fixture
+def failing(tokenizer: TextTokenizer) -> Failing:
+    policy, recorder = FcfsPolicy(), Recorder()
+    loop = bare_iteration_loop(policy, intake=recorder, tokens=recorder)
+    handle = ExecutorHandle(view=ExecutorView(instance_id="exec-x", max_batch_size=4))
+    sequence = make_sequence(tokenizer, make_request([5, 6], max_tokens=32))
+    policy.add_request(sequence)
+    return Failing(policy, recorder, loop, handle, sequence)
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +65,9 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(iteration, "STEP_FAILURE_BACKOFF_S", 0.0)
 
 
-async def test_failures_between_tokens_do_not_add_up(tokenizer: TextTokenizer) -> None:
-    policy, recorder = FcfsPolicy(), Recorder()
-    loop = make_loop(policy, recorder)
-    handle = ExecutorHandle(view=ExecutorView(instance_id="exec-x", max_batch_size=4))
-    sequence = make_sequence(tokenizer, make_request([5, 6], max_tokens=32))
-    policy.add_request(sequence)
+async def test_failures_between_tokens_do_not_add_up(failing: Failing) -> None:
+    policy, recorder, loop = failing.policy, failing.recorder, failing.loop
+    handle, sequence = failing.handle, failing.sequence
     retries = Settings().scheduler.max_step_retries
     for _ in range(retries + 3):
         assert policy.schedule(handle.view) == [sequence]
@@ -82,12 +80,9 @@ async def test_failures_between_tokens_do_not_add_up(tokenizer: TextTokenizer) -
     assert len(sequence.generated) == retries + 3
 
 
-async def test_failures_in_a_row_end_the_request_with_an_error(tokenizer: TextTokenizer) -> None:
-    policy, recorder = FcfsPolicy(), Recorder()
-    loop = make_loop(policy, recorder)
-    handle = ExecutorHandle(view=ExecutorView(instance_id="exec-x", max_batch_size=4))
-    sequence = make_sequence(tokenizer, make_request([5, 6], max_tokens=32))
-    policy.add_request(sequence)
+async def test_failures_in_a_row_end_the_request_with_an_error(failing: Failing) -> None:
+    policy, recorder, loop = failing.policy, failing.recorder, failing.loop
+    handle, sequence = failing.handle, failing.sequence
     retries = Settings().scheduler.max_step_retries
     for attempt in range(retries + 1):
         assert policy.schedule(handle.view) == [sequence]

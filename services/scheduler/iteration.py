@@ -193,19 +193,20 @@ class IterationLoop:
     ) -> float | None:
         """Wait for ``step``'s reply and apply it; when the reply came, None if the step
         failed. ``last_reply``: when the reply before came (None: the loop waited idle)."""
+        failure: StepFailedError | None = None
         try:
             result = await step.reply
         except StepFailedError as exc:
-            if handle.gone.is_set():
-                return None  # see below
-            for sequence in step.batch:
-                sequence.pending = 0
-            await self._on_step_failed(handle, step.batch, exc)
-            return None
+            failure = exc
         if handle.gone.is_set():
             # Dropped while the step ran: drop() requeued its sequences, which may be in
-            # another executor's step already. Neither its tokens nor its bookkeeping are
+            # another executor's step already. Neither its outcome nor its bookkeeping are
             # theirs any more; they recompute.
+            return None
+        if failure is not None:
+            for sequence in step.batch:
+                sequence.pending = 0
+            await self._on_step_failed(handle, step.batch, failure)
             return None
         received = time.perf_counter()
         # The time this iteration adds to its executor's busy time line: from the reply before
